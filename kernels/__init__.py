@@ -1,0 +1,1 @@
+"""Triton kernels, installed as `llmstack.kernels`. They import torch and triton only."""
