@@ -1,0 +1,118 @@
+"""The one attention dispatch point, and its backends.
+
+Every backend computes the same thing:
+
+    softmax(Q K^T * scale + mask) V
+
+with q of shape (B, Hq, Tq, D) and k, v of shape (B, Hkv, Tk, D), Hq a multiple
+of Hkv (grouped-query attention). The queries are the *last* Tq of the Tk key
+slots, so the causal mask is aligned bottom-right: query i sees key slots
+j <= i + Tk - Tq. That one convention covers training (Tq == Tk), prefill into
+a cache and single-token decode (Tq == 1).
+
+Extra masks: `key_mask` (B, Tk), True for real tokens, for batches of unequal
+lengths; `window` limits each query to its last `window` key slots.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+BACKENDS = ("naive", "sdpa", "triton")
+
+
+def resolve_backend(name: str, device: torch.device | str | None = None) -> str:
+    """`auto` picks our Triton kernel on CUDA when Triton is installed, else SDPA."""
+    if name != "auto":
+        return name
+    device = torch.device(device) if device is not None else None
+    if device is not None and device.type == "cuda" and _triton_available():
+        return "triton"
+    return "sdpa"
+
+
+def _triton_available() -> bool:
+    try:
+        from llmstack.kernels import flash_attention  # noqa: F401
+    except Exception:  # triton missing or unsupported platform
+        return False
+    return True
+
+
+def build_mask(tq: int, tk: int, *, causal: bool, window: Optional[int], key_mask: Optional[torch.Tensor],
+               device: torch.device) -> Optional[torch.Tensor]:
+    """Boolean mask (True = attend), broadcastable to (B, H, Tq, Tk); None when nothing is masked."""
+    mask = None
+    if causal or window is not None:
+        qi = torch.arange(tk - tq, tk, device=device)[:, None]  # absolute slot of each query
+        kj = torch.arange(tk, device=device)[None, :]
+        mask = torch.ones(tq, tk, dtype=torch.bool, device=device)
+        if causal:
+            mask = mask & (kj <= qi)
+        if window is not None:
+            mask = mask & (kj > qi - window)
+    if key_mask is not None:
+        km = key_mask[:, None, None, :].bool()  # (B, 1, 1, Tk)
+        mask = km if mask is None else mask & km
+        # A padding query may see no key at all, and softmax over nothing is NaN, which
+        # would leak into gradients. Let such rows see every key; their output is never used.
+        mask = mask | ~mask.any(dim=-1, keepdim=True)
+    return mask
+
+
+def naive_attention(q, k, v, *, causal=True, key_mask=None, window=None, dropout_p=0.0, scale=None):
+    """The explicit reference: softmax(Q K^T / sqrt(d_k)) V, with GQA by grouping query heads."""
+    B, Hq, Tq, D = q.shape
+    Hkv, Tk = k.shape[1], k.shape[2]
+    scale = scale if scale is not None else 1.0 / math.sqrt(D)
+    qg = q.view(B, Hkv, Hq // Hkv, Tq, D)  # (B, Hkv, G, Tq, D): each KV head serves G query heads
+    scores = torch.einsum("bhgqd,bhkd->bhgqk", qg, k).float() * scale  # (B, Hkv, G, Tq, Tk)
+    mask = build_mask(Tq, Tk, causal=causal, window=window, key_mask=key_mask, device=q.device)
+    if mask is not None:
+        mask = mask.unsqueeze(1) if mask.dim() == 4 else mask  # (B, 1, 1, Tq, Tk)
+        scores = scores.masked_fill(~mask, float("-inf"))
+    probs = torch.softmax(scores, dim=-1).to(q.dtype)
+    if dropout_p > 0.0:
+        probs = F.dropout(probs, p=dropout_p)
+    out = torch.einsum("bhgqk,bhkd->bhgqd", probs, v)
+    return out.reshape(B, Hq, Tq, D)
+
+
+def sdpa_attention(q, k, v, *, causal=True, key_mask=None, window=None, dropout_p=0.0, scale=None):
+    """torch's fused scaled_dot_product_attention (flash / memory-efficient / cuDNN / math)."""
+    Tq, Tk = q.shape[2], k.shape[2]
+    gqa = q.shape[1] != k.shape[1]
+    if key_mask is None and window is None and (not causal or Tq == Tk or Tq == 1):
+        # Fast paths with no mask tensor. SDPA's is_causal is aligned top-left, which
+        # equals ours only when Tq == Tk; a single query sees every key anyway.
+        return F.scaled_dot_product_attention(
+            q, k, v, is_causal=causal and Tq == Tk and Tq > 1, dropout_p=dropout_p, scale=scale, enable_gqa=gqa
+        )
+    mask = build_mask(Tq, Tk, causal=causal, window=window, key_mask=key_mask, device=q.device)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=scale, enable_gqa=gqa)
+
+
+def triton_attention(q, k, v, *, causal=True, key_mask=None, window=None, dropout_p=0.0, scale=None):
+    """Our FlashAttention kernel; padding masks and attention dropout fall back to SDPA."""
+    if key_mask is not None or dropout_p > 0.0:
+        return sdpa_attention(q, k, v, causal=causal, key_mask=key_mask, window=window, dropout_p=dropout_p, scale=scale)
+    from llmstack.kernels.flash_attention import flash_attention
+
+    return flash_attention(q, k, v, causal=causal, scale=scale, window=window)
+
+
+_IMPLS = {"naive": naive_attention, "sdpa": sdpa_attention, "triton": triton_attention}
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, backend: str = "sdpa", causal: bool = True,
+              key_mask: Optional[torch.Tensor] = None, window: Optional[int] = None, dropout_p: float = 0.0,
+              scale: Optional[float] = None) -> torch.Tensor:
+    """Dispatch to a backend by name. Returns (B, Hq, Tq, D)."""
+    try:
+        impl = _IMPLS[backend]
+    except KeyError:
+        raise ValueError(f"unknown attention backend {backend!r}; choose one of {', '.join(BACKENDS)}") from None
+    return impl(q, k, v, causal=causal, key_mask=key_mask, window=window, dropout_p=dropout_p, scale=scale)

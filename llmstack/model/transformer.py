@@ -1,0 +1,255 @@
+"""The decoder-only Transformer, top to bottom: norms, positions, attention, MLP, block, model.
+
+One `ModelConfig` describes GPT-2, Llama, Mistral, Qwen2 and Mixtral alike.
+Features such as LoRA, quantization or parallelism are applied to a built model
+from outside; nothing here knows about them. Shapes in comments:
+B batch, T new tokens, S key slots, C model width, H heads, D head dim.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from llmstack.config import ModelConfig
+from llmstack.model.attention import attention, resolve_backend
+from llmstack.model.moe import MoE
+from llmstack.model.rope import apply_rope, rope_cos_sin, rope_frequencies
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) * weight: LayerNorm without centring or bias, computed in float32."""
+
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+def make_norm(config: ModelConfig, dim: Optional[int] = None) -> nn.Module:
+    dim = dim or config.dim
+    if config.norm == "rmsnorm":
+        return RMSNorm(dim, config.norm_eps)
+    return nn.LayerNorm(dim, eps=config.norm_eps, bias=config.bias)
+
+
+def sinusoidal_embedding(positions: torch.Tensor, dim: int) -> torch.Tensor:
+    """The original Transformer's fixed positions: sin/cos at geometrically spaced frequencies."""
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, dim, 2, device=positions.device, dtype=torch.float32) / dim))
+    angles = positions.float()[..., None] * inv_freq
+    return torch.cat((angles.sin(), angles.cos()), dim=-1)
+
+
+class Attention(nn.Module):
+    """Multi-head attention with any number of KV heads (MHA, GQA, MQA).
+
+    Computes q, k, v, applies RoPE, stores k and v in the cache when given one,
+    and hands everything to the backend named in the config.
+    """
+
+    def __init__(self, config: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.config = config  # read at call time, so `model.config.attn_backend = ...` switches backends
+        self.layer_idx = layer_idx
+        self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads, config.head_dim
+        self.q_proj = nn.Linear(config.dim, config.n_heads * config.head_dim, bias=config.qkv_bias)
+        self.k_proj = nn.Linear(config.dim, config.n_kv_heads * config.head_dim, bias=config.qkv_bias)
+        self.v_proj = nn.Linear(config.dim, config.n_kv_heads * config.head_dim, bias=config.qkv_bias)
+        self.o_proj = nn.Linear(config.n_heads * config.head_dim, config.dim, bias=config.bias)
+        self.q_norm = RMSNorm(config.head_dim, config.norm_eps) if config.qk_norm else None
+        self.k_norm = RMSNorm(config.head_dim, config.norm_eps) if config.qk_norm else None
+
+    def forward(self, x: torch.Tensor, rope: Optional[tuple[torch.Tensor, torch.Tensor]] = None, cache=None,
+                key_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if cache is not None:
+            k, v = cache.update(self.layer_idx, k, v)  # (B, Hkv, S, D): past keys, then these
+        backend = resolve_backend(self.config.attn_backend, x.device)
+        y = attention(q, k, v, backend=backend, causal=True, key_mask=key_mask, window=self.config.sliding_window,
+                      dropout_p=self.config.attn_dropout if self.training else 0.0)  # (B, H, T, D)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x)); or GELU: down(gelu(up(x)))."""
+
+    def __init__(self, config: ModelConfig, hidden: int):
+        super().__init__()
+        self.swiglu = config.mlp == "swiglu"
+        self.gate_proj = nn.Linear(config.dim, hidden, bias=config.bias) if self.swiglu else None
+        self.up_proj = nn.Linear(config.dim, hidden, bias=config.bias)
+        self.down_proj = nn.Linear(hidden, config.dim, bias=config.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.swiglu:
+            return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(F.gelu(self.up_proj(x), approximate="tanh"))
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x)).
+
+    The residual stream itself is never normalised ("Add & Norm" with the norm
+    moved inside the branch), so gradients flow straight through the additions.
+    """
+
+    def __init__(self, config: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.attn_norm = make_norm(config)
+        self.attn = Attention(config, layer_idx)
+        self.mlp_norm = make_norm(config)
+        make_mlp = lambda hidden: MLP(config, hidden)  # noqa: E731
+        self.mlp = MoE(config, make_mlp) if config.moe is not None else make_mlp(config.ffn_hidden)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x, rope=None, cache=None, key_mask=None):
+        x = x + self.dropout(self.attn(self.attn_norm(x), rope, cache, key_mask))
+        x = x + self.dropout(self.mlp(self.mlp_norm(x)))
+        return x
+
+
+class Transformer(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        config.validate()
+        self.config = config
+        self.embed = nn.Embedding(config.vocab_size, config.dim)
+        self.pos_embed = nn.Embedding(config.max_seq_len, config.dim) if config.pos == "learned" else None
+        self.dropout = nn.Dropout(config.dropout)
+        self.layers = nn.ModuleList(Block(config, i) for i in range(config.n_layers))
+        self.norm = make_norm(config)
+        # Tied embeddings reuse `embed.weight` in forward rather than aliasing a second
+        # Parameter: aliases break silently when a model is moved off the meta device.
+        self.lm_head = None if config.tie_embeddings else nn.Linear(config.dim, config.vocab_size, bias=False)
+        inv_freq, self.rope_attention_factor = rope_frequencies(config.head_dim, config.rope_theta, config.rope_scaling)
+        self.register_buffer("rope_inv_freq", inv_freq, persistent=False)
+
+    # ------------------------------------------------------------------ init
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """Every initialisation rule in one place. Call after building (also on the meta device
+        followed by `to_empty`): normal(0, init_std) everywhere, residual output projections
+        scaled by 1/sqrt(2 * n_layers) so the residual stream's variance does not grow with
+        depth (GPT-2), norms to one, biases to zero."""
+        std = self.config.init_std
+        residual_std = std / math.sqrt(2 * self.config.n_layers)
+        for name, module in self.named_modules():
+            if isinstance(module, nn.Linear):
+                is_residual = name.endswith(("o_proj", "down_proj"))
+                nn.init.normal_(module.weight, mean=0.0, std=residual_std if is_residual else std)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+            elif isinstance(module, (RMSNorm, nn.LayerNorm)):
+                if module.weight is not None:
+                    nn.init.ones_(module.weight)
+                if getattr(module, "bias", None) is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, MoE):
+                module.expert_bias.zero_()
+        self.init_buffers()
+
+    @torch.no_grad()
+    def init_buffers(self) -> None:
+        """Recompute non-persistent buffers (needed after `to_empty` from the meta device)."""
+        inv_freq, _ = rope_frequencies(self.config.head_dim, self.config.rope_theta, self.config.rope_scaling)
+        self.rope_inv_freq = inv_freq.to(self.embed.weight.device)
+
+    # ------------------------------------------------------------------ forward
+
+    def forward(self, input_ids: torch.Tensor, *, positions: Optional[torch.Tensor] = None, cache=None,
+                attn_mask: Optional[torch.Tensor] = None, return_aux: bool = False):
+        """Logits (B, T, vocab) for input_ids (B, T).
+
+        positions: (T,) or (B, T) absolute positions; default: the cache's fill level + arange(T).
+        cache:     a KVCache (or compatible); new keys/values are appended and it advances by T.
+        attn_mask: (B, S) bool over all key slots (cached + new), True for real tokens; for
+                   batches of unequal lengths.
+        return_aux: also return a dict with the MoE auxiliary loss and per-layer expert loads.
+        """
+        B, T = input_ids.shape
+        start = cache.seq_len if cache is not None else 0
+        if positions is None:
+            positions = torch.arange(start, start + T, device=input_ids.device)
+        x = self.embed(input_ids)  # (B, T, C)
+        rope = None
+        if self.config.pos == "rope":
+            cos, sin = rope_cos_sin(positions, self.rope_inv_freq, self.rope_attention_factor)
+            rope = (cos.to(x.dtype), sin.to(x.dtype))
+        elif self.config.pos == "learned":
+            if int(positions.max()) >= self.config.max_seq_len:
+                raise ValueError(f"position {int(positions.max())} is past the learned table "
+                                 f"(model.max_seq_len={self.config.max_seq_len})")
+            x = x + self.pos_embed(positions)
+        elif self.config.pos == "sinusoidal":
+            x = x + sinusoidal_embedding(positions, self.config.dim).to(x.dtype)
+        x = self.dropout(x)
+        for layer in self.layers:
+            x = layer(x, rope, cache, attn_mask)
+        if cache is not None:
+            cache.advance(T)
+        x = self.norm(x)
+        logits = self.lm_head(x) if self.lm_head is not None else F.linear(x, self.embed.weight)
+        if not return_aux:
+            return logits
+        return logits, self.aux_outputs()
+
+    def aux_outputs(self) -> dict:
+        """What the last forward left for the trainer: the summed MoE auxiliary loss and expert loads."""
+        moes = [m for m in self.modules() if isinstance(m, MoE)]
+        losses = [m.aux_loss for m in moes if m.aux_loss is not None]
+        return {
+            "aux_loss": torch.stack(losses).sum() if losses else None,
+            "expert_load": torch.stack([m.expert_load for m in moes]) if moes else None,  # (layers, E)
+        }
+
+    # ------------------------------------------------------------------ accounting
+
+    def num_params(self, *, exclude_embeddings: bool = False) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        if exclude_embeddings:
+            n -= self.embed.weight.numel()
+            if self.pos_embed is not None:
+                n -= self.pos_embed.weight.numel()
+        return n
+
+
+def count_params(config: ModelConfig, *, active: bool = False) -> int:
+    """Parameter count from the config alone (built on the meta device, no memory used).
+    active=True counts only the experts a token passes through (top_k + shared)."""
+    with torch.device("meta"):
+        model = Transformer(config)
+    n = model.num_params()
+    if active and config.moe is not None:
+        per_expert = sum(p.numel() for p in model.layers[0].mlp.experts[0].parameters())
+        n -= config.n_layers * per_expert * (config.moe.n_experts - config.moe.top_k)
+    return n
+
+
+def flops_per_token(config: ModelConfig, seq_len: int) -> float:
+    """Training FLOPs per token (forward + backward): 6 * active non-embedding parameters for
+    the matmuls, plus 12 * layers * heads * head_dim * seq_len for attention scores and
+    values (PaLM's appendix B). Used for MFU."""
+    n = count_params(config, active=True) - config.vocab_size * config.dim
+    if config.pos == "learned":
+        n -= config.max_seq_len * config.dim
+    if config.tie_embeddings:  # the tied matrix still does the output projection's matmul
+        n += config.vocab_size * config.dim
+    return 6 * n + 12 * config.n_layers * config.n_heads * config.head_dim * seq_len
