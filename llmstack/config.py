@@ -392,3 +392,30 @@ def save_config(cfg: Any, path: str | os.PathLike) -> None:
 
 def dump_config(cfg: Any) -> str:
     return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def parse_cli(cls: type, argv: Optional[list[str]] = None, *, description: str = "", extra_args=None) -> tuple[Any, Any]:
+    """The shared command line of every script: `--config FILE`, dotted overrides
+    (`model.n_layers=4 train.lr=3e-4`) and `--print-config`.
+
+    `extra_args(parser)` may add script-specific flags. Returns (config, parsed args).
+    Config errors end the program with one line naming the key, not a traceback.
+    """
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--config", help="YAML config file")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    parser.add_argument("overrides", nargs="*", metavar="key.path=value", help="dotted overrides")
+    if extra_args is not None:
+        extra_args(parser)
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(cls, args.config, args.overrides)
+    except ConfigError as e:
+        parser.exit(2, f"config error: {e}\n")
+    if args.print_config:
+        sys.stdout.write(dump_config(cfg))
+        parser.exit(0)
+    return cfg, args

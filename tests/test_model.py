@@ -1,0 +1,314 @@
+"""The Transformer and its parts against torch.nn / transformers references and the properties they must have."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from llmstack.config import ModelConfig, MoEConfig, RopeScaling, model_preset
+from llmstack.model import (KVCache, MoE, RMSNorm, Transformer, apply_rope, attention, count_params, flops_per_token,
+                            rope_cos_sin, rope_frequencies)
+from llmstack.model.attention import _triton_available
+
+
+def tiny(**kw) -> ModelConfig:
+    base = dict(vocab_size=97, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_hidden=96, max_seq_len=64)
+    base.update(kw)
+    return ModelConfig(**base)
+
+
+def build(cfg: ModelConfig) -> Transformer:
+    model = Transformer(cfg)
+    model.init_weights()
+    return model.eval()
+
+
+def rel_err(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+# ----------------------------------------------------------------------------- parts vs torch.nn
+
+
+def test_rmsnorm_matches_torch():
+    x = torch.randn(3, 7, 32)
+    ours, ref = RMSNorm(32, eps=1e-6), torch.nn.RMSNorm(32, eps=1e-6)
+    with torch.no_grad():
+        ours.weight.normal_()
+        ref.weight.copy_(ours.weight)
+    torch.testing.assert_close(ours(x), ref(x), rtol=1e-5, atol=1e-6)
+
+
+def test_attention_module_matches_torch_multihead_attention():
+    """MHA without positions equals torch.nn.MultiheadAttention with a causal mask."""
+    cfg = tiny(n_kv_heads=4, pos="none", qkv_bias=True, bias=True, attn_backend="naive")
+    attn = build(cfg).layers[0].attn
+    ref = torch.nn.MultiheadAttention(64, 4, bias=True, batch_first=True)
+    with torch.no_grad():
+        for p in attn.parameters():
+            p.normal_(0, 0.1)
+        ref.in_proj_weight.copy_(torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]))
+        ref.in_proj_bias.copy_(torch.cat([attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias]))
+        ref.out_proj.weight.copy_(attn.o_proj.weight)
+        ref.out_proj.bias.copy_(attn.o_proj.bias)
+    x = torch.randn(2, 11, 64)
+    causal = torch.triu(torch.ones(11, 11, dtype=torch.bool), 1)
+    expected, _ = ref(x, x, x, attn_mask=causal, need_weights=False)
+    assert rel_err(attn(x), expected) < 1e-5
+
+
+# ----------------------------------------------------------------------------- attention backends
+
+BACKENDS = ["naive", "sdpa"] + (["triton"] if _triton_available() else [])
+
+
+def reference_attention(q, k, v, causal=True, key_mask=None, window=None):
+    """float64 softmax(QK^T/sqrt(d) + mask)V with K/V repeated for GQA."""
+    q, k, v = q.double(), k.double(), v.double()
+    rep = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
+    tq, tk = q.shape[2], k.shape[2]
+    s = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
+    i = torch.arange(tk - tq, tk)[:, None]
+    j = torch.arange(tk)[None]
+    allowed = torch.ones(tq, tk, dtype=torch.bool)
+    if causal:
+        allowed &= j <= i
+    if window is not None:
+        allowed &= j > i - window
+    allowed = allowed.expand(q.shape[0], 1, tq, tk)
+    if key_mask is not None:
+        allowed = allowed & key_mask[:, None, None, :]
+    s = s.masked_fill(~allowed, float("-inf"))
+    return s.softmax(-1) @ v
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("hq, hkv", [(4, 4), (4, 2), (4, 1)])
+@pytest.mark.parametrize("tq, tk", [(13, 13), (1, 20), (5, 20)])
+@pytest.mark.parametrize("causal", [True, False])
+def test_backends_agree_with_reference(backend, hq, hkv, tq, tk, causal):
+    q = torch.randn(2, hq, tq, 16)
+    k, v = torch.randn(2, hkv, tk, 16), torch.randn(2, hkv, tk, 16)
+    out = attention(q, k, v, backend=backend, causal=causal)
+    assert rel_err(out, reference_attention(q, k, v, causal)) < 1e-5
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_backends_agree_with_padding_mask_and_window(backend):
+    q, k, v = torch.randn(2, 4, 9, 16), torch.randn(2, 2, 9, 16), torch.randn(2, 2, 9, 16)
+    key_mask = torch.ones(2, 9, dtype=torch.bool)
+    key_mask[1, :3] = False  # left padding on row 1
+    out = attention(q, k, v, backend=backend, key_mask=key_mask, window=4)
+    ref = reference_attention(q, k, v, key_mask=key_mask, window=4)
+    valid = key_mask[:, None, :, None].expand_as(out)  # padded queries' outputs are unused
+    assert rel_err(out[valid], ref[valid]) < 1e-5
+    assert torch.isfinite(out).all()
+
+
+# ----------------------------------------------------------------------------- positions
+
+
+def test_rope_depends_only_on_relative_position():
+    inv_freq, _ = rope_frequencies(16, 10000.0)
+    q, k = torch.randn(1, 1, 1, 16), torch.randn(1, 1, 1, 16)
+
+    def score(m, n):
+        cq, sq = rope_cos_sin(torch.tensor([m]), inv_freq)
+        ck, sk = rope_cos_sin(torch.tensor([n]), inv_freq)
+        return (apply_rope(q, cq, sq) * apply_rope(k, ck, sk)).sum()
+
+    torch.testing.assert_close(score(3, 1), score(103, 101), rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(score(3, 1), score(1, 3), atol=1e-3)
+
+
+@pytest.mark.parametrize("scaling", [
+    None,
+    RopeScaling(type="linear", factor=4.0),
+    RopeScaling(type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_seq_len=64),
+    RopeScaling(type="yarn", factor=4.0, original_max_seq_len=64),
+])
+def test_rope_frequencies_match_transformers(scaling):
+    from transformers import LlamaConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    params = {"rope_type": "default", "rope_theta": 10000.0}
+    if scaling is not None:
+        params = {"rope_type": scaling.type, "rope_theta": 10000.0, "factor": scaling.factor}
+        if scaling.type in ("llama3", "yarn"):
+            params["original_max_position_embeddings"] = scaling.original_max_seq_len
+        if scaling.type == "llama3":
+            params.update(low_freq_factor=scaling.low_freq_factor, high_freq_factor=scaling.high_freq_factor)
+    hf_cfg = LlamaConfig(hidden_size=128, num_attention_heads=4, max_position_embeddings=512, rope_parameters=params)
+    if scaling is None:
+        expected = 1.0 / (10000.0 ** (torch.arange(0, 32, 2).float() / 32))
+        factor = 1.0
+    else:
+        expected, factor = ROPE_INIT_FUNCTIONS[scaling.type](hf_cfg, "cpu")
+    ours, our_factor = rope_frequencies(32, 10000.0, scaling)
+    torch.testing.assert_close(ours, expected.float(), rtol=1e-5, atol=1e-7)
+    assert our_factor == pytest.approx(factor)
+
+
+def test_ntk_scaling_keeps_highest_frequency_and_stretches_lowest_by_factor():
+    base, _ = rope_frequencies(32, 10000.0)
+    ntk, _ = rope_frequencies(32, 10000.0, RopeScaling(type="ntk", factor=4.0))
+    assert ntk[0] == pytest.approx(base[0])
+    assert (base[-1] / ntk[-1]).item() == pytest.approx(4.0, rel=1e-4)
+
+
+# ----------------------------------------------------------------------------- the whole model
+
+
+@pytest.mark.parametrize("variant", [
+    {},
+    {"pos": "learned", "norm": "layernorm", "mlp": "gelu", "bias": True, "qkv_bias": True, "tie_embeddings": True},
+    {"pos": "sinusoidal"},
+    {"pos": "none", "qk_norm": True},
+    {"sliding_window": 5},
+    {"moe": MoEConfig(n_experts=4, top_k=2, n_shared_experts=1)},
+])
+def test_causality_and_backend_agreement(variant):
+    model = build(tiny(**variant))
+    x = torch.randint(0, 97, (2, 17))
+    y = x.clone()
+    y[:, 10:] = torch.randint(0, 97, (2, 7))
+    with torch.no_grad():
+        a, b = model(x), model(y)
+    assert a.shape == (2, 17, 97)
+    torch.testing.assert_close(a[:, :10], b[:, :10], rtol=1e-5, atol=1e-5)  # the past ignores the future
+    for backend in BACKENDS:
+        model.config.attn_backend = backend
+        with torch.no_grad():
+            assert rel_err(model(x), a) < 1e-5, backend
+
+
+@pytest.mark.parametrize("variant", [{}, {"sliding_window": 6}, {"moe": MoEConfig(n_experts=4, top_k=2)}])
+def test_cached_forward_equals_full_forward(variant):
+    model = build(tiny(**variant))
+    x = torch.randint(0, 97, (2, 23))
+    with torch.no_grad():
+        full = model(x)
+        cache = KVCache.for_model(model, batch_size=2, max_seq_len=32)
+        parts = [model(x[:, :9], cache=cache), model(x[:, 9:10], cache=cache), model(x[:, 10:], cache=cache)]
+    assert cache.seq_len == 23
+    assert rel_err(torch.cat(parts, 1), full) < 1e-5
+
+
+def test_padding_mask_gives_each_row_its_own_result():
+    model = build(tiny())
+    a, b = torch.randint(1, 97, (1, 12)), torch.randint(1, 97, (1, 7))
+    batch = torch.zeros(2, 12, dtype=torch.long)
+    batch[0], batch[1, :7] = a[0], b[0]  # right padding
+    mask = torch.zeros(2, 12, dtype=torch.bool)
+    mask[0], mask[1, :7] = True, True
+    with torch.no_grad():
+        out = model(batch, attn_mask=mask)
+        assert rel_err(out[0], model(a)[0]) < 1e-5
+        assert rel_err(out[1, :7], model(b)[0]) < 1e-5
+
+
+def test_builds_on_meta_device_then_initialises():
+    cfg = tiny(tie_embeddings=True)
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    assert all(p.is_meta for p in model.parameters())
+    model.to_empty(device="cpu")
+    model.init_weights()
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert model.lm_head is None  # tied: the output projection is embed.weight
+    # Residual output projections are scaled down by 1/sqrt(2 * n_layers).
+    big = build(tiny(dim=256, n_heads=4, n_kv_heads=4, ffn_hidden=512))
+    std_q = big.layers[0].attn.q_proj.weight.std().item()
+    std_o = big.layers[0].attn.o_proj.weight.std().item()
+    assert std_q == pytest.approx(0.02, rel=0.05)
+    assert std_o == pytest.approx(0.02 / math.sqrt(4), rel=0.05)
+    assert torch.allclose(big.rope_inv_freq, rope_frequencies(64, 10000.0)[0])
+
+
+# Published parameter counts of the shapes in configs/model/.
+PUBLISHED = {
+    "gpt2-124m": 124_439_808,
+    "llama-3.2-1b": 1_235_814_400,
+    "llama-3-8b": 8_030_261_248,
+    "mistral-7b": 7_241_732_096,
+    "mixtral-8x7b": 46_702_792_704,
+    "qwen2.5-0.5b": 494_032_768,
+}
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED))
+def test_preset_parameter_counts_match_published(name):
+    assert count_params(model_preset(name)) == pytest.approx(PUBLISHED[name], rel=0.01)
+
+
+def test_mixtral_active_parameters_and_flops():
+    cfg = model_preset("mixtral-8x7b")
+    assert count_params(cfg, active=True) == pytest.approx(12.9e9, rel=0.01)  # "12.9B active"
+    llama = tiny()
+    n = count_params(llama) - llama.vocab_size * llama.dim
+    assert flops_per_token(llama, 64) == 6 * n + 12 * 2 * 4 * 16 * 64
+
+
+# ----------------------------------------------------------------------------- mixture of experts
+
+
+def moe_reference(moe: MoE, x: torch.Tensor) -> torch.Tensor:
+    """Token by token: softmax over experts, top-k, renormalise, weighted sum of expert outputs."""
+    out = torch.zeros_like(x)
+    for t in range(x.shape[0]):
+        probs = moe.router(x[t]).softmax(-1)
+        w, idx = probs.topk(moe.top_k)
+        w = w / w.sum() if moe.norm_topk_prob else w
+        for weight, e in zip(w, idx):
+            out[t] += weight * moe.experts[int(e)](x[t])
+        if moe.shared is not None:
+            out[t] += moe.shared(x[t])
+    return out
+
+
+@pytest.mark.parametrize("top_k, shared, norm", [(1, 0, True), (2, 0, True), (2, 1, False), (4, 0, True)])
+def test_moe_grouped_dispatch_equals_per_token_reference(top_k, shared, norm):
+    cfg = tiny(moe=MoEConfig(n_experts=4, top_k=top_k, n_shared_experts=shared, norm_topk_prob=norm))
+    moe = build(cfg).layers[0].mlp
+    x = torch.randn(2, 9, 64)
+    with torch.no_grad():
+        out = moe(x)
+        ref = moe_reference(moe, x.reshape(-1, 64)).view_as(x)
+    assert rel_err(out, ref) < 1e-5
+    assert moe.expert_load.sum().item() == pytest.approx(1.0)
+
+
+def test_moe_aux_losses_follow_their_definitions():
+    cfg = tiny(moe=MoEConfig(n_experts=4, top_k=2, aux_loss_coef=1.0, z_loss_coef=0.0))
+    model = build(cfg)
+    x = torch.randint(0, 97, (2, 9))
+    _, aux = model(x, return_aux=True)
+    moe = model.layers[0].mlp
+    assert aux["aux_loss"].requires_grad and aux["expert_load"].shape == (2, 4)
+    # A uniform router gives P_i = 1/E, so E * sum_i f_i * P_i = sum_i f_i = 1 whatever the loads.
+    with torch.no_grad():
+        moe.router.weight.zero_()
+    moe(torch.randn(1, 16, 64))
+    assert moe.aux_loss.item() == pytest.approx(1.0, abs=1e-6)
+    # z-loss of zero logits is logsumexp(0)^2 = log(E)^2.
+    moe.aux_loss_coef, moe.z_loss_coef = 0.0, 1.0
+    moe(torch.randn(1, 16, 64))
+    assert moe.aux_loss.item() == pytest.approx(math.log(4) ** 2, rel=1e-5)
+
+
+def test_aux_loss_free_bias_balances_a_skewed_router():
+    cfg = tiny(moe=MoEConfig(n_experts=4, top_k=1, balancing="bias", bias_update_rate=0.01))
+    moe = build(cfg).layers[0].mlp.train()
+    with torch.no_grad():
+        moe.router.weight.normal_(0, 0.1)
+        moe.router.weight[0] += 0.05  # expert 0 wins for most positive inputs
+    x = torch.randn(1, 256, 64).abs()
+    moe(x)
+    skewed = moe.expert_load.max().item()
+    assert skewed > 0.6
+    for _ in range(100):
+        moe(x)
+    assert moe.aux_loss is None
+    assert moe.expert_load.max().item() < skewed
+    assert moe.expert_load.max().item() < 0.5
