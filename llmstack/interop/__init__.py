@@ -1,0 +1,137 @@
+"""Loading and saving models: llmstack checkpoint directories and Hugging Face directories.
+
+    model = llmstack.from_pretrained("runs/quickstart")          # ours: config.yaml + model.safetensors
+    model = llmstack.from_pretrained("path/to/Llama-3.2-1B")     # Hugging Face: config.json + safetensors
+    llmstack.save_pretrained(model, "out/")                      # ours
+    save_hf(model, "out-hf/")                                    # Hugging Face layout, loads in transformers
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Optional
+
+import torch
+import yaml
+
+from llmstack.config import ModelConfig, from_dict, to_dict
+from llmstack.interop.hf import config_from_hf, config_to_hf, read_hf_config, state_dict_from_hf, state_dict_to_hf
+from llmstack.interop.weights import load_weights, save_weights
+from llmstack.model import Transformer
+
+__all__ = ["from_pretrained", "save_pretrained", "save_hf", "load_model_config", "load_weights", "save_weights",
+           "build_model", "load_state_into"]
+
+
+def load_model_config(directory: str | os.PathLike) -> ModelConfig:
+    """The ModelConfig of a checkpoint directory, ours (config.yaml) or Hugging Face's (config.json)."""
+    directory = Path(directory)
+    if (directory / "config.yaml").is_file():
+        data = yaml.safe_load((directory / "config.yaml").read_text()) or {}
+        data = data.get("model", data)  # a full job config, or just the model section
+        return from_dict(ModelConfig, data, "model").validate()
+    if (directory / "config.json").is_file():
+        return config_from_hf(read_hf_config(directory))
+    if not directory.exists():
+        raise FileNotFoundError(f"checkpoint directory {str(directory)!r} does not exist")
+    raise FileNotFoundError(f"{str(directory)!r} holds neither config.yaml (llmstack) nor config.json (Hugging Face)")
+
+
+def build_model(cfg: ModelConfig, *, device: torch.device | str | None = None,
+                dtype: Optional[torch.dtype] = None) -> Transformer:
+    """Build on the meta device (no memory, no init work), then allocate on `device`."""
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    model.to_empty(device=device or "cpu")
+    if dtype is not None:
+        model.to(dtype)
+    return model
+
+
+def load_state_into(model: Transformer, state: dict[str, torch.Tensor]) -> None:
+    """Strict load with errors that name the tensors: missing, unexpected, or of another shape."""
+    expected = model.state_dict()
+    for name, t in expected.items():  # buffers a foreign checkpoint cannot have
+        if name.endswith("expert_bias") and name not in state:
+            state[name] = torch.zeros_like(t, device="cpu")
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    if missing or unexpected:
+        raise ValueError("checkpoint does not match the model: "
+                         + (f"missing {', '.join(missing[:6])}{' ...' if len(missing) > 6 else ''}; " if missing else "")
+                         + (f"unexpected {', '.join(unexpected[:6])}" if unexpected else ""))
+    for name, t in state.items():
+        if t.shape != expected[name].shape:
+            raise ValueError(f"checkpoint tensor {name!r} has shape {tuple(t.shape)} but the model expects "
+                             f"{tuple(expected[name].shape)}: the checkpoint is of another model shape")
+    model.load_state_dict(state, strict=True)
+
+
+def from_pretrained(path: str | os.PathLike, *, device: torch.device | str | None = None,
+                    dtype: Optional[torch.dtype] = None) -> Transformer:
+    """Load an llmstack checkpoint directory or a Hugging Face directory (Llama, Mistral, Qwen2,
+    Mixtral; sharded or not). Returns the model in eval mode."""
+    path = Path(path)
+    cfg = load_model_config(path)
+    state, metadata = load_weights(path)
+    if "quantization" in metadata:
+        try:
+            from llmstack.inference.quantize import load_quantized
+        except ImportError:
+            raise ValueError(f"{path} holds a quantized checkpoint ({metadata['quantization']}) "
+                             "but llmstack.inference.quantize is not available") from None
+        return load_quantized(path, device=device)
+    if (path / "config.json").is_file() and not (path / "config.yaml").is_file():
+        state = state_dict_from_hf(state, cfg)
+    model = build_model(cfg, device="cpu")
+    load_state_into(model, state)
+    model.init_buffers()
+    model.to(device=device or "cpu", dtype=dtype)
+    return model.eval()
+
+
+def save_pretrained(model: Transformer, directory: str | os.PathLike, *, metadata: Optional[dict[str, str]] = None,
+                    extra_config: Optional[dict] = None) -> None:
+    """Write config.yaml + model.safetensors into a temporary directory, then rename it into
+    place, so a crash never leaves a half-written checkpoint where a good one was."""
+    directory = Path(directory)
+    config = {"model": to_dict(model.config), **(extra_config or {})}
+
+    def write(tmp: Path) -> None:
+        (tmp / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+        save_weights(model.state_dict(), tmp, metadata={"format": "llmstack", **(metadata or {})})
+
+    atomic_directory(directory, write)
+
+
+def save_hf(model: Transformer, directory: str | os.PathLike) -> None:
+    """Export to the Hugging Face layout (config.json + safetensors) for transformers to load."""
+    hf_config = config_to_hf(model.config)
+    state = state_dict_to_hf(model.state_dict(), model.config)
+
+    def write(tmp: Path) -> None:
+        (tmp / "config.json").write_text(json.dumps(hf_config, indent=2))
+        save_weights(state, tmp)
+
+    atomic_directory(Path(directory), write)
+
+
+def atomic_directory(directory: Path, write) -> None:
+    """Run `write(tmp)` on a fresh sibling directory, then swap it in for `directory`."""
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
+    try:
+        write(tmp)
+        if directory.exists():
+            old = directory.with_name(f".{directory.name}.old-{os.getpid()}")
+            os.replace(directory, old)  # two renames: the window without `directory` is tiny
+            os.replace(tmp, directory)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, directory)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

@@ -1,0 +1,220 @@
+"""Hugging Face checkpoints: config.json and weight names, both directions.
+
+Supported: Llama (Llama-3 RoPE scaling included), Mistral, Qwen2 and Mixtral.
+Their RoPE uses the same "rotate half" channel layout as ours, so q/k weights
+need no permutation; only names change.
+"""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from llmstack.config import ModelConfig, MoEConfig, RopeScaling
+
+SUPPORTED = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+             "mixtral": "MixtralForCausalLM"}
+
+
+def _rope(hf: dict) -> tuple[float, RopeScaling | None]:
+    # transformers >= 5 writes `rope_parameters`; older files `rope_theta` + `rope_scaling`.
+    params = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
+    theta = float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
+    kind = params.get("rope_type", params.get("type", "default"))
+    if kind == "default":
+        return theta, None
+    mapping = {"linear": "linear", "llama3": "llama3", "yarn": "yarn", "dynamic": "ntk"}
+    if kind not in mapping:
+        raise ValueError(f"unsupported RoPE scaling type {kind!r} (supported: {', '.join(mapping)})")
+    scaling = RopeScaling(type=mapping[kind], factor=float(params.get("factor", 1.0)))
+    if "original_max_position_embeddings" in params:
+        scaling.original_max_seq_len = int(params["original_max_position_embeddings"])
+    for ours, theirs in (("low_freq_factor", "low_freq_factor"), ("high_freq_factor", "high_freq_factor"),
+                         ("beta_fast", "beta_fast"), ("beta_slow", "beta_slow"),
+                         ("attention_factor", "attention_factor")):
+        if params.get(theirs) is not None:
+            setattr(scaling, ours, float(params[theirs]))
+    return theta, scaling
+
+
+def config_from_hf(hf: dict) -> ModelConfig:
+    """A ModelConfig from a parsed config.json; unsupported options are errors naming them."""
+    model_type = hf.get("model_type")
+    if model_type not in SUPPORTED:
+        raise ValueError(f"unsupported architecture model_type={model_type!r}; "
+                         f"llmstack loads {', '.join(sorted(SUPPORTED))}")
+    if hf.get("hidden_act", "silu") != "silu":
+        raise ValueError(f"unsupported hidden_act={hf['hidden_act']!r} (only silu / SwiGLU)")
+    if hf.get("mlp_bias"):
+        raise ValueError("unsupported option mlp_bias=true")
+    if hf.get("pretraining_tp", 1) != 1:
+        raise ValueError("unsupported option pretraining_tp != 1")
+    theta, scaling = _rope(hf)
+    window = hf.get("sliding_window")
+    if model_type == "qwen2" and not hf.get("use_sliding_window", False):
+        window = None  # Qwen2 configs carry a window size but do not use it unless told to
+    qkv_bias = model_type == "qwen2" or bool(hf.get("attention_bias", False))
+    cfg = ModelConfig(
+        vocab_size=hf["vocab_size"],
+        dim=hf["hidden_size"],
+        n_layers=hf["num_hidden_layers"],
+        n_heads=hf["num_attention_heads"],
+        n_kv_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"],
+        head_dim=hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"],
+        ffn_hidden=hf["intermediate_size"],
+        norm_eps=hf.get("rms_norm_eps", 1e-6),
+        rope_theta=theta,
+        rope_scaling=scaling,
+        max_seq_len=hf.get("max_position_embeddings", 2048),
+        qkv_bias=qkv_bias,
+        bias=bool(hf.get("attention_bias", False)) and model_type == "llama",
+        sliding_window=window,
+        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        moe=MoEConfig(n_experts=hf["num_local_experts"], top_k=hf["num_experts_per_tok"],
+                      aux_loss_coef=hf.get("router_aux_loss_coef", 0.01)) if model_type == "mixtral" else None,
+    )
+    return cfg.validate()
+
+
+def config_to_hf(cfg: ModelConfig) -> dict:
+    """config.json for the closest Hugging Face architecture; errors for what none can express."""
+    problems = [name for name, bad in (
+        ("mlp=gelu", cfg.mlp != "swiglu"), ("norm=layernorm", cfg.norm != "rmsnorm"),
+        (f"pos={cfg.pos}", cfg.pos != "rope"), ("qk_norm", cfg.qk_norm),
+        ("bias on o_proj/MLP", cfg.bias), ("moe.n_shared_experts", cfg.moe is not None and cfg.moe.n_shared_experts),
+        ("moe.norm_topk_prob=false", cfg.moe is not None and not cfg.moe.norm_topk_prob),
+        ("moe.balancing=bias", cfg.moe is not None and cfg.moe.balancing == "bias"),
+        ("rope_scaling with MoE/Mistral", cfg.rope_scaling is not None and (cfg.moe is not None or cfg.sliding_window)),
+    ) if bad]
+    if problems:
+        raise ValueError(f"cannot export to a Hugging Face architecture: unsupported {', '.join(problems)}")
+    if cfg.moe is not None:
+        model_type = "mixtral"
+    elif cfg.qkv_bias:
+        model_type = "qwen2"
+    elif cfg.sliding_window is not None:
+        model_type = "mistral"
+    else:
+        model_type = "llama"
+    rope: dict[str, Any] = {"rope_type": "default", "rope_theta": cfg.rope_theta}
+    if cfg.rope_scaling is not None:
+        s = cfg.rope_scaling
+        rope = {"rope_type": {"ntk": "dynamic"}.get(s.type, s.type), "rope_theta": cfg.rope_theta, "factor": s.factor,
+                "original_max_position_embeddings": s.original_max_seq_len}
+        if s.type == "llama3":
+            rope.update(low_freq_factor=s.low_freq_factor, high_freq_factor=s.high_freq_factor)
+        if s.type == "yarn":
+            rope.update(beta_fast=s.beta_fast, beta_slow=s.beta_slow, attention_factor=s.attention_factor)
+    hf = {
+        "architectures": [SUPPORTED[model_type]],
+        "model_type": model_type,
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.dim,
+        "num_hidden_layers": cfg.n_layers,
+        "num_attention_heads": cfg.n_heads,
+        "num_key_value_heads": cfg.n_kv_heads,
+        "head_dim": cfg.head_dim,
+        "intermediate_size": cfg.ffn_hidden,
+        "hidden_act": "silu",
+        "rms_norm_eps": cfg.norm_eps,
+        "max_position_embeddings": cfg.max_seq_len,
+        "rope_theta": cfg.rope_theta,  # older readers
+        "rope_scaling": rope if cfg.rope_scaling is not None else None,
+        "rope_parameters": rope,
+        "tie_word_embeddings": cfg.tie_embeddings,
+        "sliding_window": cfg.sliding_window,
+        "torch_dtype": "float32",
+    }
+    if model_type == "qwen2":
+        hf["use_sliding_window"] = cfg.sliding_window is not None
+        hf["max_window_layers"] = cfg.n_layers
+    if model_type == "mixtral":
+        hf.update(num_local_experts=cfg.moe.n_experts, num_experts_per_tok=cfg.moe.top_k,
+                  router_aux_loss_coef=cfg.moe.aux_loss_coef)
+    return hf
+
+
+# Name patterns: ours <-> Hugging Face. `{i}` is the layer, `{e}` the expert.
+_NAMES = [
+    ("embed.weight", "model.embed_tokens.weight"),
+    ("norm.weight", "model.norm.weight"),
+    ("lm_head.weight", "lm_head.weight"),
+    ("layers.{i}.attn_norm.weight", "model.layers.{i}.input_layernorm.weight"),
+    ("layers.{i}.mlp_norm.weight", "model.layers.{i}.post_attention_layernorm.weight"),
+    ("layers.{i}.attn.{p}_proj.{w}", "model.layers.{i}.self_attn.{p}_proj.{w}"),
+    ("layers.{i}.mlp.router.weight", "model.layers.{i}.block_sparse_moe.gate.weight"),
+    ("layers.{i}.mlp.experts.{e}.gate_proj.weight", "model.layers.{i}.block_sparse_moe.experts.{e}.w1.weight"),
+    ("layers.{i}.mlp.experts.{e}.down_proj.weight", "model.layers.{i}.block_sparse_moe.experts.{e}.w2.weight"),
+    ("layers.{i}.mlp.experts.{e}.up_proj.weight", "model.layers.{i}.block_sparse_moe.experts.{e}.w3.weight"),
+    ("layers.{i}.mlp.{p}_proj.weight", "model.layers.{i}.mlp.{p}_proj.weight"),
+]
+
+
+def _compile(pattern: str) -> re.Pattern:
+    regex = re.escape(pattern)
+    for field, sub in (("i", r"\d+"), ("e", r"\d+"), ("p", r"[a-z]+"), ("w", r"weight|bias")):
+        regex = regex.replace(re.escape("{" + field + "}"), f"(?P<{field}>{sub})")
+    return re.compile(regex + "$")
+
+
+_TO_HF = [(_compile(ours), theirs) for ours, theirs in _NAMES]
+_FROM_HF = [(_compile(theirs), ours) for ours, theirs in _NAMES]
+
+
+def _rename(name: str, table) -> str | None:
+    for regex, target in table:
+        m = regex.match(name)
+        if m:
+            return target.format(**m.groupdict())
+    return None
+
+
+def state_dict_from_hf(hf_state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """Rename a Hugging Face state dict to ours. Fused expert tensors (transformers >= 5 in
+    memory: experts.gate_up_proj (E, 2I, C), experts.down_proj (E, C, I)) are split too."""
+    out, unknown = {}, []
+    for name, t in hf_state.items():
+        m = re.match(r"model\.layers\.(\d+)\.mlp\.experts\.(gate_up_proj|down_proj)$", name)
+        if m:
+            i, kind = m.groups()
+            for e in range(t.shape[0]):
+                if kind == "gate_up_proj":
+                    gate, up = t[e].chunk(2, dim=0)
+                    out[f"layers.{i}.mlp.experts.{e}.gate_proj.weight"] = gate
+                    out[f"layers.{i}.mlp.experts.{e}.up_proj.weight"] = up
+                else:
+                    out[f"layers.{i}.mlp.experts.{e}.down_proj.weight"] = t[e]
+            continue
+        name = name.replace(".mlp.gate.weight", ".block_sparse_moe.gate.weight")  # v5 in-memory name
+        ours = _rename(name, _FROM_HF)
+        if ours is None:
+            if name.endswith("rotary_emb.inv_freq"):
+                continue  # a buffer some old checkpoints saved; we recompute it
+            unknown.append(name)
+            continue
+        out[ours] = t
+    if unknown:
+        raise ValueError(f"unexpected tensors in the Hugging Face checkpoint: {', '.join(unknown[:8])}"
+                         + (" ..." if len(unknown) > 8 else ""))
+    if cfg.tie_embeddings:
+        out.pop("lm_head.weight", None)
+    return out
+
+
+def state_dict_to_hf(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    out = {}
+    for name, t in state.items():
+        if name.endswith("expert_bias"):
+            continue  # only used by auxiliary-loss-free balancing, which export rejects
+        theirs = _rename(name, _TO_HF)
+        if theirs is None:
+            raise ValueError(f"no Hugging Face name for tensor {name!r}")
+        out[theirs] = t
+    return out
+
+
+def read_hf_config(directory: str | Path) -> dict:
+    return json.loads((Path(directory) / "config.json").read_text())
