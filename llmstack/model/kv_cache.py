@@ -29,6 +29,7 @@ class KVCache(nn.Module):
         shape = (n_layers, batch_size, n_kv_heads, max_seq_len, head_dim)
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self._layers = list(zip(self.k.unbind(0), self.v.unbind(0)))  # per-layer views, indexed once
         self.max_seq_len = max_seq_len
         self.seq_len = 0
 
@@ -40,13 +41,19 @@ class KVCache(nn.Module):
         return cls(cfg.n_layers, batch_size, max_seq_len or cfg.max_seq_len, cfg.n_kv_heads, cfg.head_dim,
                    dtype=dtype or param.dtype, device=param.device)
 
+    def _apply(self, fn, recurse=True):  # .to(device) replaces the buffers: re-take the views
+        super()._apply(fn, recurse)
+        self._layers = list(zip(self.k.unbind(0), self.v.unbind(0)))
+        return self
+
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         start, end = self.seq_len, self.seq_len + k.shape[2]
         if end > self.max_seq_len:
             raise ValueError(f"KV cache is full: {end} tokens do not fit in max_seq_len={self.max_seq_len}")
-        self.k[layer, :, :, start:end] = k
-        self.v[layer, :, :, start:end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+        k_all, v_all = self._layers[layer]
+        k_all[:, :, start:end] = k
+        v_all[:, :, start:end] = v
+        return k_all[:, :, :end], v_all[:, :, :end]
 
     def advance(self, n: int) -> None:
         self.seq_len += n

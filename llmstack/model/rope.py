@@ -61,18 +61,25 @@ def rope_frequencies(head_dim: int, theta: float, scaling: Optional[RopeScaling]
     return inv_freq.float(), attention_factor
 
 
-def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor, attention_factor: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin of shape (*positions.shape, head_dim), float32."""
+def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor, attention_factor: float = 1.0,
+                 dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of shape (*positions.shape, head_dim), computed in float32, returned in `dtype`.
+
+    The first half of sin is negated ahead of time, so that `apply_rope` can
+    rotate with a roll instead of a negate-and-concatenate on every layer."""
     angles = positions.float()[..., None] * inv_freq  # (..., T, d/2)
-    angles = torch.cat((angles, angles), dim=-1)  # (..., T, d): channel i and i + d/2 share an angle
-    return angles.cos() * attention_factor, angles.sin() * attention_factor
+    cos, sin = angles.cos(), angles.sin()
+    if attention_factor != 1.0:
+        cos, sin = cos * attention_factor, sin * attention_factor
+    # (..., T, d): channel i and i + d/2 share an angle
+    return torch.cat((cos, cos), dim=-1).to(dtype), torch.cat((-sin, sin), dim=-1).to(dtype)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x (B, H, T, D) by cos/sin of shape (T, D) or (B, T, D)."""
+    """Rotate x (B, H, T, D) by the cos/sin of `rope_cos_sin`, of shape (T, D) or (B, T, D).
+
+    With x = [x1, x2] (halves), the result is [x1 cos - x2 sin, x2 cos + x1 sin]:
+    x * cos + [x2, x1] * [-sin, sin]."""
     if cos.dim() == 3:  # per-row positions: (B, T, D) -> (B, 1, T, D)
         cos, sin = cos[:, None], sin[:, None]
-    half = x.shape[-1] // 2
-    x1, x2 = x[..., :half], x[..., half:]
-    rotated = torch.cat((-x2, x1), dim=-1)
-    return (x * cos + rotated * sin).to(x.dtype)
+    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * sin

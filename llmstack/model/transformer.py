@@ -29,9 +29,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in float32, round to the input dtype, then scale (the Llama order).
         xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+        return self.weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
 
 
 def make_norm(config: ModelConfig, dim: Optional[int] = None) -> nn.Module:
@@ -115,12 +115,13 @@ class Block(nn.Module):
         self.mlp_norm = make_norm(config)
         make_mlp = lambda hidden: MLP(config, hidden)  # noqa: E731
         self.mlp = MoE(config, make_mlp) if config.moe is not None else make_mlp(config.ffn_hidden)
-        self.dropout = nn.Dropout(config.dropout)
+        self.dropout = config.dropout
 
     def forward(self, x, rope=None, cache=None, key_mask=None):
-        x = x + self.dropout(self.attn(self.attn_norm(x), rope, cache, key_mask))
-        x = x + self.dropout(self.mlp(self.mlp_norm(x)))
-        return x
+        h = self.attn(self.attn_norm(x), rope, cache, key_mask)
+        x = x + (F.dropout(h, self.dropout, self.training) if self.dropout else h)
+        h = self.mlp(self.mlp_norm(x))
+        return x + (F.dropout(h, self.dropout, self.training) if self.dropout else h)
 
 
 class Transformer(nn.Module):
@@ -130,7 +131,6 @@ class Transformer(nn.Module):
         self.config = config
         self.embed = nn.Embedding(config.vocab_size, config.dim)
         self.pos_embed = nn.Embedding(config.max_seq_len, config.dim) if config.pos == "learned" else None
-        self.dropout = nn.Dropout(config.dropout)
         self.layers = nn.ModuleList(Block(config, i) for i in range(config.n_layers))
         self.norm = make_norm(config)
         # Tied embeddings reuse `embed.weight` in forward rather than aliasing a second
@@ -191,8 +191,7 @@ class Transformer(nn.Module):
         x = self.embed(input_ids)  # (B, T, C)
         rope = None
         if self.config.pos == "rope":
-            cos, sin = rope_cos_sin(positions, self.rope_inv_freq, self.rope_attention_factor)
-            rope = (cos.to(x.dtype), sin.to(x.dtype))
+            rope = rope_cos_sin(positions, self.rope_inv_freq, self.rope_attention_factor, dtype=x.dtype)
         elif self.config.pos == "learned":
             if int(positions.max()) >= self.config.max_seq_len:
                 raise ValueError(f"position {int(positions.max())} is past the learned table "
@@ -200,7 +199,8 @@ class Transformer(nn.Module):
             x = x + self.pos_embed(positions)
         elif self.config.pos == "sinusoidal":
             x = x + sinusoidal_embedding(positions, self.config.dim).to(x.dtype)
-        x = self.dropout(x)
+        if self.config.dropout:
+            x = F.dropout(x, self.config.dropout, self.training)
         for layer in self.layers:
             x = layer(x, rope, cache, attn_mask)
         if cache is not None:
