@@ -1,0 +1,4 @@
+"""Evaluation: perplexity and bits per byte."""
+from llmstack.eval.perplexity import evaluate
+
+__all__ = ["evaluate"]

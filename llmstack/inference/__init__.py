@@ -1,4 +1,4 @@
 """Generation, sampling, KV caches, quantization and speculative decoding."""
-from llmstack.inference.generate import generate, sample_next
+from llmstack.inference.generate import generate, sample_next, stream_generate, use_decode_layout
 
-__all__ = ["generate", "sample_next"]
+__all__ = ["generate", "sample_next", "stream_generate", "use_decode_layout"]

@@ -1,7 +1,7 @@
 """Autoregressive generation: prefill the prompt into a KV cache, then one token per step."""
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
 import torch
 
@@ -46,45 +46,57 @@ def use_decode_layout(model: torch.nn.Module) -> None:
                     w.data = w.data.t().contiguous().t()
 
 
-@torch.inference_mode()
-def generate(model: torch.nn.Module, input_ids, max_new_tokens: int, *, temperature: float = 1.0,
-             top_k: Optional[int] = None, top_p: Optional[float] = None, seed: Optional[int] = None,
-             stop_tokens: Sequence[int] = ()) -> torch.Tensor:
-    """Return prompt + continuation token ids.
-
-    input_ids: a list of ints, a (T,) tensor or a (B, T) tensor of equal-length prompts.
-    Generation stops after `max_new_tokens` (capped by the model's context) or when
-    every row has produced one of `stop_tokens`.
-    """
+def stream_generate(model: torch.nn.Module, input_ids, max_new_tokens: int, *, temperature: float = 1.0,
+                    top_k: Optional[int] = None, top_p: Optional[float] = None, seed: Optional[int] = None,
+                    stop_tokens: Sequence[int] = ()) -> Iterator:
+    """Yield new tokens as they are produced: ints for a 1-D prompt, (B,) tensors for a
+    (B, T) batch of equal-length prompts. Stops after `max_new_tokens` (capped by the
+    model's context) or once every row has produced one of `stop_tokens`."""
     device = next(model.parameters()).device
     if device.type == "cpu":
         use_decode_layout(model)
     ids = torch.as_tensor(input_ids, dtype=torch.long, device=device)
-    squeeze = ids.dim() == 1
-    if squeeze:
+    single = ids.dim() == 1
+    if single:
         ids = ids[None]
     B, T = ids.shape
-    max_len = model.config.max_seq_len
-    max_new_tokens = max(0, min(max_new_tokens, max_len - T))
-    generator = None
-    if seed is not None:
-        generator = torch.Generator(device=device).manual_seed(seed)
+    max_new_tokens = max(0, min(max_new_tokens, model.config.max_seq_len - T))
+    if max_new_tokens == 0:
+        return
+    generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
     cache = KVCache.for_model(model, B, T + max_new_tokens)
+    stop = torch.tensor(list(stop_tokens), dtype=torch.long, device=device)
+    finished = torch.zeros(B, dtype=torch.bool, device=device)
     was_training = model.training
     model.eval()
-    out = [ids]
-    logits = model(ids, cache=cache)[:, -1]
-    finished = torch.zeros(B, dtype=torch.bool, device=device)
-    stop = torch.tensor(list(stop_tokens), dtype=torch.long, device=device)
-    for i in range(max_new_tokens):
-        nxt = sample_next(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
-        out.append(nxt[:, None])
-        if len(stop):
-            finished |= torch.isin(nxt, stop)
-            if bool(finished.all()):
-                break
-        if i + 1 < max_new_tokens:
-            logits = model(nxt[:, None], cache=cache)[:, -1]
-    model.train(was_training)
-    result = torch.cat(out, dim=1)
-    return result[0] if squeeze else result
+    try:
+        with torch.inference_mode():
+            logits = model(ids, cache=cache)[:, -1]
+            for i in range(max_new_tokens):
+                nxt = sample_next(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
+                yield int(nxt[0]) if single else nxt
+                if len(stop):
+                    finished |= torch.isin(nxt, stop)
+                    if bool(finished.all()):
+                        break
+                if i + 1 < max_new_tokens:
+                    logits = model(nxt[:, None], cache=cache)[:, -1]
+    finally:
+        model.train(was_training)
+
+
+def generate(model: torch.nn.Module, input_ids, max_new_tokens: int, *, temperature: float = 1.0,
+             top_k: Optional[int] = None, top_p: Optional[float] = None, seed: Optional[int] = None,
+             stop_tokens: Sequence[int] = ()) -> torch.Tensor:
+    """Return prompt + continuation token ids, using the KV cache; temperature 0 is greedy.
+
+    input_ids: a list of ints, a (T,) tensor or a (B, T) tensor of equal-length prompts.
+    """
+    device = next(model.parameters()).device
+    ids = torch.as_tensor(input_ids, dtype=torch.long, device=device)
+    batch = ids if ids.dim() == 2 else ids[None]
+    new = [torch.as_tensor(t, device=device).reshape(-1, 1).expand(batch.shape[0], 1)
+           for t in stream_generate(model, ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                                    seed=seed, stop_tokens=stop_tokens)]
+    out = torch.cat([batch, *new], dim=1)
+    return out[0] if ids.dim() == 1 else out

@@ -22,13 +22,23 @@ from llmstack.interop.hf import config_from_hf, config_to_hf, read_hf_config, st
 from llmstack.interop.weights import load_weights, save_weights
 from llmstack.model import Transformer
 
-__all__ = ["from_pretrained", "save_pretrained", "save_hf", "load_model_config", "load_weights", "save_weights",
-           "build_model", "load_state_into"]
+__all__ = ["atomic_directory", "build_model", "from_pretrained", "load_model_config", "load_state_into",
+           "load_weights", "resolve_checkpoint", "save_hf", "save_pretrained", "save_weights"]
+
+
+def resolve_checkpoint(path: str | os.PathLike) -> Path:
+    """A checkpoint directory itself, or the newest checkpoint of a training run directory
+    (the one its `latest` file names)."""
+    path = Path(path)
+    pointer = path / "latest"
+    if not (path / "config.yaml").is_file() and not (path / "config.json").is_file() and pointer.is_file():
+        return path / pointer.read_text().strip()
+    return path
 
 
 def load_model_config(directory: str | os.PathLike) -> ModelConfig:
     """The ModelConfig of a checkpoint directory, ours (config.yaml) or Hugging Face's (config.json)."""
-    directory = Path(directory)
+    directory = resolve_checkpoint(directory)
     if (directory / "config.yaml").is_file():
         data = yaml.safe_load((directory / "config.yaml").read_text()) or {}
         data = data.get("model", data)  # a full job config, or just the model section
@@ -74,7 +84,7 @@ def from_pretrained(path: str | os.PathLike, *, device: torch.device | str | Non
                     dtype: Optional[torch.dtype] = None) -> Transformer:
     """Load an llmstack checkpoint directory or a Hugging Face directory (Llama, Mistral, Qwen2,
     Mixtral; sharded or not). Returns the model in eval mode."""
-    path = Path(path)
+    path = resolve_checkpoint(path)
     cfg = load_model_config(path)
     state, metadata = load_weights(path)
     if "quantization" in metadata:

@@ -1,0 +1,107 @@
+"""The pretraining job in one call: tokenizer, data, model, training loop.
+
+    from llmstack.config import load_config, PretrainConfig
+    from llmstack.train import pretrain
+    result = pretrain(load_config(PretrainConfig, "configs/pretrain/quickstart.yaml"))
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from pathlib import Path
+
+import torch
+import yaml
+
+from llmstack.config import ConfigError, PretrainConfig, from_dict, to_dict
+from llmstack.data import TokenBatches, corpus_fingerprint, default_cache_dir, load_corpus, prepare_tokens, token_stats
+from llmstack.interop import build_model, resolve_checkpoint
+from llmstack.model import flops_per_token
+from llmstack.tokenizer import Tokenizer
+from llmstack.train.checkpoint import latest_checkpoint
+from llmstack.train.trainer import TrainResult, resolve_device, train
+
+# Sections that must match for a run directory to be continued.
+RUN_IDENTITY = ("model", "tokenizer", "data")
+
+
+def check_run_dir(cfg: PretrainConfig, resume: bool) -> bool:
+    """Whether to resume. Errors, before any work, when out_dir holds another run, or this
+    run without --resume."""
+    run_dir = Path(cfg.train.out_dir)
+    ckpt = latest_checkpoint(run_dir)
+    if ckpt is None:
+        return False
+    old = yaml.safe_load((ckpt / "config.yaml").read_text()) or {}
+    new = to_dict(cfg)
+    differs = [s for s in RUN_IDENTITY if old.get(s) != new.get(s)]
+    if differs:
+        raise ConfigError(f"train.out_dir={str(run_dir)!r} holds a different run ({', '.join(differs)} differ); "
+                          "choose another train.out_dir")
+    if not resume:
+        raise ConfigError(f"train.out_dir={str(run_dir)!r} already holds this run (at {ckpt.name}); pass --resume "
+                          "(train.resume=auto) to continue it, or choose another train.out_dir")
+    return True
+
+
+def build_tokenizer(cfg: PretrainConfig, progress: bool = True) -> Tokenizer:
+    tc = cfg.tokenizer
+    if tc.path:
+        return Tokenizer.load(tc.path)
+    if tc.tiktoken:
+        return Tokenizer.from_tiktoken(tc.tiktoken)
+    # Train on the corpus; cache by corpus and settings so that reruns skip it.
+    key = hashlib.sha256(f"{corpus_fingerprint(cfg.data.source, val_fraction=cfg.data.val_fraction)}|"
+                         f"{tc.vocab_size}|{tc.train_docs_fraction}".encode()).hexdigest()[:20]
+    cache = (Path(cfg.data.cache_dir) if cfg.data.cache_dir else default_cache_dir()).parent / "tokenizers"
+    path = cache / f"{key}.json"
+    if path.is_file():
+        return Tokenizer.load(path)
+    docs = load_corpus(cfg.data.source, "train", val_fraction=cfg.data.val_fraction, text_field=cfg.data.text_field)
+    n = max(1, int(len(docs) * tc.train_docs_fraction))
+    t0 = time.perf_counter()
+    tok = Tokenizer.train((row["text"] for row in docs.select(range(n))), tc.vocab_size, verbose=progress)
+    if progress:
+        print(f"tokenizer: {tok.vocab_size} tokens trained on {n} documents in {time.perf_counter() - t0:.1f}s")
+    cache.mkdir(parents=True, exist_ok=True)
+    tok.save(path)
+    return tok
+
+
+def pretrain(cfg: PretrainConfig, *, resume: bool = False, progress: bool = True) -> TrainResult:
+    cfg.validate()
+    resume = check_run_dir(cfg, resume or cfg.train.resume == "auto")
+    run_dir = Path(cfg.train.out_dir)
+    if resume:  # the checkpoint's own tokenizer, whatever the cache holds now
+        tok = Tokenizer.load(latest_checkpoint(run_dir) / "tokenizer.json")
+    else:
+        tok = build_tokenizer(cfg, progress)
+    if tok.vocab_size > cfg.model.vocab_size:
+        raise ConfigError(f"the tokenizer has {tok.vocab_size} tokens but model.vocab_size={cfg.model.vocab_size}; "
+                          f"set model.vocab_size >= {tok.vocab_size}")
+    tokens = prepare_tokens(cfg.data.source, tok, cache_dir=cfg.data.cache_dir, val_fraction=cfg.data.val_fraction,
+                            text_field=cfg.data.text_field, progress=progress)
+    device = resolve_device(cfg.train.device)
+    batches = TokenBatches(tokens["train"], cfg.train.batch_size, cfg.data.seq_len, seed=cfg.train.seed,
+                           device=device, name="train")
+    val = TokenBatches(tokens["val"], cfg.train.batch_size, cfg.data.seq_len, seed=cfg.train.seed, device=device,
+                       name="val")
+    stats = token_stats(tokens["val"])
+    bytes_per_token = stats["bytes"] / stats["tokens"] if stats.get("tokens") else None
+    torch.manual_seed(cfg.train.seed)
+    model = build_model(cfg.model, device=device)
+    model.init_weights()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if progress:
+        print(f"model: {model.num_params() / 1e6:.2f}M parameters on {device} | train {len(tokens['train']):,} "
+              f"tokens, val {len(tokens['val']):,} tokens | out_dir {run_dir}")
+    return train(model, cfg.train, batches, val_batches=val, run_dir=run_dir, tokenizer=tok, job_config=cfg,
+                 resume=resume, bytes_per_token=bytes_per_token,
+                 flops_per_token=flops_per_token(cfg.model, cfg.data.seq_len), progress=progress)
+
+
+def load_run_config(path: str | os.PathLike) -> PretrainConfig:
+    """The job config saved with a checkpoint (or with a run directory's latest one)."""
+    ckpt = resolve_checkpoint(path)
+    return from_dict(PretrainConfig, yaml.safe_load((ckpt / "config.yaml").read_text()))

@@ -1,0 +1,196 @@
+"""The training loop, shared by pretraining and (later) fine-tuning: it takes a loss function.
+
+    result = train(model, cfg.train, batches, val_batches=val, run_dir="runs/x", tokenizer=tok, job_config=cfg)
+
+One optimizer step per `step`: `grad_accum` micro-batches, each loss summed over
+its tokens and divided by the token count of the *whole* step, so accumulation
+gives the same gradient as one big batch whatever the padding.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+from llmstack.config import TrainConfig
+from llmstack.eval.perplexity import evaluate
+from llmstack.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from llmstack.train.metrics import MetricsLogger, plot_metrics
+from llmstack.train.optim import build_optimizer
+from llmstack.train.schedule import lr_multiplier
+
+# Dense bf16 peak FLOP/s, for the MFU estimate.
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12, "L4": 121e12,
+              "4090": 165e12, "3090": 71e12}
+
+
+class TrainingError(RuntimeError):
+    pass
+
+
+def next_token_loss(model, batch) -> tuple[torch.Tensor, int, dict]:
+    """Summed next-token cross-entropy over targets != -100, the token count, extra metrics.
+    A MoE model's auxiliary loss is added, scaled by the token count so the trainer's
+    division by tokens leaves it at its configured weight."""
+    x, y = batch
+    logits, aux = model(x, return_aux=True)
+    loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=-100, reduction="sum")
+    n = int((y != -100).sum())
+    metrics = {}
+    if aux.get("aux_loss") is not None:
+        loss = loss + aux["aux_loss"] * n
+        metrics["aux_loss"] = aux["aux_loss"].item()
+    return loss, n, metrics
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def autocast_for(precision: str, device: torch.device):
+    if precision == "fp32":
+        return contextlib.nullcontext
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return lambda: torch.autocast(device.type, dtype=dtype)
+
+
+@dataclass
+class TrainResult:
+    step: int
+    train_loss: float
+    val: dict
+    bad_steps: int
+    checkpoint: Optional[Path]
+    first_val: Optional[dict] = None
+
+
+def train(model: torch.nn.Module, cfg: TrainConfig, batches, *, val_batches=None, run_dir: str | Path,
+          tokenizer=None, job_config: Any = None, loss_fn: Callable = next_token_loss, resume: bool = False,
+          bytes_per_token: Optional[float] = None, flops_per_token: Optional[float] = None,
+          progress: bool = True) -> TrainResult:
+    run_dir = Path(run_dir)
+    device = next(model.parameters()).device
+    optimizer = build_optimizer(model, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(cfg.beta1, cfg.beta2),
+                                eps=cfg.eps)
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
+    autocast = autocast_for(cfg.precision, device)
+    step, total_bad, tokens_seen = 0, 0, 0
+    if resume:
+        ckpt = latest_checkpoint(run_dir)
+        if ckpt is not None:
+            state = load_checkpoint(ckpt, model, optimizer, scaler)
+            step, total_bad, tokens_seen = state["step"], state.get("bad_steps", 0), state.get("tokens_seen", 0)
+    forward_model = torch.compile(model) if cfg.compile else model
+    logger = MetricsLogger(run_dir, tensorboard=cfg.tensorboard)
+    peak = next((v for k, v in PEAK_FLOPS.items() if device.type == "cuda" and k in torch.cuda.get_device_name()),
+                None)
+
+    def run_eval(at_step: int) -> dict:
+        if val_batches is None:
+            return {}
+        out = evaluate(model, val_batches.eval_batches(cfg.eval_batches), bytes_per_token=bytes_per_token,
+                       autocast=autocast if cfg.precision != "fp32" else None)
+        logger.log({"step": at_step, "val_loss": out["loss"], "val_ppl": out["perplexity"],
+                    **({"val_bpb": out["bits_per_byte"]} if "bits_per_byte" in out else {})})
+        return out
+
+    def checkpoint(at_step: int) -> Path:
+        return save_checkpoint(run_dir, step=at_step, model=model, optimizer=optimizer, scaler=scaler,
+                               tokenizer=tokenizer, config=job_config if job_config is not None else cfg,
+                               extra={"bad_steps": total_bad, "tokens_seen": tokens_seen}, keep_last=cfg.keep_last)
+
+    first_val = run_eval(step) if step == 0 else None
+    from tqdm import tqdm
+
+    bar = tqdm(total=cfg.max_steps, initial=step, desc="training", unit="step", disable=not progress,
+               dynamic_ncols=True)
+    model.train()
+    bad_in_row, last_loss, last_ckpt, val = 0, float("nan"), None, {}
+    t_last, tokens_last = time.perf_counter(), tokens_seen
+    try:
+        while step < cfg.max_steps:
+            lr = cfg.lr * lr_multiplier(step, schedule=cfg.schedule, max_steps=cfg.max_steps,
+                                        warmup_steps=cfg.warmup_steps, min_lr_ratio=cfg.min_lr_ratio,
+                                        decay_fraction=cfg.decay_fraction)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            micro = [batches.get_batch(step, m) for m in range(cfg.grad_accum)]
+            n_total = sum(int((b[1] != -100).sum()) for b in micro)
+            loss_sum, extra = 0.0, {}
+            for batch in micro:
+                with autocast():
+                    loss, _, extra = loss_fn(forward_model, batch)
+                scaler.scale(loss / max(n_total, 1)).backward()
+                loss_sum += loss.item()
+            step_loss = loss_sum / max(n_total, 1)
+            if cfg.grad_clip > 0:
+                scaler.unscale_(optimizer)
+                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip).item()
+            else:
+                grad_norm = float("nan")
+            if not math.isfinite(step_loss) or (cfg.grad_clip > 0 and not math.isfinite(grad_norm)
+                                                and not scaler.is_enabled()):
+                # Skip the update; the weights stay as they were before this step.
+                optimizer.zero_grad(set_to_none=True)
+                if scaler.is_enabled():
+                    scaler.update()
+                bad_in_row += 1
+                total_bad += 1
+                logger.log({"step": step, "bad_step": True, "loss": step_loss})
+                if bad_in_row >= cfg.max_bad_steps:
+                    raise TrainingError(
+                        f"{bad_in_row} non-finite losses in a row at step {step}: stopping. The last good "
+                        f"checkpoint is {latest_checkpoint(run_dir)}; lower train.lr, or use bf16 instead of fp16")
+                step += 1
+                bar.update(1)
+                continue
+            bad_in_row = 0
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            tokens_seen += n_total
+            last_loss = step_loss
+            bar.update(1)
+            if step % cfg.log_every == 0 or step == cfg.max_steps:
+                now = time.perf_counter()
+                tps = (tokens_seen - tokens_last) / max(now - t_last, 1e-9)
+                t_last, tokens_last = now, tokens_seen
+                row = {"step": step, "loss": step_loss, "lr": lr, "grad_norm": grad_norm, "tokens": tokens_seen,
+                       "tokens_per_s": tps, **extra}
+                if peak and flops_per_token:
+                    row["mfu"] = tps * flops_per_token / peak
+                logger.log(row)
+                bar.set_postfix(loss=f"{step_loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{tps:,.0f}",
+                                **({"mfu": f"{row['mfu']:.1%}"} if "mfu" in row else {}))
+            if step % cfg.eval_every == 0 and step < cfg.max_steps:
+                val = run_eval(step)
+            if step % cfg.save_every == 0 and step < cfg.max_steps:
+                last_ckpt = checkpoint(step)
+        val = run_eval(step) if step > 0 else val
+        last_ckpt = checkpoint(step)
+    except KeyboardInterrupt:
+        bar.close()
+        last_ckpt = checkpoint(step)
+        print(f"\ninterrupted: saved {last_ckpt}; continue with --resume")
+        raise
+    finally:
+        bar.close()
+        logger.close()
+    plot_metrics(run_dir / "metrics.jsonl", run_dir / "loss.png")
+    return TrainResult(step=step, train_loss=last_loss, val=val, bad_steps=total_bad, checkpoint=last_ckpt,
+                       first_val=first_val)
+
+
+def read_metrics(run_dir: str | Path) -> list[dict]:
+    path = Path(run_dir) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []

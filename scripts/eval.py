@@ -1,0 +1,45 @@
+"""Perplexity and bits per byte of a checkpoint on a corpus split.
+
+    python scripts/eval.py --checkpoint runs/quickstart
+    python scripts/eval.py --checkpoint runs/quickstart --split train --batches 20 --source "docs/*.txt"
+"""
+import argparse
+import sys
+from pathlib import Path
+
+import llmstack
+from llmstack.data import DataError, TokenBatches, prepare_tokens, token_stats
+from llmstack.eval import evaluate
+from llmstack.interop import resolve_checkpoint
+from llmstack.tokenizer import Tokenizer
+from llmstack.train import load_run_config
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", required=True)
+    parser.add_argument("--split", choices=["train", "val"], default="val")
+    parser.add_argument("--source", help="corpus (default: the one the checkpoint was trained on)")
+    parser.add_argument("--batches", type=int, default=None, help="at most this many batches (default: all)")
+    parser.add_argument("--batch-size", type=int, default=8)
+    args = parser.parse_args()
+    try:
+        ckpt = resolve_checkpoint(args.checkpoint)
+        cfg = load_run_config(ckpt)
+        model = llmstack.from_pretrained(ckpt)
+        tok = Tokenizer.load(Path(ckpt) / "tokenizer.json")
+        source = args.source or cfg.data.source
+        tokens = prepare_tokens(source, tok, cache_dir=cfg.data.cache_dir, val_fraction=cfg.data.val_fraction,
+                                text_field=cfg.data.text_field)[args.split]
+        batches = TokenBatches(tokens, args.batch_size, cfg.data.seq_len, name=args.split)
+    except (ValueError, FileNotFoundError, DataError) as e:
+        sys.exit(f"error: {e}")
+    stats = token_stats(tokens)
+    bpt = stats["bytes"] / stats["tokens"] if stats.get("tokens") else None
+    out = evaluate(model, batches.eval_batches(args.batches), bytes_per_token=bpt)
+    print(f"{source} [{args.split}] {out['tokens']:,} tokens: loss {out['loss']:.4f} nats/token, "
+          f"perplexity {out['perplexity']:.2f}" + (f", {out['bits_per_byte']:.4f} bits/byte" if bpt else ""))
+
+
+if __name__ == "__main__":
+    main()
