@@ -56,11 +56,14 @@ def set_rng_state(state: dict) -> None:
 
 
 def save_checkpoint(run_dir: str | os.PathLike, *, step: int, model: torch.nn.Module, optimizer, scaler,
-                    tokenizer, config: Any, extra: Optional[dict] = None, keep_last: int = 2) -> Path:
+                    tokenizer, config: Any, extra: Optional[dict] = None, keep_last: int = 2,
+                    rng: Optional[dict] = None) -> Path:
+    """`rng`: the RNG state to record, when not the current one (an interrupted step saves the
+    state from the start of that step, so that resuming replays it exactly)."""
     run_dir = Path(run_dir)
     name = f"step_{step:06d}"
     target = run_dir / "checkpoints" / name
-    state = {"step": step, "optimizer": optimizer.state_dict(), "rng": rng_state(), **(extra or {})}
+    state = {"step": step, "optimizer": optimizer.state_dict(), "rng": rng or rng_state(), **(extra or {})}
     if scaler is not None and scaler.is_enabled():
         state["scaler"] = scaler.state_dict()
 

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from llmstack.config import TrainConfig
 from llmstack.eval.perplexity import evaluate
-from llmstack.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from llmstack.train.checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint
 from llmstack.train.metrics import MetricsLogger, plot_metrics
 from llmstack.train.optim import build_optimizer
 from llmstack.train.schedule import lr_multiplier
@@ -103,10 +103,11 @@ def train(model: torch.nn.Module, cfg: TrainConfig, batches, *, val_batches=None
                     **({"val_bpb": out["bits_per_byte"]} if "bits_per_byte" in out else {})})
         return out
 
-    def checkpoint(at_step: int) -> Path:
+    def checkpoint(at_step: int, rng: Optional[dict] = None) -> Path:
         return save_checkpoint(run_dir, step=at_step, model=model, optimizer=optimizer, scaler=scaler,
                                tokenizer=tokenizer, config=job_config if job_config is not None else cfg,
-                               extra={"bad_steps": total_bad, "tokens_seen": tokens_seen}, keep_last=cfg.keep_last)
+                               extra={"bad_steps": total_bad, "tokens_seen": tokens_seen}, keep_last=cfg.keep_last,
+                               rng=rng)
 
     first_val = run_eval(step) if step == 0 else None
     from tqdm import tqdm
@@ -114,10 +115,11 @@ def train(model: torch.nn.Module, cfg: TrainConfig, batches, *, val_batches=None
     bar = tqdm(total=cfg.max_steps, initial=step, desc="training", unit="step", disable=not progress,
                dynamic_ncols=True)
     model.train()
-    bad_in_row, last_loss, last_ckpt, val = 0, float("nan"), None, {}
+    bad_in_row, last_loss, last_ckpt, val, step_rng = 0, float("nan"), None, {}, None
     t_last, tokens_last = time.perf_counter(), tokens_seen
     try:
         while step < cfg.max_steps:
+            step_rng = rng_state()  # what an interrupted step restarts from
             lr = cfg.lr * lr_multiplier(step, schedule=cfg.schedule, max_steps=cfg.max_steps,
                                         warmup_steps=cfg.warmup_steps, min_lr_ratio=cfg.min_lr_ratio,
                                         decay_fraction=cfg.decay_fraction)
@@ -180,7 +182,8 @@ def train(model: torch.nn.Module, cfg: TrainConfig, batches, *, val_batches=None
         last_ckpt = checkpoint(step)
     except KeyboardInterrupt:
         bar.close()
-        last_ckpt = checkpoint(step)
+        optimizer.zero_grad(set_to_none=True)  # a half-accumulated step is dropped, and replayed on resume
+        last_ckpt = checkpoint(step, rng=step_rng)
         print(f"\ninterrupted: saved {last_ckpt}; continue with --resume")
         raise
     finally:

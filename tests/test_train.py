@@ -1,0 +1,249 @@
+"""Training: schedules, AdamW groups, accumulation, NaN skipping, checkpoints, exact resume, the job end to end."""
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import llmstack
+from llmstack.config import ConfigError, ModelConfig, PretrainConfig, TrainConfig, load_config
+from llmstack.data import TokenBatches
+from llmstack.interop import build_model
+from llmstack.train import (TrainingError, latest_checkpoint, load_checkpoint, lr_multiplier, next_token_loss,
+                            param_groups, pretrain, save_checkpoint, train)
+
+TINY = ModelConfig(vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_hidden=64, max_seq_len=32,
+                   dropout=0.1)
+
+
+def tiny_model(seed=0):
+    torch.manual_seed(seed)
+    model = build_model(TINY)
+    model.init_weights()
+    return model
+
+
+def batches(seed=0):
+    tokens = (np.arange(5000) * 7 % 61).astype(np.uint16)  # a learnable periodic stream
+    return TokenBatches(tokens, 4, 16, seed=seed)
+
+
+def run_cfg(tmp_path, **kw):
+    base = dict(out_dir=str(tmp_path), max_steps=8, lr=1e-2, warmup_steps=2, eval_every=1000, log_every=1,
+                save_every=1000, tensorboard=False)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+# ------------------------------------------------------------------ schedules and optimizer
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "linear", "wsd", "constant"])
+def test_schedules(schedule):
+    f = [lr_multiplier(s, schedule=schedule, max_steps=100, warmup_steps=10, min_lr_ratio=0.1, decay_fraction=0.2)
+         for s in range(101)]
+    assert f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0)  # linear warmup to the peak
+    assert all(a <= b + 1e-12 for a, b in zip(f[:10], f[1:10]))
+    after = f[10:]
+    assert all(b <= a + 1e-12 for a, b in zip(after, after[1:]))  # never increases after warmup
+    assert f[100] == pytest.approx(1.0 if schedule == "constant" else 0.1)
+    if schedule == "wsd":
+        assert f[79] == 1.0 and f[90] < 1.0
+    if schedule == "cosine":
+        assert f[55] == pytest.approx(0.55, abs=1e-9)  # halfway: the mean of peak and floor
+
+
+def test_weight_decay_groups():
+    model = build_model(ModelConfig(vocab_size=64, dim=32, n_layers=1, n_heads=4, qkv_bias=True))
+    decay, no_decay = param_groups(model, 0.1)
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert {names[id(p)] for p in decay["params"]} == {
+        "layers.0.attn.q_proj.weight", "layers.0.attn.k_proj.weight", "layers.0.attn.v_proj.weight",
+        "layers.0.attn.o_proj.weight", "layers.0.mlp.gate_proj.weight", "layers.0.mlp.up_proj.weight",
+        "layers.0.mlp.down_proj.weight", "lm_head.weight"}
+    assert "embed.weight" in {names[id(p)] for p in no_decay["params"]}
+    assert no_decay["weight_decay"] == 0.0
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+
+
+# ------------------------------------------------------------------ the loop
+
+
+def test_accumulation_matches_one_big_batch_with_padding():
+    """Sum of per-micro-batch summed losses / total tokens gives the big batch's gradient."""
+    torch.manual_seed(0)
+    x = torch.randint(0, 64, (8, 16))
+    y = torch.randint(0, 64, (8, 16))
+    y[1, 5:] = -100  # unequal numbers of real targets per row
+    y[6, 2:] = -100
+    model = tiny_model().eval()  # no dropout: compare gradients exactly
+    loss, n, _ = next_token_loss(model, (x, y))
+    (loss / n).backward()
+    big = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    micro = [(x[i:i + 2], y[i:i + 2]) for i in range(0, 8, 2)]
+    total = sum(int((b[1] != -100).sum()) for b in micro)
+    for b in micro:
+        loss, _, _ = next_token_loss(model, b)
+        (loss / total).backward()
+    for a, b in zip(big, (p.grad for p in model.parameters())):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def losses_of(run_dir) -> dict:
+    rows = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows if "loss" in r and not r.get("bad_step")}
+
+
+def test_resume_equals_uninterrupted_bit_for_bit(tmp_path):
+    straight = train(tiny_model(), run_cfg(tmp_path / "a", grad_accum=2), batches(), run_dir=tmp_path / "a",
+                     progress=False)
+    # Ctrl-C in the middle of step 5 (its second micro-batch), then resume in a fresh setting.
+    class Interrupt:
+        calls = 0
+
+        def __call__(self, model, batch):
+            self.calls += 1
+            if self.calls == 10:
+                raise KeyboardInterrupt
+            return next_token_loss(model, batch)
+
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_model(), run_cfg(tmp_path / "b", grad_accum=2), batches(), run_dir=tmp_path / "b",
+              loss_fn=Interrupt(), progress=False)
+    assert latest_checkpoint(tmp_path / "b").name == "step_000004"
+    torch.manual_seed(12345)  # whatever the RNG is now, the checkpoint's is restored
+    resumed = train(tiny_model(seed=99), run_cfg(tmp_path / "b", grad_accum=2), batches(), run_dir=tmp_path / "b",
+                    resume=True, progress=False)
+    a, b = losses_of(tmp_path / "a"), losses_of(tmp_path / "b")
+    assert sorted(a) == list(range(1, 9)) and sorted(b) == list(range(1, 9))
+    assert all(a[s] == b[s] for s in range(1, 9)), (a, b)  # exact equality, dropout included
+    assert straight.train_loss == resumed.train_loss
+    assert a[8] < a[1]
+
+
+class NaNAt:
+    """A loss function that returns NaN at chosen calls."""
+
+    def __init__(self, bad_calls):
+        self.bad, self.calls = set(bad_calls), 0
+
+    def __call__(self, model, batch):
+        loss, n, m = next_token_loss(model, batch)
+        self.calls += 1
+        return (loss * float("nan") if self.calls in self.bad else loss), n, m
+
+
+def test_nan_step_is_skipped_and_counted(tmp_path):
+    model = tiny_model()
+    snapshots = []
+    fn = NaNAt({3})
+
+    def loss_fn(m, batch):
+        snapshots.append(m.embed.weight.detach().clone())
+        return fn(m, batch)
+
+    result = train(model, run_cfg(tmp_path, max_steps=5), batches(), run_dir=tmp_path, loss_fn=loss_fn,
+                   progress=False)
+    assert result.bad_steps == 1
+    assert torch.equal(snapshots[2], snapshots[3])  # the NaN step changed nothing
+    assert not torch.equal(snapshots[1], snapshots[2])
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_too_many_bad_steps_stop_with_checkpoint_intact(tmp_path):
+    cfg = run_cfg(tmp_path, max_steps=20, save_every=2, max_bad_steps=3)
+    with pytest.raises(TrainingError, match="3 non-finite losses in a row at step 6"):
+        train(tiny_model(), cfg, batches(), run_dir=tmp_path, loss_fn=NaNAt({5, 6, 7}), progress=False)
+    ckpt = latest_checkpoint(tmp_path)
+    assert ckpt.name == "step_000004"
+    model = tiny_model(seed=5)
+    state = load_checkpoint(ckpt, model)
+    assert state["step"] == 4 and all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_crash_mid_save_leaves_previous_checkpoint(tmp_path, monkeypatch):
+    model = tiny_model()
+    opt = torch.optim.AdamW(model.parameters())
+    save_checkpoint(tmp_path, step=1, model=model, optimizer=opt, scaler=None, tokenizer=None, config=TINY)
+
+    def boom(*a, **k):
+        raise OSError("disk full")
+
+    import llmstack.train.checkpoint as ck
+
+    monkeypatch.setattr(ck.torch, "save", boom)
+    with pytest.raises(OSError):
+        save_checkpoint(tmp_path, step=2, model=model, optimizer=opt, scaler=None, tokenizer=None, config=TINY)
+    assert latest_checkpoint(tmp_path).name == "step_000001"
+    assert not (tmp_path / "checkpoints" / "step_000002").exists()
+    assert llmstack.from_pretrained(tmp_path) is not None  # the run directory follows `latest`
+
+
+def test_keep_last_prunes_old_checkpoints(tmp_path):
+    train(tiny_model(), run_cfg(tmp_path, max_steps=6, save_every=1, keep_last=2), batches(), run_dir=tmp_path,
+          progress=False)
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] and \
+        sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_000005", "step_000006"]
+
+
+def test_checkpoint_of_another_shape_is_a_clear_error(tmp_path):
+    model = tiny_model()
+    save_checkpoint(tmp_path, step=1, model=model, optimizer=torch.optim.AdamW(model.parameters()), scaler=None,
+                    tokenizer=None, config=TINY)
+    other = build_model(ModelConfig(vocab_size=64, dim=48, n_layers=2, n_heads=4, ffn_hidden=64, max_seq_len=32))
+    with pytest.raises(ValueError, match="has shape .* but the model expects"):
+        load_checkpoint(latest_checkpoint(tmp_path), other)
+    (latest_checkpoint(tmp_path) / "trainer_state.pt").write_bytes(b"\x00" * 10)
+    with pytest.raises(ValueError, match="truncated or corrupt"):
+        load_checkpoint(latest_checkpoint(tmp_path), model)
+
+
+# ------------------------------------------------------------------ the job
+
+
+@pytest.fixture()
+def job(tmp_path):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(60):
+        (corpus / f"m{i}.txt").write_text(f"def f{i}(x):\n    return x * {i} + {i % 7}\n" * 20)
+    return load_config(PretrainConfig, overrides=[
+        "model=tiny", "model.vocab_size=300", "tokenizer.vocab_size=300", f"data.source={corpus}/*.txt",
+        "data.seq_len=32", "data.val_fraction=0.2", f"data.cache_dir={tmp_path / 'cache'}",
+        f"train.out_dir={tmp_path / 'run'}", "train.max_steps=6", "train.batch_size=4", "train.eval_every=3",
+        "train.eval_batches=2", "train.log_every=1", "train.save_every=3", "train.tensorboard=false"])
+
+
+def test_pretrain_end_to_end(job, tmp_path):
+    result = pretrain(job, progress=False)
+    run = tmp_path / "run"
+    assert result.step == 6 and math.isfinite(result.val["loss"])
+    assert result.val["loss"] < result.first_val["loss"]
+    assert (run / "metrics.jsonl").is_file() and (run / "loss.png").stat().st_size > 1000
+    ckpt = latest_checkpoint(run)
+    assert {p.name for p in ckpt.iterdir()} >= {"config.yaml", "model.safetensors", "tokenizer.json",
+                                               "trainer_state.pt"}
+    model = llmstack.from_pretrained(run)
+    tok = llmstack.Tokenizer.load(ckpt / "tokenizer.json")
+    out = llmstack.generate(model, tok.encode("def f1"), 10, temperature=0)
+    assert len(out) == len(tok.encode("def f1")) + 10
+
+
+def test_out_dir_guards(job):
+    pretrain(job, progress=False)
+    with pytest.raises(ConfigError, match="already holds this run"):
+        pretrain(job, progress=False)
+    job.model.n_layers = 3
+    with pytest.raises(ConfigError, match="holds a different run \\(model differ"):
+        pretrain(job, resume=True, progress=False)
+
+
+def test_vocab_and_context_errors(job):
+    job.model.vocab_size = 100
+    with pytest.raises(ConfigError, match="tokenizer has 300 tokens but model.vocab_size=100"):
+        pretrain(job, progress=False)
+    with pytest.raises(ConfigError, match="data.seq_len=256 is above model.max_seq_len=128"):
+        load_config(PretrainConfig, overrides=["model=tiny", "data.seq_len=256"])
