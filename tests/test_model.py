@@ -312,3 +312,13 @@ def test_aux_loss_free_bias_balances_a_skewed_router():
     assert moe.aux_loss is None
     assert moe.expert_load.max().item() < skewed
     assert moe.expert_load.max().item() < 0.5
+
+
+def test_dropout_only_in_training():
+    model = build(tiny(dropout=0.2, attn_dropout=0.2))
+    x = torch.randint(0, 97, (2, 9))
+    with torch.no_grad():
+        assert torch.equal(model(x), model(x))  # eval: deterministic
+        model.train()
+        a, b = model(x), model(x)
+    assert not torch.allclose(a, b)

@@ -247,3 +247,25 @@ def test_vocab_and_context_errors(job):
         pretrain(job, progress=False)
     with pytest.raises(ConfigError, match="data.seq_len=256 is above model.max_seq_len=128"):
         load_config(PretrainConfig, overrides=["model=tiny", "data.seq_len=256"])
+
+
+def test_perplexity_of_a_uniform_model_is_the_vocabulary_size():
+    from llmstack.eval import evaluate
+
+    model = tiny_model().eval()
+    with torch.no_grad():
+        model.lm_head.weight.zero_()  # every token equally likely
+    out = evaluate(model, batches().eval_batches(3), bytes_per_token=2.0)
+    assert out["perplexity"] == pytest.approx(64, rel=1e-5)
+    assert out["bits_per_byte"] == pytest.approx(math.log2(64) / 2.0, rel=1e-5)
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_trains_close_to_fp32(tmp_path, precision):
+    ref = train(tiny_model(), run_cfg(tmp_path / "fp32", max_steps=4), batches(), run_dir=tmp_path / "fp32",
+                progress=False)
+    low = train(tiny_model(), run_cfg(tmp_path / precision, max_steps=4, precision=precision), batches(),
+                run_dir=tmp_path / precision, progress=False)
+    first_ref, first_low = losses_of(tmp_path / "fp32")[1], losses_of(tmp_path / precision)[1]
+    assert first_low == pytest.approx(first_ref, rel=2e-2)  # same weights, lower-precision matmuls
+    assert math.isfinite(low.train_loss) and low.bad_steps == 0 and ref.bad_steps == 0

@@ -60,6 +60,9 @@ def stream_generate(model: torch.nn.Module, input_ids, max_new_tokens: int, *, t
     if single:
         ids = ids[None]
     B, T = ids.shape
+    if T and (int(ids.max()) >= model.config.vocab_size or int(ids.min()) < 0):
+        bad = int(ids.max()) if int(ids.max()) >= model.config.vocab_size else int(ids.min())
+        raise ValueError(f"token id {bad} is outside the vocabulary (model.vocab_size={model.config.vocab_size})")
     max_new_tokens = max(0, min(max_new_tokens, model.config.max_seq_len - T))
     if max_new_tokens == 0:
         return
