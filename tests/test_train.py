@@ -1,4 +1,5 @@
 """Training: schedules, AdamW groups, accumulation, NaN skipping, checkpoints, exact resume, the job end to end."""
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -269,3 +270,22 @@ def test_mixed_precision_trains_close_to_fp32(tmp_path, precision):
     first_ref, first_low = losses_of(tmp_path / "fp32")[1], losses_of(tmp_path / precision)[1]
     assert first_low == pytest.approx(first_ref, rel=2e-2)  # same weights, lower-precision matmuls
     assert math.isfinite(low.train_loss) and low.bad_steps == 0 and ref.bad_steps == 0
+
+
+def test_triton_backend_trains_like_sdpa(tmp_path):
+    """The model's `triton` backend (our FlashAttention kernel; the interpreter on a CPU) gives the
+    same training losses as SDPA within float tolerance."""
+    pytest.importorskip("triton")
+    from llmstack.model.attention import _triton_available
+
+    if not _triton_available():
+        pytest.skip("triton kernel unavailable")
+    losses = {}
+    for backend in ("sdpa", "triton"):
+        torch.manual_seed(0)
+        model = build_model(dataclasses.replace(TINY, dropout=0.0, attn_backend=backend))
+        model.init_weights()
+        train(model, run_cfg(tmp_path / backend, max_steps=3), batches(), run_dir=tmp_path / backend, progress=False)
+        losses[backend] = losses_of(tmp_path / backend)
+    for step in (1, 2, 3):
+        assert losses["triton"][step] == pytest.approx(losses["sdpa"][step], rel=1e-4)
