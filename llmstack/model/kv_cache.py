@@ -7,6 +7,7 @@ sliding windows and a paged one for serving follow the same shape):
     cache.update(layer, k, v)        store this step's k, v (B, Hkv, T, D) for one layer and
                                      return the keys/values to attend over, the new ones last
     cache.advance(T)                 after all layers ran: T more slots are filled
+    cache.truncate(n)                keep only the first n slots (rejected speculative tokens)
     cache.reset()
 
 Buffers are allocated once, up front, for `max_seq_len` tokens (static shapes:
@@ -57,6 +58,12 @@ class KVCache(nn.Module):
 
     def advance(self, n: int) -> None:
         self.seq_len += n
+
+    def truncate(self, n: int) -> None:
+        """Forget every slot from n on; their stale contents are overwritten by later updates."""
+        if not 0 <= n <= self.seq_len:
+            raise ValueError(f"cannot truncate a cache holding {self.seq_len} tokens to {n}")
+        self.seq_len = n
 
     def reset(self) -> None:
         self.seq_len = 0
