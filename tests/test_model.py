@@ -122,6 +122,22 @@ def test_rope_depends_only_on_relative_position():
     assert not torch.allclose(score(3, 1), score(1, 3), atol=1e-3)
 
 
+def test_rope_matches_complex_number_formulation():
+    """RoPE as the paper writes it: channel pairs (x_i, x_{i+d/2}) as complex numbers,
+    multiplied by e^{i * position * theta_i}."""
+    d = 16
+    inv_freq, _ = rope_frequencies(d, 500.0)
+    x = torch.randn(2, 3, 7, d, dtype=torch.float64)
+    positions = torch.tensor([0, 1, 2, 5, 11, 100, 1000])
+    cos, sin = rope_cos_sin(positions, inv_freq, dtype=torch.float64)
+    ours = apply_rope(x, cos, sin)
+    z = torch.complex(x[..., : d // 2], x[..., d // 2:])
+    angles = positions[:, None].double() * inv_freq.double()
+    rotated = z * torch.polar(torch.ones_like(angles), angles)
+    expected = torch.cat((rotated.real, rotated.imag), dim=-1)
+    torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("scaling", [
     None,
     RopeScaling(type="linear", factor=4.0),
@@ -193,6 +209,22 @@ def test_cached_forward_equals_full_forward(variant):
         parts = [model(x[:, :9], cache=cache), model(x[:, 9:10], cache=cache), model(x[:, 10:], cache=cache)]
     assert cache.seq_len == 23
     assert rel_err(torch.cat(parts, 1), full) < 1e-5
+
+
+def test_gqa_equals_mha_with_repeated_kv_heads():
+    """A GQA model is an MHA model whose K/V projections repeat each KV head for its query heads."""
+    gqa = build(tiny(n_kv_heads=2))
+    mha = Transformer(tiny(n_kv_heads=4)).eval()
+    rep, d = 2, gqa.config.head_dim
+    state = {}
+    for name, w in gqa.state_dict().items():
+        if name.endswith(("k_proj.weight", "v_proj.weight")):  # (Hkv*D, C) -> (Hkv*rep*D, C)
+            w = w.view(-1, 1, d, w.shape[-1]).expand(-1, rep, -1, -1).reshape(-1, w.shape[-1])
+        state[name] = w
+    mha.load_state_dict(state)
+    x = torch.randint(0, 97, (2, 13))
+    with torch.no_grad():
+        assert rel_err(mha(x), gqa(x)) < 1e-5
 
 
 def test_padding_mask_gives_each_row_its_own_result():
@@ -295,6 +327,22 @@ def test_moe_aux_losses_follow_their_definitions():
     moe.aux_loss_coef, moe.z_loss_coef = 0.0, 1.0
     moe(torch.randn(1, 16, 64))
     assert moe.aux_loss.item() == pytest.approx(math.log(4) ** 2, rel=1e-5)
+
+
+def test_balancing_loss_is_minimal_for_uniform_routing():
+    cfg = tiny(moe=MoEConfig(n_experts=4, top_k=1, aux_loss_coef=1.0, z_loss_coef=0.0))
+    moe = build(cfg).layers[0].mlp
+    x = torch.randn(1, 64, 64)
+    with torch.no_grad():
+        moe.router.weight.zero_()
+        moe(x)
+        uniform = moe.aux_loss.item()
+        for scale in (0.1, 1.0, 10.0):  # ever more confident, ever more skewed routers
+            moe.router.weight.normal_(0, scale)
+            moe.router.weight[0] += scale  # and one favourite expert
+            moe(x.abs())
+            assert moe.aux_loss.item() > uniform
+    assert uniform == pytest.approx(1.0, abs=1e-6)
 
 
 def test_aux_loss_free_bias_balances_a_skewed_router():
