@@ -93,7 +93,7 @@ def from_pretrained(path: str | os.PathLike, *, device: torch.device | str | Non
         except ImportError:
             raise ValueError(f"{path} holds a quantized checkpoint ({metadata['quantization']}) "
                              "but llmstack.inference.quantize is not available") from None
-        return load_quantized(path, device=device)
+        return load_quantized(path, device=device, dtype=dtype)
     if (path / "config.json").is_file() and not (path / "config.yaml").is_file():
         state = state_dict_from_hf(state, cfg)
     model = build_model(cfg, device="cpu")

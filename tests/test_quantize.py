@@ -1,0 +1,275 @@
+"""Weight-only quantization: error bounds, packing, QuantizedLinear, whole models, checkpoints, the Triton kernel."""
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import llmstack
+from llmstack.config import ModelConfig
+from llmstack.inference.quantize import (QuantizedLinear, dequantize_int4, dequantize_int8, load_quantized,
+                                         pack_int4, quantize_, quantize_int4, quantize_int8, save_quantized,
+                                         unpack_int4)
+from llmstack.model import Transformer
+
+TINY = dict(vocab_size=50, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=64)
+
+
+def tiny_model(**overrides) -> Transformer:
+    model = Transformer(ModelConfig(**{**TINY, **overrides}))
+    model.init_weights()
+    return model.eval()
+
+
+def skewed_weight(out_features=24, in_features=64):
+    """Rows of different magnitudes and offsets, with an outlier and an all-zero row."""
+    w = torch.randn(out_features, in_features) * torch.logspace(-2, 1, out_features)[:, None]
+    w[1] += 3.0  # a group that does not straddle 0
+    w[2, 5] = 40.0  # an outlier
+    w[3] = 0.0
+    return w
+
+
+# ---------------------------------------------------------------- quantize / dequantize
+
+
+def test_int8_error_within_half_a_step():
+    w = skewed_weight()
+    q, scale = quantize_int8(w)
+    assert q.dtype == torch.int8 and scale.shape == (w.shape[0],)
+    err = (w - dequantize_int8(q, scale)).abs()
+    assert (err <= scale[:, None] / 2 * (1 + 1e-5) + 1e-12).all()
+    assert int(q.abs().max()) == 127  # the largest |w| of each nonzero row uses the full range
+
+
+@pytest.mark.parametrize("group_size", [8, 16, 32])
+def test_int4_error_within_half_a_step_per_group(group_size):
+    w = skewed_weight()
+    packed, scale, zero = quantize_int4(w, group_size)
+    assert packed.dtype == torch.uint8 and packed.shape == (w.shape[0], w.shape[1] // 2)
+    assert scale.shape == zero.shape == (w.shape[0], w.shape[1] // group_size)
+    assert int(zero.max()) <= 15
+    err = (w - dequantize_int4(packed, scale, zero, group_size)).abs()
+    step = scale.repeat_interleave(group_size, dim=1)
+    assert (err <= step / 2 * (1 + 1e-5) + 1e-12).all()
+    assert (dequantize_int4(packed, scale, zero, group_size)[3] == 0).all()  # an all-zero row stays zero
+
+
+def test_int4_asymmetric_beats_the_symmetric_step_on_a_skewed_group():
+    # A group on one side of zero: min/max over [0, max] gives the step a symmetric
+    # grid over [-max, max] would have at best; the error bound halves accordingly.
+    w = torch.rand(4, 16) + 1.0
+    _, scale, _ = quantize_int4(w, 16)
+    symmetric_step = w.abs().amax(dim=1, keepdim=True) / 7
+    assert (scale <= symmetric_step / 2 + 1e-7).all()
+
+
+def test_pack_unpack_round_trip_is_exact():
+    q = torch.randint(0, 16, (5, 3, 64), dtype=torch.uint8)
+    packed = pack_int4(q)
+    assert packed.shape == (5, 3, 32) and packed.dtype == torch.uint8
+    assert torch.equal(unpack_int4(packed), q)
+    assert torch.equal(pack_int4(unpack_int4(packed)), packed)
+    assert int(pack_int4(torch.tensor([3, 12]))[0]) == 3 | (12 << 4)  # low nibble first
+
+
+# ---------------------------------------------------------------- QuantizedLinear
+
+
+@pytest.mark.parametrize("scheme,group_size", [("int8", None), ("int4", 16)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_quantized_linear_equals_linear_with_dequantized_weight(scheme, group_size, bias):
+    linear = nn.Linear(64, 24, bias=bias)
+    with torch.no_grad():
+        linear.weight.copy_(skewed_weight())
+    qlinear = QuantizedLinear.from_linear(linear, scheme, group_size)
+    x = torch.randn(3, 5, 64)
+    expected = F.linear(x.double(), qlinear.dequantize(torch.float64),
+                        None if linear.bias is None else linear.bias.double())
+    torch.testing.assert_close(qlinear(x).double(), expected, rtol=1e-5, atol=1e-4)
+
+
+def test_quantized_linear_follows_the_activation_dtype():
+    qlinear = QuantizedLinear.from_linear(nn.Linear(32, 8), "int4", 16).to(torch.bfloat16)
+    assert qlinear.qweight.dtype == torch.uint8 and qlinear.scale.dtype == torch.bfloat16
+    assert qlinear(torch.randn(2, 32, dtype=torch.bfloat16)).dtype == torch.bfloat16
+
+
+# ---------------------------------------------------------------- whole models
+
+
+@pytest.mark.parametrize("scheme,tol", [("int8", 0.01), ("int4", 0.08)])
+def test_quantized_model_logits_close_to_float(scheme, tol):
+    model = tiny_model()
+    ids = torch.randint(0, 50, (2, 16))
+    with torch.no_grad():
+        ref = model(ids)
+        quantize_(model, scheme, group_size=16)
+        got = model(ids)
+    n_quantized = sum(isinstance(m, QuantizedLinear) for m in model.modules())
+    assert n_quantized == 2 * 7  # q, k, v, o, gate, up, down in each layer
+    assert isinstance(model.embed, nn.Embedding)  # the (tied) embedding stays float
+    # Relative error of the logits: measured ~0.2% (int8) and ~2.5% (int4, g=16) over seeds.
+    assert ((got - ref).norm() / ref.norm()).item() < tol
+    assert (got.argmax(-1) == ref.argmax(-1)).float().mean() > (0.95 if scheme == "int8" else 0.85)
+
+
+def test_untied_head_skipped_by_default_and_quantized_on_request():
+    model = tiny_model(tie_embeddings=False)
+    quantize_(model, "int8")
+    assert isinstance(model.lm_head, nn.Linear)
+    model = tiny_model(tie_embeddings=False)
+    quantize_(model, "int8", skip=())
+    assert isinstance(model.lm_head, QuantizedLinear)
+    model = tiny_model()
+    quantize_(model, "int8", skip=("lm_head", "layers.0.mlp.down_proj"))
+    assert isinstance(model.layers[0].mlp.down_proj, nn.Linear)
+    assert isinstance(model.layers[1].mlp.down_proj, QuantizedLinear)
+
+
+def test_generate_runs_on_a_quantized_model():
+    model = quantize_(tiny_model(), "int4", group_size=16)
+    out = llmstack.generate(model, [1, 2, 3], 10, temperature=0)
+    assert out.shape == (13,)
+
+
+# ---------------------------------------------------------------- errors
+
+
+def test_bad_scheme_and_group_size_are_clear_errors():
+    with pytest.raises(ValueError, match=r"unknown quantization scheme 'int3'; allowed: 'int8', 'int4'"):
+        quantize_(tiny_model(), "int3")
+    model = tiny_model()  # in_features are 32 and 128 (down_proj's hidden width)
+    with pytest.raises(ValueError, match=r"group_size=24 must be an even number that divides in_features=32"):
+        quantize_(model, "int4", group_size=24)
+    assert not any(isinstance(m, QuantizedLinear) for m in model.modules())  # left untouched
+    with pytest.raises(ValueError, match="group_size=7"):
+        quantize_(model, "int4", group_size=7)
+    quantize_(model, "int8")
+    with pytest.raises(ValueError, match="already quantized"):
+        quantize_(model, "int4")
+
+
+# ---------------------------------------------------------------- checkpoints
+
+
+def _metadata(path):
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        return json.loads(f.read(n))["__metadata__"]
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_save_load_round_trip_gives_identical_logits(tmp_path, scheme):
+    model = quantize_(tiny_model(tie_embeddings=False), scheme, group_size=16, skip=())
+    ids = torch.randint(0, 50, (2, 12))
+    with torch.no_grad():
+        before = model(ids)
+    save_quantized(model, tmp_path / "q")
+    meta = _metadata(tmp_path / "q" / "model.safetensors")
+    assert meta["quantization"] == scheme
+    assert meta.get("quantization_group_size") == ("16" if scheme == "int4" else None)
+    assert not any(scheme in p.name for p in (tmp_path / "q").iterdir())  # recorded in metadata, not names
+
+    loaded = llmstack.from_pretrained(tmp_path / "q")
+    assert isinstance(loaded.lm_head, QuantizedLinear) and loaded.lm_head.scheme == scheme
+    for (name, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
+        assert a.dtype == b.dtype and torch.equal(a, b), name
+    with torch.no_grad():
+        assert torch.equal(loaded(ids), before)
+
+
+def test_loading_keeps_the_saved_structure(tmp_path):
+    model = quantize_(tiny_model(), "int4", group_size=16, skip=("lm_head", "o_proj"))
+    save_quantized(model, tmp_path / "q")
+    loaded = load_quantized(tmp_path / "q")
+    assert [type(m).__name__ for m in loaded.modules()] == [type(m).__name__ for m in model.modules()]
+
+
+def test_unknown_scheme_in_metadata_is_a_clear_error(tmp_path):
+    from llmstack.interop import save_pretrained
+
+    save_pretrained(tiny_model(), tmp_path / "bad", metadata={"quantization": "fp3"})
+    with pytest.raises(ValueError, match=r"quantization scheme 'fp3'.*'int8', 'int4'"):
+        llmstack.from_pretrained(tmp_path / "bad")
+
+
+def test_saving_a_float_model_as_quantized_is_an_error(tmp_path):
+    with pytest.raises(ValueError, match="not quantized"):
+        save_quantized(tiny_model(), tmp_path / "f")
+
+
+# ---------------------------------------------------------------- Triton kernel (interpreter on the CPU)
+
+
+def _kernels():
+    quant_matmul = pytest.importorskip("llmstack.kernels.quant_matmul")
+    if not quant_matmul.is_available():
+        pytest.skip("Triton kernels need a GPU or TRITON_INTERPRET=1")
+    return quant_matmul
+
+
+# Ragged M, N and K against the kernels' 16 x 16 x 32 interpreter tiles.
+SHAPES = [(1, 40, 96), (3, 16, 64), (17, 24, 48)]
+
+
+@pytest.mark.parametrize("M,N,K", SHAPES)
+def test_int8_kernel_matches_reference(M, N, K):
+    qm = _kernels()
+    q, scale = quantize_int8(torch.randn(N, K))
+    x = torch.randn(M, K)
+    expected = x.double() @ dequantize_int8(q, scale, torch.float64).T
+    # fp32 with exact (ieee) dots: only the summation order differs.
+    torch.testing.assert_close(qm.int8_matmul(x, q, scale).double(), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("M,N,K,group_size", [(1, 40, 96, 16), (3, 16, 64, 16), (17, 24, 48, 16),
+                                                (1, 40, 96, 48), (17, 24, 48, 48)])
+def test_int4_kernel_matches_reference(M, N, K, group_size):
+    # group_size 48: groups that straddle the 32-wide K tiles.
+    qm = _kernels()
+    packed, scale, zero = quantize_int4(torch.randn(N, K), group_size)
+    x = torch.randn(2, M, K)  # leading batch dims are flattened
+    expected = x.double() @ dequantize_int4(packed, scale, zero, group_size, torch.float64).T
+    torch.testing.assert_close(qm.int4_matmul(x, packed, scale, zero, group_size).double(), expected,
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_kernel_rejects_bad_arguments():
+    qm = _kernels()
+    packed, scale, zero = quantize_int4(torch.randn(8, 32), 16)
+    with pytest.raises(ValueError, match="group_size=12"):
+        qm.int4_matmul(torch.randn(1, 32), packed, scale, zero, 12)
+    with pytest.raises(ValueError, match="x has 16 features"):
+        qm.int4_matmul(torch.randn(1, 16), packed, scale, zero, 16)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+@pytest.mark.parametrize("M", [1, 4, 16])
+def test_kernel_on_gpu_matches_dequantize_then_matmul(dtype, scheme, M):
+    from llmstack.kernels import quant_matmul as qm
+
+    torch.manual_seed(0)
+    N, K, group_size = 1000, 1024, 64
+    w = torch.randn(N, K, device="cuda") * 0.02
+    x = torch.randn(M, K, device="cuda", dtype=dtype)
+    if scheme == "int8":
+        q, scale = quantize_int8(w.to(dtype))
+        got = qm.int8_matmul(x, q, scale)
+        weight = dequantize_int8(q, scale, torch.float32)
+    else:
+        packed, scale, zero = quantize_int4(w.to(dtype), group_size)
+        got = qm.int4_matmul(x, packed, scale, zero, group_size)
+        weight = dequantize_int4(packed, scale, zero, group_size, torch.float32)
+    expected = x.float() @ weight.T
+    # Per-dtype tolerances of the output rounding (fp16 ~1e-3, bf16 ~1e-2 relative) on sums of 1024 terms.
+    tol = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype]
+    torch.testing.assert_close(got.float(), expected, rtol=tol, atol=tol * expected.abs().max().item())
+    # The module takes the kernel for few rows; the result matches its own CPU path.
+    linear = nn.Linear(K, N, bias=True).to("cuda", dtype)
+    qlinear = QuantizedLinear.from_linear(linear, scheme, group_size)
+    ref = F.linear(x.float(), qlinear.dequantize(torch.float32), qlinear.bias.float())
+    torch.testing.assert_close(qlinear(x).float(), ref, rtol=tol, atol=tol * ref.abs().max().item())
