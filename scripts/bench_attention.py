@@ -25,10 +25,11 @@ import csv  # noqa: E402
 import datetime  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
-import platform  # noqa: E402
 import time  # noqa: E402
 
 import torch.nn.functional as F  # noqa: E402
+
+from llmstack.bench import device_name  # noqa: E402
 
 try:
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -280,7 +281,7 @@ def main():
         raise SystemExit("bf16 is wrong under the Triton interpreter; use --dtype fp32 on a CPU")
     device = "cuda" if CUDA else "cpu"
 
-    name = torch.cuda.get_device_name() if CUDA else f"CPU ({platform.processor() or platform.machine()})"
+    name = device_name(device)
     when = datetime.datetime.now().isoformat(timespec="seconds")
     print(f"device: {name}   date: {when}   torch {torch.__version__}   dtype: {str(dtype).split('.')[-1]}")
     if _TRITON_ERROR:

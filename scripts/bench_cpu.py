@@ -9,39 +9,12 @@ that the greedy tokens are identical.
     python scripts/bench_cpu.py --quick    # a fast smoke run
 """
 import argparse
-import platform
-import statistics
-import tempfile
-import time
 
 import torch
 import torch.nn.functional as F
 
 import llmstack
-
-
-def cpu_name() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
-
-
-def time_pair(fn_a, fn_b, warmup: int, iters: int) -> tuple[float, float]:
-    """Median seconds per call of each, measured alternately so that drift in the
-    machine's speed (other processes, frequency) hits both equally."""
-    for _ in range(warmup):
-        fn_a(), fn_b()
-    times_a, times_b = [], []
-    for _ in range(iters):
-        for fn, times in ((fn_a, times_a), (fn_b, times_b)):
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times_a), statistics.median(times_b)
+from llmstack.bench import cpu_name, hf_twin, random_llama, time_pair
 
 
 def train_step_fn(model, batch, forward):
@@ -64,19 +37,11 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--iters", type=int, default=9)
     args = parser.parse_args()
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    hf_cfg = LlamaConfig(vocab_size=4096, hidden_size=384, intermediate_size=1024, num_hidden_layers=6,
-                         num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=512,
-                         tie_word_embeddings=False)
     batch_size, seq = (2, 64) if args.quick else (8, 256)
     new_tokens = 16 if args.quick else args.new_tokens
     iters = 2 if args.quick else args.iters
-    with tempfile.TemporaryDirectory() as tmp:
-        LlamaForCausalLM(hf_cfg).save_pretrained(tmp)
-        ours = llmstack.from_pretrained(tmp)
-        hf = LlamaForCausalLM.from_pretrained(tmp, attn_implementation="sdpa", dtype=torch.float32)
+    ours = random_llama()
+    hf = hf_twin(ours)
     hf.generation_config.pad_token_id = 0
     n_params = ours.num_params()
     print(f"device: {cpu_name()} | torch {torch.__version__} | {torch.get_num_threads()} threads | float32")
