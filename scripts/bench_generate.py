@@ -16,6 +16,10 @@ CPU; bfloat16 on CUDA.
     python scripts/bench_generate.py --quick                  # a fast smoke run
     python scripts/bench_generate.py --checkpoint runs/quickstart
     python scripts/bench_generate.py --batch-sizes 1 4 16 --prompt-lengths 128 --new-tokens 32
+
+On a CPU shared with other busy processes, pass --threads 1: torch's worker threads wait
+on each other at every op, and a descheduled one stalls the rest (decode steps measured
+~100x slower with 2 threads than with 1 on 2 oversubscribed cores).
 """
 import argparse
 import statistics
