@@ -42,6 +42,11 @@ def device_name(device: torch.device | str) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
 
 
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def alternate(fn_a: Callable[[], Any], fn_b: Callable[[], Any], warmup: int, iters: int) -> tuple[list, list]:
     """Call fn_a, fn_b, fn_a, fn_b, ... `iters` times each after `warmup` rounds, and return
     what each returned. Alternating makes drift in the machine's speed (other processes,
@@ -55,13 +60,18 @@ def alternate(fn_a: Callable[[], Any], fn_b: Callable[[], Any], warmup: int, ite
     return results_a, results_b
 
 
-def time_pair(fn_a: Callable[[], Any], fn_b: Callable[[], Any], warmup: int, iters: int) -> tuple[float, float]:
-    """Median seconds per call of each, measured alternately (see `alternate`)."""
+def time_pair(fn_a: Callable[[], Any], fn_b: Callable[[], Any], warmup: int, iters: int, *,
+              device: torch.device | str = "cpu") -> tuple[float, float]:
+    """Median seconds per call of each, measured alternately (see `alternate`). On a CUDA
+    `device` the clock is read only after the queued kernels have finished."""
+    device = torch.device(device)
 
     def timed(fn):
         def run() -> float:
+            _sync(device)
             t0 = time.perf_counter()
             fn()
+            _sync(device)
             return time.perf_counter() - t0
         return run
 
@@ -130,11 +140,6 @@ def _check_request(prompts: torch.Tensor, new_tokens: int, max_seq_len: int) -> 
     if not 1 <= new_tokens <= max_seq_len - prompts.shape[1]:
         raise ValueError(f"new_tokens must be between 1 and the context left after the prompt "
                          f"({max_seq_len} - {prompts.shape[1]}), got {new_tokens}")
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def time_llmstack_generate(model: Transformer, prompts: torch.Tensor, new_tokens: int) -> GenerationTiming:
