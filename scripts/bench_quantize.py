@@ -1,0 +1,141 @@
+"""Weight-only quantization of a checkpoint: size, perplexity and decode speed against float, one run.
+
+For float, int8 (per channel) and int4 (group-wise, several group sizes), each
+model is saved and loaded back through llmstack.from_pretrained, then measured:
+file size on disk, validation perplexity on the same windows for every model
+(the change against float in %), and greedy decode tokens/s (batch 1) timed
+alternately with the float model, medians.
+
+    python scripts/bench_quantize.py --checkpoint runs/quickstart
+    python scripts/bench_quantize.py --checkpoint runs/quickstart --quick    # a fast smoke run
+"""
+import argparse
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+import llmstack
+from llmstack.data import DataError, TokenBatches, prepare_tokens
+from llmstack.eval import evaluate
+from llmstack.inference.quantize import check_group_size, quantize_, save_quantized
+from llmstack.interop import resolve_checkpoint, save_pretrained
+from llmstack.train import load_run_config
+from llmstack.tokenizer import Tokenizer
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def time_pair(fn_a, fn_b, device: torch.device, warmup: int, iters: int) -> tuple[float, float]:
+    """Median seconds per call of each, measured alternately so that drift in the
+    machine's speed (other processes, clocks) hits both equally."""
+    def timed(fn) -> float:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter() - t0
+
+    for _ in range(warmup):
+        fn_a(), fn_b()
+    times_a, times_b = [], []
+    for _ in range(iters):
+        times_a.append(timed(fn_a))
+        times_b.append(timed(fn_b))
+    return statistics.median(times_a), statistics.median(times_b)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", required=True)
+    parser.add_argument("--group-sizes", type=int, nargs="+", default=[32, 64, 128], help="int4 group sizes")
+    parser.add_argument("--batches", type=int, default=16, help="validation batches of 8 windows")
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--iters", type=int, default=7)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--quick", action="store_true", help="fewer batches, tokens and iterations (a smoke run)")
+    args = parser.parse_args()
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if args.device == "auto" else args.device))
+    n_batches, new_tokens, iters = (2, 16, 2) if args.quick else (args.batches, args.new_tokens, args.iters)
+
+    try:
+        ckpt = resolve_checkpoint(args.checkpoint)
+        cfg = load_run_config(ckpt)
+        float_model = llmstack.from_pretrained(ckpt)
+        tok = Tokenizer.load(Path(ckpt) / "tokenizer.json")
+        tokens = prepare_tokens(cfg.data.source, tok, cache_dir=cfg.data.cache_dir,
+                                val_fraction=cfg.data.val_fraction, text_field=cfg.data.text_field)["val"]
+        batches = TokenBatches(tokens, 8, cfg.data.seq_len, name="val", device=device)
+    except (ValueError, FileNotFoundError, DataError) as e:
+        sys.exit(f"error: {e}")
+
+    in_features = sorted({m.in_features for m in float_model.modules() if isinstance(m, torch.nn.Linear)})
+    variants = [("float32", None, None), ("int8", "int8", None)]
+    for g in args.group_sizes:
+        try:
+            for k in in_features:
+                check_group_size(g, k)
+            variants.append((f"int4 g={g}", "int4", g))
+        except ValueError:
+            print(f"skipping int4 g={g}: it does not divide every layer's in_features {in_features}")
+
+    prompt = torch.as_tensor(tokens[:16].astype("int64"))  # the start of the validation split
+    print(f"device: {device_name(device)} ({device.type}) | torch {torch.__version__} | "
+          f"{torch.get_num_threads()} threads | activations float32")
+    print(f"checkpoint: {ckpt} ({float_model.num_params() / 1e6:.2f}M parameters) | perplexity over "
+          f"{n_batches} x 8 windows of {cfg.data.seq_len} tokens | greedy decode: batch 1, 16-token prompt, "
+          f"{new_tokens} new tokens, median of {iters}")
+
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        base = None
+        for label, scheme, group_size in variants:
+            model = llmstack.from_pretrained(ckpt)
+            out = Path(tmp) / label.replace(" ", "_").replace("=", "")
+            if scheme is None:
+                save_pretrained(model, out)
+            else:
+                save_quantized(quantize_(model, scheme, group_size=group_size or 64), out)
+            size = sum(p.stat().st_size for p in out.glob("*.safetensors"))
+            model = llmstack.from_pretrained(out, device=device)  # measure what a user would load
+            ppl = evaluate(model, batches.eval_batches(n_batches))["perplexity"]
+            if base is None:
+                base = model
+                base_ppl = ppl
+            got = {}
+            t_base, t_model = time_pair(
+                lambda: got.__setitem__("base", llmstack.generate(base, prompt, new_tokens, temperature=0)),
+                lambda: got.__setitem__("model", llmstack.generate(model, prompt, new_tokens, temperature=0)),
+                device, 1, iters)
+            same = (got["base"][16:] == got["model"][16:]).float().mean().item()
+            rows.append((label, size, ppl, 100 * (ppl / base_ppl - 1), new_tokens / t_model, new_tokens / t_base,
+                         t_base / t_model, same))
+
+    print(f"\n| {'weights':<10} | {'file MiB':>8} | {'val ppl':>8} | {'ppl change':>10} | {'decode tok/s':>12} | "
+          f"{'float tok/s':>11} | {'speed vs float':>14} | {'greedy = float':>14} |")
+    print(f"|{'-' * 12}|{'-' * 10}|{'-' * 10}|{'-' * 12}|{'-' * 14}|{'-' * 13}|{'-' * 16}|{'-' * 16}|")
+    for label, size, ppl, change, tps, base_tps, ratio, same in rows:
+        print(f"| {label:<10} | {size / 2**20:>8.2f} | {ppl:>8.3f} | {change:>+9.2f}% | {tps:>12.1f} | "
+              f"{base_tps:>11.1f} | {ratio:>13.2f}x | {100 * same:>13.0f}% |")
+    print("\n'greedy = float': share of the greedy tokens equal to the float model's at the same position.")
+
+
+if __name__ == "__main__":
+    main()
