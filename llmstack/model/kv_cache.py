@@ -1,17 +1,18 @@
 """Key/value caches: objects the caller creates and passes into `Transformer.forward`.
 
-The interface every cache implements (the contiguous one here; a rolling one for
-sliding windows and a paged one for serving follow the same shape):
+The interface every cache implements (the contiguous `KVCache`, the `RollingKVCache` for
+sliding windows, and a paged one for serving):
 
-    cache.seq_len                    slots filled so far (the position of the next token)
+    cache.seq_len                    tokens seen so far (the position of the next token)
     cache.update(layer, k, v)        store this step's k, v (B, Hkv, T, D) for one layer and
                                      return the keys/values to attend over, the new ones last
     cache.advance(T)                 after all layers ran: T more slots are filled
     cache.truncate(n)                keep only the first n slots (rejected speculative tokens)
     cache.reset()
 
-Buffers are allocated once, up front, for `max_seq_len` tokens (static shapes:
-what `torch.compile` and CUDA graphs need), never inside `Attention`.
+Buffers are allocated once, up front, for `max_seq_len` tokens (or a window's
+worth), never inside `Attention`: static shapes are what `torch.compile` and CUDA
+graphs need (see `llmstack.inference.compiled`).
 """
 from __future__ import annotations
 
@@ -72,3 +73,94 @@ class KVCache(nn.Module):
     def bytes_per_token(n_layers: int, n_kv_heads: int, head_dim: int, dtype: torch.dtype = torch.bfloat16) -> int:
         """2 (k and v) * layers * kv_heads * head_dim * bytes per element."""
         return 2 * n_layers * n_kv_heads * head_dim * torch.finfo(dtype).bits // 8
+
+
+class RollingKVCache(nn.Module):
+    """A ring buffer for sliding-window models: memory for `window + extra_slots` tokens, however long the text.
+
+    With a sliding window of W, a new token attends to itself and the W - 1 tokens
+    before it, so older keys are never read again. Position p lives in slot
+    p % slots. `update` returns the kept past (at most W - 1 tokens) followed by
+    the new keys, in chronological order, so the attention's bottom-right aligned
+    causal and window masks stay right without knowing about the ring; `seq_len`
+    counts every token seen, so positions (RoPE) keep growing past the window.
+
+    A prompt chunk longer than the ring is attended in full (a transient tensor of
+    kept past + chunk) and only its last slots are stored. `extra_slots` keeps that
+    many older tokens as well, so that `truncate` can roll back that far
+    (speculative decoding); with none it can only drop the newest token.
+
+    The key slots returned are not the absolute positions, so a padding mask
+    (`attn_mask` over all slots) does not apply: batches must have equal lengths.
+    """
+
+    def __init__(self, n_layers: int, batch_size: int, window: int, n_kv_heads: int, head_dim: int, *,
+                 extra_slots: int = 0, dtype: torch.dtype = torch.float32, device: torch.device | str | None = None):
+        super().__init__()
+        if window < 1:
+            raise ValueError(f"window must be >= 1, got {window}")
+        if extra_slots < 0:
+            raise ValueError(f"extra_slots must be >= 0, got {extra_slots}")
+        self.window, self.slots = window, window + extra_slots
+        shape = (n_layers, batch_size, n_kv_heads, self.slots, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self._layers = list(zip(self.k.unbind(0), self.v.unbind(0)))
+        self.seq_len = 0
+
+    @classmethod
+    def for_model(cls, model: nn.Module, batch_size: int, *, extra_slots: int = 0,
+                  dtype: Optional[torch.dtype] = None) -> "RollingKVCache":
+        cfg = model.config
+        if cfg.sliding_window is None:
+            raise ValueError("RollingKVCache needs a sliding-window model (model.sliding_window is null); "
+                             "use KVCache for full attention")
+        param = next(model.parameters())
+        return cls(cfg.n_layers, batch_size, cfg.sliding_window, cfg.n_kv_heads, cfg.head_dim,
+                   extra_slots=extra_slots, dtype=dtype or param.dtype, device=param.device)
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        self._layers = list(zip(self.k.unbind(0), self.v.unbind(0)))
+        return self
+
+    def _slots_of(self, start: int, n: int) -> torch.Tensor:
+        return torch.arange(start, start + n, device=self.k.device) % self.slots
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        T = k.shape[2]
+        past = min(self.seq_len, self.window - 1)  # kept tokens any new query can still see
+        k_all, v_all = self._layers[layer]
+        if past + T <= self.slots:
+            # Decode and short chunks: the new tokens only overwrite slots older than `past`,
+            # so write first and read past + new back in one gather.
+            new = self._slots_of(self.seq_len, T)
+            k_all.index_copy_(2, new, k)
+            v_all.index_copy_(2, new, v)
+            keep = self._slots_of(self.seq_len - past, past + T)
+            return k_all.index_select(2, keep), v_all.index_select(2, keep)
+        # A chunk longer than the ring: read the past before the chunk overwrites it.
+        keep = self._slots_of(self.seq_len - past, past)
+        k_out = torch.cat((k_all.index_select(2, keep), k), dim=2)  # (B, Hkv, past + T, D)
+        v_out = torch.cat((v_all.index_select(2, keep), v), dim=2)
+        n = min(T, self.slots)
+        tail = self._slots_of(self.seq_len + T - n, n)
+        k_all.index_copy_(2, tail, k[:, :, T - n:])
+        v_all.index_copy_(2, tail, v[:, :, T - n:])
+        return k_out, v_out
+
+    def advance(self, n: int) -> None:
+        self.seq_len += n
+
+    def truncate(self, n: int) -> None:
+        """Forget every token from n on. Possible while the window - 1 tokens before n are still in
+        the ring: n >= seq_len - 1 - extra_slots, or anywhere before the ring first wrapped."""
+        oldest_kept = max(0, self.seq_len - self.slots)
+        lowest = oldest_kept + self.window - 1 if oldest_kept else 0
+        if not lowest <= n <= self.seq_len:
+            raise ValueError(f"cannot truncate a rolling cache of {self.seq_len} tokens to {n}: n must be in "
+                             f"[{lowest}, {self.seq_len}] (older tokens left the ring; keep more with extra_slots)")
+        self.seq_len = n
+
+    def reset(self) -> None:
+        self.seq_len = 0

@@ -1,0 +1,176 @@
+"""Decoding with a compiled step: every step has the same shapes, so it compiles once.
+
+`KVCache.update` returns `k[:, :, :end]`, a slice one slot longer at every step:
+under `torch.compile` each new length is a guard failure and a recompile (or a
+slower dynamic-shape graph), and CUDA graphs need fixed shapes and addresses.
+The decode step here follows gpt-fast instead:
+
+  - the new key/value is written at a position given as a *tensor* (`index_copy_`),
+  - attention reads the whole preallocated buffer, with a mask of the slots filled
+    so far (`arange(slots) <= pos`) in place of the slice,
+  - no Python number the model reads changes between steps (each would be a guard).
+
+The prompt is prefilled eagerly into the same buffers, since its length varies by
+request. A sliding-window model decodes into a ring of `window` slots (the
+`RollingKVCache` layout: position p in slot p % window); one query may read its
+keys in any order, so the ring needs no reordering and the mask is the same.
+
+    decoder = CompiledDecoder(model, batch_size=1)
+    ids = decoder.generate(prompt_ids, 100, temperature=0)
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Optional
+
+import torch
+from torch import nn
+
+from llmstack.inference.generate import generate, sample_next, use_decode_layout
+from llmstack.model.kv_cache import KVCache, RollingKVCache
+
+
+class _SlotWriter:
+    """The cache as one compiled step sees it: full buffers and a write slot as a tensor.
+    `seq_len` is 0 and `advance` does nothing, so nothing the model reads changes between
+    steps; the decoder moves the real cache's `seq_len` outside the compiled code."""
+
+    seq_len = 0
+
+    def __init__(self, layers: list[tuple[torch.Tensor, torch.Tensor]], slot: torch.Tensor):
+        self.layers, self.slot = layers, slot
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        k_all, v_all = self.layers[layer]  # (B, Hkv, slots, D)
+        k_all.index_copy_(2, self.slot, k)
+        v_all.index_copy_(2, self.slot, v)
+        return k_all, v_all
+
+    def advance(self, n: int) -> None:
+        pass
+
+
+class CompiledDecoder:
+    """Prefill eagerly, then decode one token per call with a `torch.compile`d step of fixed shapes.
+
+    mode: `torch.compile` mode; default "reduce-overhead" (CUDA graphs) on a GPU, the
+    default mode on the CPU. backend: "inductor", or e.g. "eager"/"aot_eager" to check
+    tracing without code generation. The model is put in eval mode.
+    """
+
+    def __init__(self, model: nn.Module, batch_size: int = 1, max_seq_len: Optional[int] = None, *,
+                 mode: Optional[str] = None, backend: str = "inductor", dtype: Optional[torch.dtype] = None):
+        cfg = model.config
+        max_seq_len = cfg.max_seq_len if max_seq_len is None else max_seq_len
+        if not 1 <= max_seq_len <= cfg.max_seq_len:
+            raise ValueError(f"max_seq_len must be in [1, {cfg.max_seq_len}] (model.max_seq_len), got {max_seq_len}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.model = model.eval()
+        self.device = next(model.parameters()).device
+        if self.device.type == "cpu":
+            use_decode_layout(model)  # before compiling: the graph is specialised to the weights' strides
+        if cfg.sliding_window is not None and cfg.sliding_window < max_seq_len:
+            self.cache = RollingKVCache.for_model(model, batch_size, dtype=dtype)
+        else:
+            self.cache = KVCache.for_model(model, batch_size, max_seq_len, dtype=dtype)
+        self.max_seq_len, self.batch_size = max_seq_len, batch_size
+        self.slots = self.cache.k.shape[3]
+        # The buffers never move: CUDA graphs may bake their addresses in.
+        torch._dynamo.mark_static_address(self.cache.k)
+        torch._dynamo.mark_static_address(self.cache.v)
+        self._layers = self.cache._layers
+        self._slot_ids = torch.arange(self.slots, device=self.device)
+        if mode is None:
+            mode = "reduce-overhead" if self.device.type == "cuda" else "default"
+        self.mode = mode
+        options = {"mode": mode} if backend == "inductor" else {}
+        self._step = torch.compile(self._decode, backend=backend, dynamic=False, **options)
+
+    def _decode(self, tokens: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """tokens (B, 1) at position pos (1,) -> next-token logits (B, vocab)."""
+        B = tokens.shape[0]
+        filled = (self._slot_ids <= pos).expand(B, self.slots)  # (B, slots); all True once the ring is full
+        cache = _SlotWriter(self._layers, pos % self.slots)
+        return self.model(tokens, positions=pos, cache=cache, attn_mask=filled)[:, -1]
+
+    @torch.no_grad()
+    def prefill(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Start a new sequence: run the prompt (B, T) eagerly into the cache; logits (B, vocab) of its last token."""
+        B, T = input_ids.shape
+        if B != self.batch_size:
+            raise ValueError(f"input_ids has batch size {B}, the decoder was built for batch_size={self.batch_size}")
+        if not 1 <= T <= self.max_seq_len:
+            raise ValueError(f"the prompt has {T} tokens; it must have between 1 and max_seq_len={self.max_seq_len}")
+        self.cache.reset()
+        return self.model(input_ids, cache=self.cache)[:, -1]
+
+    @torch.no_grad()
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Append one token per row (B,) and return the next-token logits (B, vocab)."""
+        pos = self.cache.seq_len
+        if pos == 0:
+            raise ValueError("call prefill(prompt) before step()")
+        if pos >= self.max_seq_len:
+            raise ValueError(f"the sequence is full: max_seq_len={self.max_seq_len} tokens")
+        if self.mode == "reduce-overhead":
+            torch.compiler.cudagraph_mark_step_begin()
+        logits = self._step(tokens.reshape(self.batch_size, 1), torch.tensor([pos], device=self.device))
+        self.cache.advance(1)
+        return logits.clone()  # a CUDA graph overwrites its output on the next replay
+
+    def generate(self, input_ids, max_new_tokens: int, *, temperature: float = 1.0, top_k: Optional[int] = None,
+                 top_p: Optional[float] = None, seed: Optional[int] = None) -> torch.Tensor:
+        """Prompt + continuation, like `llmstack.generate` (a (T,) prompt or a (B, T) batch of equal lengths);
+        max_new_tokens is capped by max_seq_len."""
+        ids = torch.as_tensor(input_ids, dtype=torch.long, device=self.device)
+        batch = ids if ids.dim() == 2 else ids[None]
+        max_new_tokens = max(0, min(max_new_tokens, self.max_seq_len - batch.shape[1]))
+        generator = torch.Generator(device=self.device).manual_seed(seed) if seed is not None else None
+        new = []
+        logits = self.prefill(batch)
+        for i in range(max_new_tokens):
+            nxt = sample_next(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
+            new.append(nxt[:, None])
+            if i + 1 < max_new_tokens:
+                logits = self.step(nxt)
+        out = torch.cat([batch, *new], dim=1)
+        return out[0] if ids.dim() == 1 else out
+
+
+def benchmark_decode(model: nn.Module, *, prompt_len: int = 16, new_tokens: int = 128, iters: int = 5,
+                     mode: Optional[str] = None, seed: int = 0) -> dict:
+    """Greedy decode throughput, batch 1: `llmstack.generate` (eager, growing KVCache slices)
+    against `CompiledDecoder`, timed alternately (medians) after one warm-up each.
+
+    Returns tokens/s of both, their ratio, the seconds the first compiled run took
+    (compilation included) and whether the two produced the same tokens."""
+    if prompt_len + new_tokens > model.config.max_seq_len:
+        raise ValueError(f"prompt_len + new_tokens = {prompt_len + new_tokens} exceeds "
+                         f"model.max_seq_len={model.config.max_seq_len}")
+    g = torch.Generator().manual_seed(seed)
+    device = next(model.parameters()).device
+    prompt = torch.randint(0, model.config.vocab_size, (1, prompt_len), generator=g).to(device)
+    decoder = CompiledDecoder(model, 1, prompt_len + new_tokens, mode=mode)
+    runs = {"eager": lambda: generate(model, prompt, new_tokens, temperature=0),
+            "compiled": lambda: decoder.generate(prompt, new_tokens, temperature=0)}
+
+    def timed(fn):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        out = fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - t0, out
+
+    compile_s, compiled_out = timed(runs["compiled"])
+    _, eager_out = timed(runs["eager"])
+    times = {"eager": [], "compiled": []}
+    for _ in range(iters):
+        for name, fn in runs.items():
+            times[name].append(timed(fn)[0])
+    eager, compiled = (new_tokens / statistics.median(times[n]) for n in ("eager", "compiled"))
+    return {"eager_tokens_per_s": eager, "compiled_tokens_per_s": compiled, "speedup": compiled / eager,
+            "first_compiled_run_s": compile_s, "same_tokens": torch.equal(eager_out, compiled_out)}
