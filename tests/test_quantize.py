@@ -187,6 +187,14 @@ def test_loading_keeps_the_saved_structure(tmp_path):
     assert [type(m).__name__ for m in loaded.modules()] == [type(m).__name__ for m in model.modules()]
 
 
+def test_load_in_another_dtype_converts_scales_not_codes(tmp_path):
+    save_quantized(quantize_(tiny_model(), "int4", group_size=16), tmp_path / "q")
+    model = llmstack.from_pretrained(tmp_path / "q", dtype=torch.bfloat16)
+    layer = model.layers[0].attn.q_proj
+    assert layer.qweight.dtype == layer.zero.dtype == torch.uint8 and layer.scale.dtype == torch.bfloat16
+    assert model(torch.randint(0, 50, (1, 8))).dtype == torch.bfloat16
+
+
 def test_unknown_scheme_in_metadata_is_a_clear_error(tmp_path):
     from llmstack.interop import save_pretrained
 

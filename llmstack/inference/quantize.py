@@ -78,7 +78,7 @@ def check_group_size(group_size: int, in_features: int, name: str = "weight") ->
 def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(qweight int8 (out, in), scale (out,) in weight's dtype): symmetric, per output channel."""
     w = weight.detach().float()
-    scale = w.abs().amax(dim=1) / _INT8_MAX  # (out,)
+    scale = (w.abs().amax(dim=1) / _INT8_MAX).to(weight.dtype).float()  # (out,), rounded as it will be stored
     q = torch.round(w / scale.clamp_min(torch.finfo(torch.float32).tiny)[:, None]).clamp_(-_INT8_MAX, _INT8_MAX)
     return q.to(torch.int8), scale.to(weight.dtype)
 
@@ -121,8 +121,8 @@ def dequantize_int4(qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tens
                     dtype: Optional[torch.dtype] = None) -> torch.Tensor:
     """(out, in) float weight, computed in float32 and rounded to `dtype` (default: scale's)."""
     out_features = qweight.shape[0]
-    q = unpack_int4(qweight).reshape(out_features, -1, group_size).float()  # (out, groups, G)
-    w = (q - zero.float()[..., None]) * scale.float()[..., None]
+    w = unpack_int4(qweight).reshape(out_features, -1, group_size).float()  # (out, groups, G)
+    w.sub_(zero.float()[..., None]).mul_(scale.float()[..., None])  # in place: one float copy of W, not three
     return w.reshape(out_features, -1).to(dtype or scale.dtype)
 
 
