@@ -6,7 +6,7 @@ trained length; prints the mean loss in bins of positions and draws loss vs
 position (a PNG, one line per method, the trained length marked).
 
     python scripts/long_context.py --checkpoint runs/quickstart
-    python scripts/long_context.py --checkpoint runs/short-ctx --factor 4 --windows 64 --out long_context.png
+    python scripts/long_context.py --checkpoint runs/short-ctx --factor 4 --windows 256 --out long_context.png
 """
 import argparse
 import copy
