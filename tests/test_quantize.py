@@ -90,10 +90,15 @@ def test_quantized_linear_equals_linear_with_dequantized_weight(scheme, group_si
     torch.testing.assert_close(qlinear(x).double(), expected, rtol=1e-5, atol=1e-4)
 
 
-def test_quantized_linear_follows_the_activation_dtype():
-    qlinear = QuantizedLinear.from_linear(nn.Linear(32, 8), "int4", 16).to(torch.bfloat16)
-    assert qlinear.qweight.dtype == torch.uint8 and qlinear.scale.dtype == torch.bfloat16
-    assert qlinear(torch.randn(2, 32, dtype=torch.bfloat16)).dtype == torch.bfloat16
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_quantized_linear_follows_the_activation_dtype(scheme):
+    qlinear = QuantizedLinear.from_linear(nn.Linear(32, 8), scheme, 16).to(torch.bfloat16)
+    assert qlinear.qweight.dtype in (torch.int8, torch.uint8) and qlinear.scale.dtype == torch.bfloat16
+    x = torch.randn(2, 3, 32, dtype=torch.bfloat16)
+    y = qlinear(x)
+    assert y.dtype == torch.bfloat16 and y.shape == (2, 3, 8)
+    expected = F.linear(x.double(), qlinear.dequantize(torch.float64), qlinear.bias.double())
+    torch.testing.assert_close(y.double(), expected, rtol=1.6e-2, atol=1e-2)  # bf16 output rounding
 
 
 # ---------------------------------------------------------------- whole models

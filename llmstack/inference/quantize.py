@@ -39,6 +39,7 @@ quantize an untied head too.
 """
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 from typing import Optional, Sequence
@@ -52,6 +53,10 @@ DEFAULT_SKIP = ("lm_head", "router")
 # The fused kernel serves calls with at most this many rows of x (decoding); bigger
 # calls (prefill) are compute-bound and go to dequantize + cuBLAS instead.
 KERNEL_MAX_ROWS = 16
+
+# A private aten op (used by gpt-fast on the CPU); checked at import so that a torch
+# without it falls back to dequantize + matmul.
+_HAS_INT8PACK_MM = hasattr(torch, "_weight_int8pack_mm")
 
 _INT8_MAX = 127
 _INT4_LEVELS = 15
@@ -185,6 +190,13 @@ class QuantizedLinear(nn.Module):
                 y = quant_matmul.int8_matmul(x, self.qweight, self.scale)
             else:
                 y = quant_matmul.int4_matmul(x, self.qweight, self.scale, self.zero, self.group_size)
+        elif self.scheme == "int8" and x.device.type == "cpu" and _HAS_INT8PACK_MM:
+            # PyTorch's fused CPU kernel for exactly this layout (int8 rows, one scale each):
+            # no float copy of the weight per call, the copy that made decoding several
+            # times slower than float in scripts/bench_quantize.py.
+            x2 = x.reshape(-1, self.in_features).contiguous()
+            y = torch._weight_int8pack_mm(x2, self.qweight, self.scale.to(x.dtype))
+            y = y.reshape(*x.shape[:-1], self.out_features)
         elif self.scheme == "int8" and x.dtype != torch.float16:
             # Scale the outputs, not the weight: (x @ q^T) * scale is the same product with
             # one multiply per output instead of one per weight. Not in float16, where
@@ -200,6 +212,7 @@ class QuantizedLinear(nn.Module):
                 f"bias={self.bias is not None}")
 
 
+@functools.lru_cache(maxsize=None)
 def _kernel_available() -> bool:
     try:
         from llmstack.kernels import quant_matmul
