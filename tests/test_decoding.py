@@ -75,3 +75,248 @@ def test_sampled_frequencies_match_truncated_distribution():
     freq = torch.bincount(draws, minlength=4).float() / len(draws)
     sq = probs**2 / (probs**2).sum()
     assert torch.all((freq - sq).abs() <= 5 * (sq * (1 - sq) / 20000).sqrt())
+
+
+# ---------------------------------------------------------------- sampling strategies
+
+from llmstack.inference.generate import StopText, generate_text  # noqa: E402
+from llmstack.inference.sampling import (SamplingParams, TokenHistory, apply_penalties,  # noqa: E402
+                                         process_logits, sample)
+
+
+def kept(logits: torch.Tensor) -> torch.Tensor:
+    return torch.isfinite(logits)
+
+
+def test_nucleus_is_the_smallest_set_reaching_p():
+    g = torch.Generator().manual_seed(0)
+    for top_p in (0.3, 0.6, 0.9, 0.99):
+        logits = torch.randn(64, 40, generator=g) * 2
+        probs = logits.softmax(-1)
+        keep = kept(process_logits(logits, SamplingParams(top_p=top_p)))
+        for row in range(64):
+            p, k = probs[row], keep[row]
+            assert p[k].min() >= p[~k].max() if (~k).any() else True  # the most likely tokens
+            assert p[k].sum() >= top_p - 1e-6  # reaches p
+            assert p[k].sum() - p[k].min() < top_p  # one token fewer does not
+
+
+def test_min_p_keeps_exactly_tokens_above_the_scaled_maximum():
+    logits = torch.randn(32, 50) * 3
+    for temperature, min_p in ((1.0, 0.05), (0.7, 0.2), (1.5, 0.5)):
+        probs = (logits / temperature).softmax(-1)
+        expected = probs >= min_p * probs.max(-1, keepdim=True).values
+        got = kept(process_logits(logits, SamplingParams(temperature=temperature, min_p=min_p)))
+        assert torch.equal(got, expected)
+        assert got.sum(-1).min() >= 1 and (~got).any()
+
+
+def test_truncations_match_transformers_warpers():
+    transformers = pytest.importorskip("transformers")
+    from transformers.generation import logits_process as lp
+
+    logits = torch.randn(16, 60) * 2
+    params = SamplingParams(temperature=0.8, top_k=30, top_p=0.9, min_p=0.05)
+    ref = logits
+    for warper in (lp.TemperatureLogitsWarper(0.8), lp.TopKLogitsWarper(30), lp.TopPLogitsWarper(0.9),
+                   lp.MinPLogitsWarper(0.05)):
+        ref = warper(None, ref)
+    assert torch.equal(kept(process_logits(logits, params)), kept(ref))
+
+
+def truncated_reference(probs: list[float], temperature: float, top_k: int, top_p: float, min_p: float):
+    """The distribution to sample from, computed step by step in plain Python; also how many
+    tokens each step removed."""
+    p = [x ** (1 / temperature) for x in probs]
+    p = [x / sum(p) for x in p]
+    order = sorted(range(len(p)), key=lambda i: -p[i])
+    keep = order[:top_k]
+    removed = [len(p) - len(keep)]
+    mass, nucleus = sum(p[i] for i in keep), []
+    for i in keep:  # smallest prefix of the renormalised top-k whose mass reaches top_p
+        nucleus.append(i)
+        if sum(p[j] for j in nucleus) / mass >= top_p:
+            break
+    removed.append(len(keep) - len(nucleus))
+    pmax = max(p[i] for i in nucleus)
+    final = [i for i in nucleus if p[i] >= min_p * pmax]
+    removed.append(len(nucleus) - len(final))
+    out = [0.0] * len(p)
+    for i in final:
+        out[i] = p[i] / sum(p[j] for j in final)
+    return torch.tensor(out), removed
+
+
+def test_sampled_frequencies_match_the_truncated_renormalised_distribution():
+    probs = [0.3, 0.2, 0.15, 0.12, 0.1, 0.07, 0.04, 0.02]
+    params = SamplingParams(temperature=0.8, top_k=6, top_p=0.9, min_p=0.3)
+    expected, removed = truncated_reference(probs, 0.8, 6, 0.9, 0.3)
+    assert all(r >= 1 for r in removed)  # every truncation matters in this case
+    n = 40000
+    logits = torch.tensor(probs).log()[None].expand(n, -1)
+    draws = sample(logits, params, generator=torch.Generator().manual_seed(3))
+    freq = torch.bincount(draws, minlength=len(probs)).float() / n
+    # 5 standard errors of a binomial proportion; tokens removed must never be drawn.
+    assert torch.all((freq - expected).abs() <= 5 * (expected * (1 - expected) / n).sqrt())
+    assert torch.all(freq[expected == 0] == 0)
+
+
+def penalties_reference(logits, prompt, generated, rep, freq, pres):
+    out = logits.clone().double()
+    for t in set(prompt) | set(generated):
+        out[t] = out[t] / rep if out[t] > 0 else out[t] * rep
+    for t in set(generated):
+        out[t] -= freq * generated.count(t) + pres
+    return out
+
+
+def test_penalties_match_their_definitions():
+    logits = torch.tensor([[2.0, -1.0, 0.5, -3.0, 1.0, 0.0],
+                           [-0.5, 1.5, 3.0, -2.0, 0.2, 0.1]])
+    prompts, generated = [[0, 1], [5]], [[2, 2, 3], [1, 1, 1, 4]]
+    history = TokenHistory(prompts, 6)
+    for step in range(4):
+        history.append(torch.tensor([g[step] if step < len(g) else g[-1] for g in generated]))
+    generated[0].append(generated[0][-1])  # the padding step above appended row 0's last token again
+    params = SamplingParams(repetition_penalty=1.3, frequency_penalty=0.4, presence_penalty=0.25)
+    got = apply_penalties(logits, history, params)
+    for row in range(2):
+        ref = penalties_reference(logits[row], prompts[row], generated[row], 1.3, 0.4, 0.25)
+        assert torch.allclose(got[row].double(), ref, atol=1e-6)
+    # Temperature 0 takes the argmax after the penalties: row 0's favourite (token 0) loses to 4.
+    greedy = SamplingParams(temperature=0, repetition_penalty=3.0)
+    assert logits[0].argmax() == 0 and sample(logits, greedy, history=TokenHistory(prompts, 6))[0] == 4
+
+
+def test_generation_with_penalties_equals_a_plain_loop(model):
+    prompt = [5, 6, 7, 5]
+    kw = dict(repetition_penalty=1.5, frequency_penalty=0.3, presence_penalty=0.2)
+    out = generate(model, prompt, 12, temperature=0, **kw)
+    x = prompt[:]
+    with torch.no_grad():
+        for _ in range(12):
+            logits = model(torch.tensor([x]))[0, -1]
+            ref = penalties_reference(logits, prompt, x[len(prompt):], 1.5, 0.3, 0.2)
+            x.append(int(ref.argmax()))
+    assert out.tolist() == x
+    assert out.tolist() != generate(model, prompt, 12, temperature=0).tolist()  # the penalties acted
+
+
+# ---------------------------------------------------------------- batches, stops, callbacks
+
+PROMPTS = [[1, 2, 3], [4, 5, 6, 7, 8, 9, 10], [11], [12, 13]]
+
+
+def test_unequal_prompts_equal_their_single_runs_greedy(model):
+    out = generate(model, PROMPTS, 10, temperature=0)
+    assert [len(o) for o in out] == [len(p) + 10 for p in PROMPTS]
+    for prompt, row in zip(PROMPTS, out):
+        assert torch.equal(row, generate(model, prompt, 10, temperature=0))
+
+
+def test_unequal_prompts_equal_their_single_runs_seeded(model):
+    kw = dict(temperature=0.9, top_k=20, top_p=0.95, min_p=0.02, repetition_penalty=1.2)
+    seeds = [11, 12, 13, 14]
+    out = generate(model, PROMPTS, 10, seed=seeds, **kw)
+    streamed = torch.stack(list(stream_generate(model, PROMPTS, 10, seed=seeds, **kw)), dim=1)
+    for i, (prompt, row, seed) in enumerate(zip(PROMPTS, out, seeds)):
+        assert torch.equal(row, generate(model, prompt, 10, seed=seed, **kw))
+        assert torch.equal(row[len(prompt):], streamed[i])
+    assert len({tuple(r[-10:].tolist()) for r in out}) == len(PROMPTS)
+
+
+def test_each_row_stops_at_its_own_limit_and_stop_token(model):
+    long = [i % 50 for i in range(58)]
+    first = generate(model, PROMPTS[0], 1, temperature=0)[-1].item()
+    out = generate(model, [long, PROMPTS[0], PROMPTS[1]], 20, temperature=0, stop_tokens=[first])
+    assert len(out[0]) == 64  # the context, like a single run
+    assert torch.equal(out[0], generate(model, long, 20, temperature=0, stop_tokens=[first]))
+    assert out[1].tolist() == PROMPTS[0] + [first]
+    assert torch.equal(out[2], generate(model, PROMPTS[1], 20, temperature=0, stop_tokens=[first]))
+
+
+LETTERS = "abcdefghijklmnopqrstuvwxyz"
+
+
+def letters(ids) -> str:
+    """A toy detokenizer: token t is two characters, so stop strings can end mid-token."""
+    return "".join(LETTERS[t % 26] + LETTERS[(t * 7) % 26] for t in ids)
+
+
+def test_stop_strings_cut_the_text(model):
+    free = generate(model, [1, 2, 3], 20, temperature=0)[3:].tolist()
+    text = letters(free)
+    stop = text[9:12]  # starts inside token 4 (0-based), ends inside token 5
+    start = text.find(stop)
+    n_tokens = (start + len(stop) + 1) // 2  # tokens needed for the decoded text to contain it
+    out = generate(model, [1, 2, 3], 20, temperature=0, stop_strings=[stop], decode=letters)
+    assert out[3:].tolist() == free[:n_tokens]
+
+    class Toy:  # a tokenizer: encode/decode, no EOS
+        encode = staticmethod(lambda s: [LETTERS.index(c) for c in s])
+        decode = staticmethod(letters)
+
+    assert generate_text(model, Toy, "bcd", 20, temperature=0, stop_strings=["zzz", stop]) == text[:start]
+    # In a batch, each row is cut at its own stop.
+    rows = generate_text(model, Toy, ["bcd", "efghij"], 20, temperature=0, stop_strings=[stop])
+    assert rows[0] == text[:start]
+    alone = generate_text(model, Toy, "efghij", 20, temperature=0, stop_strings=[stop])
+    assert rows[1] == alone
+
+
+def test_streamed_text_never_shows_a_stop_string():
+    stop = "cdc"
+    watcher, shown = StopText([stop], lambda ids: "".join(LETTERS[t] for t in ids)), []
+    for t in [0, 1, 2, 3, 2, 1, 2, 3, 2, 4]:  # a b c d c b c d c e: stops at the first "cdc"
+        shown.append(watcher.push(t))
+        assert stop not in "".join(shown)
+        if watcher.stopped:
+            break
+    shown.append(watcher.flush())
+    assert watcher.stopped and "".join(shown) == watcher.text == "ab"
+    # Without a stop, everything held back comes out at the end.
+    watcher = StopText(["xyz"], lambda ids: "".join(LETTERS[t] for t in ids))
+    shown = [watcher.push(t) for t in [0, 23, 24]]
+    assert shown == ["a", "", ""] and watcher.flush() == "xy" and not watcher.stopped
+
+
+def test_on_token_sees_what_the_stream_yields(model):
+    seen = []
+    out = generate(model, [1, 2, 3], 8, temperature=0.8, seed=2, on_token=seen.append)
+    assert seen == out[3:].tolist() == list(stream_generate(model, [1, 2, 3], 8, temperature=0.8, seed=2))
+
+
+# ---------------------------------------------------------------- bad input
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(temperature=-0.5), r"temperature must be a finite number >= 0 \(0 = greedy\), got -0.5"),
+    (dict(top_p=0.0), r"top_p must be in \(0, 1\], got 0.0"),
+    (dict(top_p=1.5), r"top_p must be in \(0, 1\], got 1.5"),
+    (dict(min_p=-0.1), r"min_p must be in \[0, 1\], got -0.1"),
+    (dict(min_p=2.0), r"min_p must be in \[0, 1\], got 2.0"),
+    (dict(top_k=0), r"top_k must be an integer in \[1, 50\], got 0"),
+    (dict(top_k=51), r"top_k must be an integer in \[1, 50\], got 51"),
+    (dict(repetition_penalty=0.0), r"repetition_penalty must be a finite number > 0 \(1 = off\), got 0.0"),
+    (dict(frequency_penalty=float("nan")), r"frequency_penalty must be a finite number"),
+    (dict(presence_penalty=float("inf")), r"presence_penalty must be a finite number"),
+])
+def test_bad_sampling_values_are_named(model, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        SamplingParams(**kwargs).validate(50)
+    with pytest.raises(ValueError, match=message):
+        generate(model, [1, 2], 3, **kwargs)
+
+
+def test_bad_generation_arguments_are_named(model):
+    with pytest.raises(ValueError, match="max_new_tokens must be an integer >= 0, got -1"):
+        generate(model, [1, 2], -1)
+    with pytest.raises(ValueError, match="prompt 1 is empty"):
+        generate(model, [[1, 2], []], 3)
+    with pytest.raises(ValueError, match="seed: got 2 seeds for 3 prompts"):
+        generate(model, [[1], [2], [3]], 3, seed=[1, 2])
+    with pytest.raises(ValueError, match="stop_strings need a decode function"):
+        generate(model, [1, 2], 3, stop_strings=["x"])
+    with pytest.raises(ValueError, match="stop_strings must be non-empty strings"):
+        generate(model, [1, 2], 3, stop_strings=[""], decode=letters)
+    with pytest.raises(ValueError, match="top_k must be an integer in"):
+        sample_next(torch.zeros(1, 5), top_k=6)

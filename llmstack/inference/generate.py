@@ -1,31 +1,19 @@
-"""Autoregressive generation: prefill the prompt into a KV cache, then one token per step."""
+"""Autoregressive generation: prefill the prompt into a KV cache, then one token per step.
+
+Prompts of different lengths run as one batch: they are left-padded, a key mask
+hides the padding from attention, and each row gets its own positions (starting
+at 0), so a row produces exactly what it would produce alone.
+"""
 from __future__ import annotations
 
-from typing import Iterator, Optional, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 
 import torch
 
+from llmstack.inference.sampling import SamplingParams, TokenHistory, sample, sample_next  # noqa: F401
 from llmstack.model import KVCache
 
-
-def sample_next(logits: torch.Tensor, *, temperature: float = 1.0, top_k: Optional[int] = None,
-                top_p: Optional[float] = None, generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    """Pick the next token (B,) from logits (B, V). Temperature 0 is greedy (argmax)."""
-    if temperature == 0.0:
-        return logits.argmax(dim=-1)
-    logits = logits.float() / temperature
-    if top_k is not None and top_k < logits.shape[-1]:
-        kth = logits.topk(top_k, dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None and top_p < 1.0:
-        # Keep the smallest set of most likely tokens whose probability reaches top_p.
-        sorted_logits, order = logits.sort(dim=-1, descending=True)
-        cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
-        drop_sorted = (cum - sorted_logits.softmax(dim=-1)) >= top_p  # mass before this token already reaches p
-        drop = drop_sorted.scatter(-1, order, drop_sorted)
-        logits = logits.masked_fill(drop, float("-inf"))
-    probs = logits.softmax(dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+Decode = Callable[[list[int]], str]
 
 
 def use_decode_layout(model: torch.nn.Module) -> None:
@@ -46,60 +34,251 @@ def use_decode_layout(model: torch.nn.Module) -> None:
                     w.data = w.data.t().contiguous().t()
 
 
-def stream_generate(model: torch.nn.Module, input_ids, max_new_tokens: int, *, temperature: float = 1.0,
-                    top_k: Optional[int] = None, top_p: Optional[float] = None, seed: Optional[int] = None,
-                    stop_tokens: Sequence[int] = ()) -> Iterator:
-    """Yield new tokens as they are produced: ints for a 1-D prompt, (B,) tensors for a
-    (B, T) batch of equal-length prompts. Stops after `max_new_tokens` (capped by the
-    model's context) or once every row has produced one of `stop_tokens`."""
-    device = next(model.parameters()).device
-    if device.type == "cpu":
-        use_decode_layout(model)
-    ids = torch.as_tensor(input_ids, dtype=torch.long, device=device)
-    single = ids.dim() == 1
-    if single:
-        ids = ids[None]
-    B, T = ids.shape
-    if T and (int(ids.max()) >= model.config.vocab_size or int(ids.min()) < 0):
-        bad = int(ids.max()) if int(ids.max()) >= model.config.vocab_size else int(ids.min())
-        raise ValueError(f"token id {bad} is outside the vocabulary (model.vocab_size={model.config.vocab_size})")
-    max_new_tokens = max(0, min(max_new_tokens, model.config.max_seq_len - T))
-    if max_new_tokens == 0:
+class StopText:
+    """One row's decoded continuation, watched for stop strings.
+
+    `push` returns only text that is final: text that cannot yet turn out to be
+    the start of a stop string, nor an incomplete UTF-8 character (which decodes
+    as U+FFFD until its last byte arrives), so it can be streamed to a user.
+    The continuation is decoded whole each time, so a tokenizer's merges across
+    token boundaries come out right.
+    """
+
+    def __init__(self, stop_strings: Sequence[str], decode: Decode):
+        self.stop_strings = tuple(stop_strings)
+        self.decode = decode
+        self.tokens: list[int] = []
+        self.text = ""  # the continuation so far; once stopped, cut before the stop string
+        self.stopped = False
+        self._shown = 0
+
+    def push(self, token: int) -> str:
+        self.tokens.append(token)
+        text = self.decode(self.tokens)
+        if any(s in text for s in self.stop_strings):
+            self.stopped, self.text = True, cut_at_stop(text, self.stop_strings)
+            return self._show(len(self.text))
+        self.text = text
+        held = len(text) - len(text.rstrip("\ufffd"))
+        for s in self.stop_strings:
+            held = max(held, next((k for k in range(min(len(s) - 1, len(text)), 0, -1) if text.endswith(s[:k])), 0))
+        return self._show(len(text) - held)
+
+    def flush(self) -> str:
+        """The text held back so far (call once generation has ended)."""
+        return self._show(len(self.text))
+
+    def _show(self, end: int) -> str:
+        new = self.text[self._shown:end] if end > self._shown else ""
+        self._shown = max(self._shown, end)
+        return new
+
+
+def cut_at_stop(text: str, stop_strings: Sequence[str]) -> str:
+    """`text` cut before the earliest occurrence of any stop string (whole if none occurs)."""
+    hits = [i for i in (text.find(s) for s in stop_strings) if i >= 0]
+    return text[:min(hits)] if hits else text
+
+
+def _prompt_rows(input_ids, device) -> tuple[list[torch.Tensor], str]:
+    """Prompts as 1-D tensors, and the input's kind: 'single' (one prompt), 'batch' (a (B, T)
+    tensor) or 'list' (a list of prompts, of any lengths)."""
+    if isinstance(input_ids, torch.Tensor):
+        ids = input_ids.to(device=device, dtype=torch.long)
+        if ids.dim() not in (1, 2):
+            raise ValueError(f"input_ids must be (T,) or (B, T), got shape {tuple(ids.shape)}")
+        return ([ids] if ids.dim() == 1 else list(ids.unbind(0))), ("single" if ids.dim() == 1 else "batch")
+    items = list(input_ids)
+    if not items or torch.as_tensor(items[0]).dim() == 0:
+        return [torch.as_tensor(items, dtype=torch.long, device=device)], "single"
+    rows = [torch.as_tensor(row, dtype=torch.long, device=device) for row in items]
+    if any(row.dim() != 1 for row in rows):
+        raise ValueError("input_ids must be a list of ints, a list of token lists, a (T,) or a (B, T) tensor")
+    return rows, "list"
+
+
+def _check_prompts(rows: list[torch.Tensor], vocab_size: int) -> None:
+    for i, row in enumerate(rows):
+        if len(row) == 0:
+            raise ValueError(f"prompt {i} is empty; give at least one token (e.g. the tokenizer's EOS id)")
+        bad = row[(row < 0) | (row >= vocab_size)]
+        if len(bad):
+            raise ValueError(f"token id {int(bad[0])} is outside the vocabulary (model.vocab_size={vocab_size})")
+
+
+def _generators(seed, n_rows: int, device) -> Optional[torch.Generator | list[torch.Generator]]:
+    """An int seeds one generator shared by the batch; a sequence gives each row its own."""
+    if seed is None:
+        return None
+    if isinstance(seed, int):
+        return SamplingParams(seed=seed).validate().make_generator(device)
+    seeds = list(seed)
+    if len(seeds) != n_rows:
+        raise ValueError(f"seed: got {len(seeds)} seeds for {n_rows} prompts (give one int, or one per prompt)")
+    return [SamplingParams(seed=s).validate().make_generator(device) for s in seeds]
+
+
+def _decode_steps(model: torch.nn.Module, rows: list[torch.Tensor], max_new_tokens: int, params: SamplingParams,
+                  generator, stop_tokens: Sequence[int], watchers: Optional[list[StopText]]
+                  ) -> Iterator[tuple[torch.Tensor, Optional[torch.Tensor]]]:
+    """Yield (tokens (B,), live (B,) bool or None): each step's tokens and which rows they belong
+    to, i.e. rows that had not finished before it (None: all rows). A row finishes at a stop
+    token, at a stop string, or at its own context limit; the loop ends once all have."""
+    device = rows[0].device
+    cfg = model.config
+    B = len(rows)
+    lengths = torch.tensor([len(r) for r in rows], device=device)  # (B,)
+    T = int(lengths.max())
+    # Each row stops where its own single-prompt run would: at the model's context.
+    limits = (cfg.max_seq_len - lengths).clamp(min=0).clamp(max=max_new_tokens)  # (B,)
+    steps = int(limits.max())
+    if steps == 0:
         return
-    generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
-    cache = KVCache.for_model(model, B, T + max_new_tokens)
+    ragged = bool((lengths != T).any())
+    track = ragged or bool((limits != steps).any()) or len(stop_tokens) > 0 or watchers is not None
+    if ragged:
+        pad = T - lengths  # (B,) left padding of each row
+        ids = torch.stack([torch.cat([r.new_zeros(T - len(r)), r]) for r in rows])  # (B, T)
+        slots = torch.arange(T + steps, device=device)
+        key_mask = slots[None, :] >= pad[:, None]  # (B, T + steps): padded slots are False
+        positions = (torch.arange(T, device=device)[None, :] - pad[:, None]).clamp(min=0)  # (B, T)
+    else:
+        ids, key_mask, positions = torch.stack(rows), None, None
+    history = TokenHistory(rows, cfg.vocab_size, device) if params.has_penalties else None
     stop = torch.tensor(list(stop_tokens), dtype=torch.long, device=device)
-    finished = torch.zeros(B, dtype=torch.bool, device=device)
+    live = limits > 0
+    cache = KVCache.for_model(model, B, T + steps)
     was_training = model.training
     model.eval()
     try:
         with torch.inference_mode():
-            logits = model(ids, cache=cache)[:, -1]
-            for i in range(max_new_tokens):
-                nxt = sample_next(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
-                yield int(nxt[0]) if single else nxt
-                if len(stop):
-                    finished |= torch.isin(nxt, stop)
-                    if bool(finished.all()):
+            mask = key_mask[:, :T] if ragged else None
+            logits = model(ids, cache=cache, positions=positions, attn_mask=mask)[:, -1]  # (B, V)
+            for i in range(steps):
+                nxt = sample(logits, params, history=history, generator=generator)  # (B,)
+                if not track:
+                    yield nxt, None
+                else:
+                    yield nxt, live.clone()
+                    ended = i + 1 >= limits
+                    if len(stop):
+                        ended |= torch.isin(nxt, stop)
+                    if watchers is not None:
+                        for row in live.nonzero().flatten().tolist():
+                            watchers[row].push(int(nxt[row]))
+                        ended |= torch.tensor([w.stopped for w in watchers], device=device)
+                    live &= ~ended
+                    if not bool(live.any()):
                         break
-                if i + 1 < max_new_tokens:
+                if i + 1 == steps:
+                    break
+                if history is not None:
+                    history.append(nxt)
+                if ragged:
+                    # Finished rows may run past the context; clamp so a learned position table is not overrun.
+                    pos = (lengths + i).clamp(max=cfg.max_seq_len - 1)[:, None]  # (B, 1)
+                    logits = model(nxt[:, None], cache=cache, positions=pos,
+                                   attn_mask=key_mask[:, :cache.seq_len + 1])[:, -1]
+                else:
                     logits = model(nxt[:, None], cache=cache)[:, -1]
     finally:
         model.train(was_training)
 
 
+def _start(model, input_ids, max_new_tokens, params: SamplingParams, seed, stop_strings, decode):
+    device = next(model.parameters()).device
+    if device.type == "cpu":
+        use_decode_layout(model)
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens}")
+    params.validate(model.config.vocab_size)
+    rows, kind = _prompt_rows(input_ids, device)
+    _check_prompts(rows, model.config.vocab_size)
+    if isinstance(stop_strings, str):
+        stop_strings = [stop_strings]
+    if any(not isinstance(s, str) or not s for s in stop_strings):
+        raise ValueError(f"stop_strings must be non-empty strings, got {list(stop_strings)!r}")
+    if stop_strings and decode is None:
+        raise ValueError("stop_strings need a decode function (e.g. decode=tokenizer.decode)")
+    watchers = [StopText(stop_strings, decode) for _ in rows] if stop_strings else None
+    return rows, kind, _generators(seed, len(rows), device), watchers
+
+
+def stream_generate(model: torch.nn.Module, input_ids, max_new_tokens: int, *, temperature: float = 1.0,
+                    top_k: Optional[int] = None, top_p: Optional[float] = None, min_p: Optional[float] = None,
+                    repetition_penalty: float = 1.0, frequency_penalty: float = 0.0, presence_penalty: float = 0.0,
+                    seed: Optional[int | Sequence[int]] = None, stop_tokens: Sequence[int] = (),
+                    stop_strings: Sequence[str] = (), decode: Optional[Decode] = None) -> Iterator:
+    """Yield new tokens as they are produced: ints for one prompt, (B,) tensors for a batch
+    (a (B, T) tensor or a list of prompts of any lengths). Arguments as in `generate`.
+
+    In a batch, a row that has finished keeps producing tokens until every row has;
+    `generate` drops them for a list of prompts.
+    """
+    params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                            repetition_penalty=repetition_penalty, frequency_penalty=frequency_penalty,
+                            presence_penalty=presence_penalty)
+    rows, kind, generator, watchers = _start(model, input_ids, max_new_tokens, params, seed, stop_strings, decode)
+    for nxt, _ in _decode_steps(model, rows, max_new_tokens, params, generator, stop_tokens, watchers):
+        yield int(nxt[0]) if kind == "single" else nxt
+
+
 def generate(model: torch.nn.Module, input_ids, max_new_tokens: int, *, temperature: float = 1.0,
-             top_k: Optional[int] = None, top_p: Optional[float] = None, seed: Optional[int] = None,
-             stop_tokens: Sequence[int] = ()) -> torch.Tensor:
+             top_k: Optional[int] = None, top_p: Optional[float] = None, min_p: Optional[float] = None,
+             repetition_penalty: float = 1.0, frequency_penalty: float = 0.0, presence_penalty: float = 0.0,
+             seed: Optional[int | Sequence[int]] = None, stop_tokens: Sequence[int] = (),
+             stop_strings: Sequence[str] = (), decode: Optional[Decode] = None,
+             on_token: Optional[Callable] = None):
     """Return prompt + continuation token ids, using the KV cache; temperature 0 is greedy.
 
-    input_ids: a list of ints, a (T,) tensor or a (B, T) tensor of equal-length prompts.
+    input_ids: a list of ints or a (T,) tensor          -> a (T + N,) tensor;
+               a (B, T) tensor of equal-length prompts  -> a (B, T + N) tensor (rows are not cut
+                                                           at their stop, only the batch ends);
+               a list of prompts, of any lengths        -> a list of 1-D tensors, each cut after
+                                                           its own stop token / stop string.
+    Sampling arguments: see `SamplingParams` (`**asdict(params)` passes one; `seed` may also
+    be one seed per prompt, so each row samples exactly what it would alone with that seed).
+    max_new_tokens: capped per prompt by the model's context.
+    stop_tokens:  a row ends after producing one of these.
+    stop_strings: a row ends once `decode(continuation)` contains one (the token that
+                  completed it is kept; `generate_text` returns the text cut before it).
+    on_token:     called with each step's tokens, as `stream_generate` yields them.
     """
-    device = next(model.parameters()).device
-    ids = torch.as_tensor(input_ids, dtype=torch.long, device=device)
-    batch = ids if ids.dim() == 2 else ids[None]
-    new = [torch.as_tensor(t, device=device).reshape(-1, 1).expand(batch.shape[0], 1)
-           for t in stream_generate(model, ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                                    seed=seed, stop_tokens=stop_tokens)]
-    out = torch.cat([batch, *new], dim=1)
-    return out[0] if ids.dim() == 1 else out
+    params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                            repetition_penalty=repetition_penalty, frequency_penalty=frequency_penalty,
+                            presence_penalty=presence_penalty)
+    rows, kind, generator, watchers = _start(model, input_ids, max_new_tokens, params, seed, stop_strings, decode)
+    new, lives = [], []
+    for nxt, live in _decode_steps(model, rows, max_new_tokens, params, generator, stop_tokens, watchers):
+        if on_token is not None:
+            on_token(int(nxt[0]) if kind == "single" else nxt)
+        new.append(nxt)
+        lives.append(live)
+    if kind != "list":
+        out = torch.cat([torch.stack(rows), *(t[:, None] for t in new)], dim=1)  # (B, T + N)
+        return out[0] if kind == "single" else out
+    if not new:
+        return [row.clone() for row in rows]
+    tokens = torch.stack(new, dim=1)  # (B, N)
+    keep = torch.stack([torch.ones_like(new[0], dtype=torch.bool) if lv is None else lv for lv in lives], dim=1)
+    return [torch.cat([row, tokens[i][keep[i]]]) for i, row in enumerate(rows)]
+
+
+def generate_text(model: torch.nn.Module, tokenizer, prompt: str | Sequence[str], max_new_tokens: int, *,
+                  stop_strings: Sequence[str] = (), **sampling) -> str | list[str]:
+    """The continuation text of one prompt (or of each prompt of a list, batched), cut before the
+    first stop string. Stops at the tokenizer's `eos_id` when it has one; `sampling`: the keyword
+    arguments of `generate`."""
+    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+    ids = [tokenizer.encode(p) for p in prompts]
+    eos = getattr(tokenizer, "eos_id", None)
+    stop_tokens = tuple(sampling.pop("stop_tokens", ())) + ((eos,) if eos is not None else ())
+    out = generate(model, ids, max_new_tokens, stop_tokens=stop_tokens, stop_strings=stop_strings,
+                   decode=tokenizer.decode, **sampling)
+    texts = []
+    for row, prompt_ids in zip(out, ids):
+        continuation = row[len(prompt_ids):].tolist()
+        if continuation and continuation[-1] in stop_tokens:
+            continuation = continuation[:-1]
+        texts.append(cut_at_stop(tokenizer.decode(continuation), stop_strings))
+    return texts[0] if isinstance(prompt, str) else texts
