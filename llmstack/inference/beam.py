@@ -1,0 +1,140 @@
+"""Beam search: keep the `num_beams` most likely partial continuations at every step.
+
+Scores follow transformers' definition, so results can be compared one to one:
+a finished hypothesis scores  sum of its tokens' log-probs / (new tokens) ** length_penalty,
+its EOS token counted. Each step ranks the num_beams * vocab candidate extensions by
+summed log-prob; among the best num_beams of them, those ending in EOS (or reaching the
+length limit) join a pool of the num_beams best finished hypotheses, and the best
+num_beams candidates that did not finish continue. The KV cache holds one row per
+beam; after each step its rows are reordered to follow the beams they continue.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from llmstack.inference.generate import use_decode_layout
+from llmstack.model import KVCache
+
+
+@dataclass
+class Hypothesis:
+    tokens: torch.Tensor  # (T + n,) prompt + continuation (its EOS token included)
+    score: float  # log_prob / n ** length_penalty
+    log_prob: float  # sum of the n continuation tokens' log-probabilities
+
+
+def _check(model, prompt: torch.Tensor, max_new_tokens, num_beams, length_penalty, early_stopping, eos_token_id,
+           num_return_sequences) -> int:
+    """Validate the arguments; return the number of steps (max_new_tokens capped by the context)."""
+    V = model.config.vocab_size
+    if prompt.dim() != 1 or len(prompt) == 0:
+        raise ValueError(f"beam_search takes one non-empty prompt (T,) or (1, T), got shape {tuple(prompt.shape)}")
+    bad = prompt[(prompt < 0) | (prompt >= V)]
+    if len(bad):
+        raise ValueError(f"token id {int(bad[0])} is outside the vocabulary (model.vocab_size={V})")
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens}")
+    steps = max(0, min(max_new_tokens, model.config.max_seq_len - len(prompt)))
+    # More beams than distinct continuations could never all be filled.
+    most = V ** max(steps, 1)
+    if isinstance(num_beams, bool) or not isinstance(num_beams, int) or not 1 <= num_beams <= most:
+        raise ValueError(f"num_beams must be an integer in [1, vocab_size ** new_tokens = {most}], got {num_beams}")
+    if isinstance(num_return_sequences, bool) or not isinstance(num_return_sequences, int) \
+            or not 1 <= num_return_sequences <= num_beams:
+        raise ValueError(f"num_return_sequences must be an integer in [1, num_beams={num_beams}], "
+                         f"got {num_return_sequences}")
+    if not math.isfinite(length_penalty):
+        raise ValueError(f"length_penalty must be a finite number, got {length_penalty}")
+    if early_stopping not in (True, False, "never"):
+        raise ValueError(f"early_stopping must be True, False or 'never', got {early_stopping!r}")
+    if eos_token_id is not None and not 0 <= eos_token_id < V:
+        raise ValueError(f"eos_token_id must be in [0, {V - 1}], got {eos_token_id}")
+    return steps
+
+
+def beam_search(model: torch.nn.Module, input_ids, max_new_tokens: int, *, num_beams: int,
+                length_penalty: float = 1.0, early_stopping: bool | str = False, eos_token_id: Optional[int] = None,
+                num_return_sequences: int = 1) -> list[Hypothesis]:
+    """The `num_return_sequences` best hypotheses for one prompt, best first.
+
+    length_penalty: > 0 favours longer hypotheses, < 0 shorter ones (only matters with EOS).
+    early_stopping: True: stop once num_beams hypotheses have finished. False: stop once the
+                    best running beam, scored at its current length, cannot beat the worst
+                    finished one (transformers' default heuristic). "never": the same test
+                    with the best length still possible, which makes the search exhaustive
+                    for its width.
+    Fewer hypotheses come back only when fewer distinct ones exist.
+    """
+    device = next(model.parameters()).device
+    if device.type == "cpu":
+        use_decode_layout(model)
+    prompt = torch.as_tensor(input_ids, dtype=torch.long, device=device)
+    if prompt.dim() == 2 and prompt.shape[0] == 1:
+        prompt = prompt[0]
+    steps = _check(model, prompt, max_new_tokens, num_beams, length_penalty, early_stopping, eos_token_id,
+                   num_return_sequences)
+    if steps == 0:
+        return [Hypothesis(prompt.clone(), 0.0, 0.0)]
+    W, V, T = num_beams, model.config.vocab_size, len(prompt)
+    K = min(2 * W, W * V)  # twice the beams, so W candidates that did not just finish always remain
+    neg_inf = float("-inf")
+    finished: list[tuple[float, float, torch.Tensor]] = []  # (score, log_prob, continuation), best first
+    running = torch.zeros(W, 0, dtype=torch.long, device=device)  # (W, n) continuations so far
+    running_scores = torch.full((W,), neg_inf, device=device)
+    running_scores[0] = 0.0  # only one real beam at the start: the others would repeat it
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            # Prefill once, then copy the prompt's keys/values into every beam's row.
+            prompt_cache = KVCache.for_model(model, 1, T)
+            logits = model(prompt[None], cache=prompt_cache)[:, -1]  # (1, V)
+            cache = KVCache.for_model(model, W, T + steps)
+            cache.k[:, :, :, :T] = prompt_cache.k
+            cache.v[:, :, :, :T] = prompt_cache.v
+            cache.advance(T)
+            for step in range(steps):
+                n = step + 1  # new tokens in each candidate, its own included
+                candidates = running_scores[:, None] + torch.log_softmax(logits.float(), dim=-1)  # (W, V)
+                top_scores, top_index = candidates.flatten().topk(K)  # (K,) best first
+                origin, token = top_index // V, top_index % V
+                last = step + 1 == steps
+                finishing = torch.ones_like(token, dtype=torch.bool) if last else \
+                    (token == eos_token_id if eos_token_id is not None else torch.zeros_like(token, dtype=torch.bool))
+                # Only the best W candidates may finish; the rest are there to keep W beams running.
+                for r in finishing[:W].nonzero().flatten().tolist():
+                    if top_scores[r] > neg_inf:
+                        continuation = torch.cat([running[origin[r]], token[r:r + 1]])
+                        finished.append((float(top_scores[r]) / n**length_penalty, float(top_scores[r]),
+                                         continuation))
+                finished = sorted(finished, key=lambda h: h[0], reverse=True)[:W]
+                if last:
+                    break
+                keep = top_scores.masked_fill(finishing, neg_inf).topk(W).indices  # (W,) best first
+                running_scores, beam_origin = top_scores[keep], origin[keep]
+                running = torch.cat([running[beam_origin], token[keep][:, None]], dim=1)
+                if running_scores[0] == neg_inf:
+                    break  # every possible continuation has finished
+                if len(finished) == W:
+                    if early_stopping is True:
+                        break
+                    best_len = steps if early_stopping == "never" and length_penalty > 0 else n
+                    if float(running_scores[0]) / best_len**length_penalty <= finished[-1][0]:
+                        break  # the best running beam cannot beat the worst finished hypothesis
+                _reorder_rows(cache, beam_origin)
+                logits = model(token[keep][:, None], cache=cache)[:, -1]  # (W, V)
+    finally:
+        model.train(was_training)
+    return [Hypothesis(torch.cat([prompt, cont]), score, log_prob)
+            for score, log_prob, cont in finished[:num_return_sequences] if math.isfinite(score)]
+
+
+def _reorder_rows(cache: KVCache, beam_origin: torch.Tensor) -> None:
+    """Make row i of the filled cache slots a copy of row beam_origin[i]."""
+    S = cache.seq_len
+    cache.k[:, :, :, :S] = cache.k[:, :, :, :S].index_select(1, beam_origin)
+    cache.v[:, :, :, :S] = cache.v[:, :, :, :S].index_select(1, beam_origin)
