@@ -207,14 +207,29 @@ def test_generation_with_penalties_equals_a_plain_loop(model):
 PROMPTS = [[1, 2, 3], [4, 5, 6, 7, 8, 9, 10], [11], [12, 13]]
 
 
-def test_unequal_prompts_equal_their_single_runs_greedy(model):
+@pytest.fixture(scope="module")
+def learned_model():
+    """Absolute (learned) positions: with RoPE only distances matter, so a row whose positions
+    were all shifted by its padding would still decode the same; here it would not."""
+    torch.manual_seed(0)
+    m = Transformer(ModelConfig(vocab_size=50, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=64,
+                                pos="learned"))
+    m.init_weights()
+    return m.eval()
+
+
+@pytest.mark.parametrize("which", ["model", "learned_model"])
+def test_unequal_prompts_equal_their_single_runs_greedy(request, which):
+    model = request.getfixturevalue(which)
     out = generate(model, PROMPTS, 10, temperature=0)
     assert [len(o) for o in out] == [len(p) + 10 for p in PROMPTS]
     for prompt, row in zip(PROMPTS, out):
         assert torch.equal(row, generate(model, prompt, 10, temperature=0))
 
 
-def test_unequal_prompts_equal_their_single_runs_seeded(model):
+@pytest.mark.parametrize("which", ["model", "learned_model"])
+def test_unequal_prompts_equal_their_single_runs_seeded(request, which):
+    model = request.getfixturevalue(which)
     kw = dict(temperature=0.9, top_k=20, top_p=0.95, min_p=0.02, repetition_penalty=1.2)
     seeds = [11, 12, 13, 14]
     out = generate(model, PROMPTS, 10, seed=seeds, **kw)
@@ -225,7 +240,8 @@ def test_unequal_prompts_equal_their_single_runs_seeded(model):
     assert len({tuple(r[-10:].tolist()) for r in out}) == len(PROMPTS)
 
 
-def test_each_row_stops_at_its_own_limit_and_stop_token(model):
+def test_each_row_stops_at_its_own_limit_and_stop_token(learned_model):
+    model = learned_model
     long = [i % 50 for i in range(58)]
     first = generate(model, PROMPTS[0], 1, temperature=0)[-1].item()
     out = generate(model, [long, PROMPTS[0], PROMPTS[1]], 20, temperature=0, stop_tokens=[first])
