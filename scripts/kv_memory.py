@@ -28,7 +28,8 @@ def human(n: float) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--presets", default=",".join(PRESETS), help=f"comma-separated, from {', '.join(list_presets())}")
+    parser.add_argument("--presets", default=",".join(PRESETS),
+                        help=f"comma-separated, from {', '.join(list_presets())}")
     parser.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--tokens", default="8192,32768", help="comma-separated context lengths to size")

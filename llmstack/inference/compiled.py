@@ -20,13 +20,13 @@ keys in any order, so the ring needs no reordering and the mask is the same.
 """
 from __future__ import annotations
 
-import statistics
 import time
 from typing import Optional
 
 import torch
 from torch import nn
 
+from llmstack.bench import time_pair
 from llmstack.inference.generate import generate, sample_next, use_decode_layout
 from llmstack.model.kv_cache import KVCache, RollingKVCache
 
@@ -142,7 +142,8 @@ class CompiledDecoder:
 def benchmark_decode(model: nn.Module, *, prompt_len: int = 16, new_tokens: int = 128, iters: int = 5,
                      mode: Optional[str] = None, seed: int = 0) -> dict:
     """Greedy decode throughput, batch 1: `llmstack.generate` (eager, growing KVCache slices)
-    against `CompiledDecoder`, timed alternately (medians) after one warm-up each.
+    against `CompiledDecoder`, timed alternately (medians, `llmstack.bench.time_pair`) after one
+    run each (the compiled one compiles; the two runs' tokens are compared).
 
     Returns tokens/s of both, their ratio, the seconds the first compiled run took
     (compilation included) and whether the two produced the same tokens."""
@@ -153,24 +154,14 @@ def benchmark_decode(model: nn.Module, *, prompt_len: int = 16, new_tokens: int 
     device = next(model.parameters()).device
     prompt = torch.randint(0, model.config.vocab_size, (1, prompt_len), generator=g).to(device)
     decoder = CompiledDecoder(model, 1, prompt_len + new_tokens, mode=mode)
-    runs = {"eager": lambda: generate(model, prompt, new_tokens, temperature=0),
-            "compiled": lambda: decoder.generate(prompt, new_tokens, temperature=0)}
-
-    def timed(fn):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        out = fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        return time.perf_counter() - t0, out
-
-    compile_s, compiled_out = timed(runs["compiled"])
-    _, eager_out = timed(runs["eager"])
-    times = {"eager": [], "compiled": []}
-    for _ in range(iters):
-        for name, fn in runs.items():
-            times[name].append(timed(fn)[0])
-    eager, compiled = (new_tokens / statistics.median(times[n]) for n in ("eager", "compiled"))
-    return {"eager_tokens_per_s": eager, "compiled_tokens_per_s": compiled, "speedup": compiled / eager,
-            "first_compiled_run_s": compile_s, "same_tokens": torch.equal(eager_out, compiled_out)}
+    eager = lambda: generate(model, prompt, new_tokens, temperature=0)  # noqa: E731
+    compiled = lambda: decoder.generate(prompt, new_tokens, temperature=0)  # noqa: E731
+    t0 = time.perf_counter()
+    compiled_out = compiled()  # compiles
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    first_compiled_run_s = time.perf_counter() - t0
+    same_tokens = torch.equal(eager(), compiled_out)
+    t_eager, t_compiled = time_pair(eager, compiled, 0, iters, device=device)
+    return {"eager_tokens_per_s": new_tokens / t_eager, "compiled_tokens_per_s": new_tokens / t_compiled,
+            "speedup": t_eager / t_compiled, "first_compiled_run_s": first_compiled_run_s, "same_tokens": same_tokens}
