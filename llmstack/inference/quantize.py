@@ -6,7 +6,8 @@
     model = llmstack.from_pretrained("runs/quickstart-int4")   # scheme read from the file's metadata
 
 Weights are stored as small integers plus float scales; activations stay in
-float, and each layer dequantizes its weight on the fly. Decoding reads every
+float, and each layer dequantizes its weight on the fly (on the CPU, int8 goes
+through PyTorch's fused int8 x float kernel instead). Decoding reads every
 weight once per token, so a weight 4x or 8x smaller in memory is what makes a
 GPU decode step faster (the fused kernel in `llmstack.kernels.quant_matmul`).
 
@@ -21,8 +22,9 @@ The schemes (W is (out, in); a row is one output channel):
             q = round(w / scale) + zero in [0, 15],  w ~ (q - zero) * scale.
             Sixteen levels are few: a symmetric grid ([-7, 7] around 0) wastes
             the levels on the side of 0 a skewed group does not reach, while
-            min/max uses all 16 over the range the group has, a smaller step
-            and a lower perplexity. min and max are widened to include 0 so
+            min/max uses all 16 over the range the group has: a smaller step,
+            hence smaller errors (down to half, for a group on one side of 0).
+            min and max are widened to include 0 so
             that the zero point is an integer in [0, 15] (it fits a uint8 and
             the grid still covers the whole group). Two values per byte: input
             2j in the low nibble, 2j+1 in the high one.
@@ -30,12 +32,15 @@ The schemes (W is (out, in); a row is one output channel):
 Either way every element is within half a step of its original:
 |w - dequant(q)| <= scale / 2.
 
-What stays in float: the token embedding (a lookup, not a matmul: it costs no
-time per token, and quickstart-sized vocabularies are the most sensitive rows),
-hence also a tied output head, which reuses the embedding matrix; an untied
-`lm_head` by default, since its errors go straight into the logits; and MoE
-`router`s, whose small outputs pick experts discretely. Pass `skip=()` to
-quantize an untied head too.
+What stays in float: the token embedding, which is a lookup of one row per
+token (quantizing it would save memory but no time) and, in a tied model, is
+also the output head: the Transformer multiplies by `embed.weight` directly,
+and giving it a quantized twin would make the base model know about
+quantization. An untied `lm_head` stays float by default as well, since its
+errors go straight into the logits, and so do MoE `router`s, whose small
+outputs pick experts discretely. Pass `skip=()` to quantize an untied head too.
+(In the quickstart model the tied embedding is a third of the parameters, so it
+is most of a quantized checkpoint's size.)
 """
 from __future__ import annotations
 
