@@ -141,6 +141,8 @@ def test_bad_arguments_are_named(model5):
         beam_search(model5, [1], 2, num_beams=0)
     with pytest.raises(ValueError, match=r"num_beams .* = 25\], got 26"):
         beam_search(model5, [1], 2, num_beams=26)
+    with pytest.raises(ValueError, match=r"num_beams .* = 5\*\*40\], got 0"):
+        beam_search(model5, [1], 40, num_beams=0)
     with pytest.raises(ValueError, match=r"num_return_sequences must be an integer in \[1, num_beams=3\], got 4"):
         beam_search(model5, [1], 2, num_beams=3, num_return_sequences=4)
     with pytest.raises(ValueError, match=r"eos_token_id must be in \[0, 4\], got 5"):

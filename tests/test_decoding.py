@@ -326,6 +326,8 @@ def test_bad_sampling_values_are_named(model, kwargs, message):
 def test_bad_generation_arguments_are_named(model):
     with pytest.raises(ValueError, match="max_new_tokens must be an integer >= 0, got -1"):
         generate(model, [1, 2], -1)
+    with pytest.raises(ValueError, match="top_p must be in"):
+        stream_generate(model, [1, 2], 5, top_p=2.0)  # at the call, not at the first token
     with pytest.raises(ValueError, match="prompt 1 is empty"):
         generate(model, [[1, 2], []], 3)
     with pytest.raises(ValueError, match="seed: got 2 seeds for 3 prompts"):

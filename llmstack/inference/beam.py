@@ -42,7 +42,8 @@ def _check(model, prompt: torch.Tensor, max_new_tokens, num_beams, length_penalt
     # More beams than distinct continuations could never all be filled.
     most = V ** max(steps, 1)
     if isinstance(num_beams, bool) or not isinstance(num_beams, int) or not 1 <= num_beams <= most:
-        raise ValueError(f"num_beams must be an integer in [1, vocab_size ** new_tokens = {most}], got {num_beams}")
+        shown = most if most < 10**9 else f"{V}**{max(steps, 1)}"
+        raise ValueError(f"num_beams must be an integer in [1, vocab_size ** new_tokens = {shown}], got {num_beams}")
     if isinstance(num_return_sequences, bool) or not isinstance(num_return_sequences, int) \
             or not 1 <= num_return_sequences <= num_beams:
         raise ValueError(f"num_return_sequences must be an integer in [1, num_beams={num_beams}], "

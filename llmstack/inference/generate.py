@@ -209,8 +209,9 @@ def stream_generate(model: torch.nn.Module, input_ids, max_new_tokens: int, *, t
                     repetition_penalty: float = 1.0, frequency_penalty: float = 0.0, presence_penalty: float = 0.0,
                     seed: Optional[int | Sequence[int]] = None, stop_tokens: Sequence[int] = (),
                     stop_strings: Sequence[str] = (), decode: Optional[Decode] = None) -> Iterator:
-    """Yield new tokens as they are produced: ints for one prompt, (B,) tensors for a batch
-    (a (B, T) tensor or a list of prompts of any lengths). Arguments as in `generate`.
+    """An iterator over the new tokens as they are produced: ints for one prompt, (B,) tensors
+    for a batch (a (B, T) tensor or a list of prompts of any lengths). Arguments as in
+    `generate`; bad ones raise here, before any token is computed.
 
     In a batch, a row that has finished keeps producing tokens until every row has;
     `generate` drops them for a list of prompts.
@@ -219,8 +220,9 @@ def stream_generate(model: torch.nn.Module, input_ids, max_new_tokens: int, *, t
                             repetition_penalty=repetition_penalty, frequency_penalty=frequency_penalty,
                             presence_penalty=presence_penalty)
     rows, kind, generator, watchers = _start(model, input_ids, max_new_tokens, params, seed, stop_strings, decode)
-    for nxt, _ in _decode_steps(model, rows, max_new_tokens, params, generator, stop_tokens, watchers):
-        yield int(nxt[0]) if kind == "single" else nxt
+    steps = _decode_steps(model, rows, max_new_tokens, params, generator, stop_tokens, watchers)
+    # Arguments are checked above, when stream_generate is called, not at the first token.
+    return (int(nxt[0]) if kind == "single" else nxt for nxt, _ in steps)
 
 
 def generate(model: torch.nn.Module, input_ids, max_new_tokens: int, *, temperature: float = 1.0,
