@@ -188,7 +188,7 @@ def speculative_generate(target: torch.nn.Module, input_ids, max_new_tokens: int
     """
     device = next(target.parameters()).device
     ids = torch.as_tensor(input_ids, dtype=torch.long, device=device)
-    if ids.dim() == 2 and ids.shape[0] != 1 or ids.dim() not in (1, 2):
+    if ids.dim() not in (1, 2) or (ids.dim() == 2 and ids.shape[0] != 1):
         raise ValueError(f"input_ids must be one prompt, (T,) or (1, T); got shape {tuple(ids.shape)}")
     prompt = ids.reshape(-1).tolist()
     V = target.config.vocab_size
