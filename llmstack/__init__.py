@@ -14,6 +14,9 @@ _LAZY = {
     "from_pretrained": "llmstack.interop",
     "save_pretrained": "llmstack.interop",
     "generate": "llmstack.inference",
+    "beam_search": "llmstack.inference",
+    "speculative_generate": "llmstack.inference",
+    "quantize_": "llmstack.inference",
     "Tokenizer": "llmstack.tokenizer",
 }
 

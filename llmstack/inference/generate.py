@@ -12,6 +12,7 @@ import torch
 
 from llmstack.inference.sampling import SamplingParams, TokenHistory, sample, sample_next  # noqa: F401
 from llmstack.model import KVCache
+from llmstack.model.kv_cache import RollingKVCache
 
 Decode = Callable[[list[int]], str]
 
@@ -147,7 +148,10 @@ def _decode_steps(model: torch.nn.Module, rows: list[torch.Tensor], max_new_toke
     history = TokenHistory(rows, cfg.vocab_size, device) if params.has_penalties else None
     stop = torch.tensor(list(stop_tokens), dtype=torch.long, device=device)
     live = limits > 0
-    cache = KVCache.for_model(model, B, T + steps)
+    if not ragged and cfg.sliding_window is not None and cfg.sliding_window < T + steps:
+        cache = RollingKVCache.for_model(model, B)  # memory of one window, however long the text
+    else:
+        cache = KVCache.for_model(model, B, T + steps)
     was_training = model.training
     model.eval()
     try:

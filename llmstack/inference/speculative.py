@@ -26,6 +26,7 @@ from typing import Optional, Sequence
 import torch
 
 from llmstack.inference.generate import use_decode_layout
+from llmstack.inference.sampling import SamplingParams, process_logits
 from llmstack.model import KVCache
 
 
@@ -36,19 +37,8 @@ def sampling_probs(logits: torch.Tensor, *, temperature: float = 1.0, top_k: Opt
     Temperature 0 is a point mass on the argmax. Rejection sampling needs the
     processed distributions of target and draft themselves, not just a draw.
     """
-    if temperature == 0.0:
-        return torch.zeros_like(logits, dtype=torch.float).scatter_(-1, logits.argmax(-1, keepdim=True), 1.0)
-    logits = logits.float() / temperature
-    if top_k is not None and top_k < logits.shape[-1]:
-        kth = logits.topk(top_k, dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None and top_p < 1.0:
-        # Keep the smallest set of most likely tokens whose probability reaches top_p.
-        sorted_logits, order = logits.sort(dim=-1, descending=True)
-        sorted_probs = sorted_logits.softmax(dim=-1)
-        drop_sorted = (sorted_probs.cumsum(dim=-1) - sorted_probs) >= top_p  # mass before it already reaches p
-        logits = logits.masked_fill(drop_sorted.scatter(-1, order, drop_sorted), float("-inf"))
-    return logits.softmax(dim=-1)
+    params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p)
+    return process_logits(logits, params).softmax(dim=-1)
 
 
 def accept_draft(target_probs: torch.Tensor, draft_tokens: torch.Tensor, draft_probs: Optional[torch.Tensor] = None,
