@@ -112,6 +112,10 @@ def test_eval_batches_cover_the_stream_without_overlap():
     starts = torch.cat([x[:, 0] for x, _ in batches])
     assert starts.tolist() == list(range(0, 990, 10))[: len(starts)]
     assert len(starts) == 98
+    # A few batches are spread over the whole split, not taken from its start.
+    few = torch.cat([x[:, 0] for x, _ in TokenBatches(tokens, 2, 10, name="val").eval_batches(3)]).tolist()
+    assert len(few) == 6 and few[0] == 0 and few[-1] >= 800  # reaches the last fifth of the split
+    assert all(b - a >= 10 for a, b in zip(few, few[1:]))  # still no overlap
 
 
 def test_too_short_split_is_a_clear_error():

@@ -38,7 +38,10 @@ class TokenBatches:
         return self._windows(starts)
 
     def eval_batches(self, n_batches: Optional[int] = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Consecutive, non-overlapping windows from the start of the stream (the same every time)."""
+        """Non-overlapping windows, the same every time: all of the split, or with `n_batches`
+        that many batches of windows spread evenly over it. A prefix of the split would be a
+        biased sample: a corpus is ordered by document, and the first documents are no
+        more typical than the last."""
         n_windows = (len(self.tokens) - 1) // self.seq_len
         total = n_windows // self.batch_size
         if n_batches is not None:
@@ -46,8 +49,10 @@ class TokenBatches:
         if total == 0:  # fewer windows than a batch: one short batch
             yield self._windows(np.arange(max(n_windows, 1)) * self.seq_len)
             return
+        # Window indices evenly spaced over the split (every window when all are asked for).
+        picked = np.arange(total * self.batch_size) * n_windows // (total * self.batch_size)
         for b in range(total):
-            yield self._windows((b * self.batch_size + np.arange(self.batch_size)) * self.seq_len)
+            yield self._windows(picked[b * self.batch_size:(b + 1) * self.batch_size] * self.seq_len)
 
     def state_dict(self) -> dict:
         return {"seed": self.seed, "batch_size": self.batch_size, "seq_len": self.seq_len}
