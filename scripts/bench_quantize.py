@@ -10,55 +10,20 @@ alternately with the float model, medians.
     python scripts/bench_quantize.py --checkpoint runs/quickstart --quick    # a fast smoke run
 """
 import argparse
-import platform
-import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
 import llmstack
+from llmstack.bench import device_name, time_pair
 from llmstack.data import DataError, TokenBatches, prepare_tokens
 from llmstack.eval import evaluate
 from llmstack.inference.quantize import check_group_size, quantize_, save_quantized
 from llmstack.interop import resolve_checkpoint, save_pretrained
 from llmstack.train import load_run_config
 from llmstack.tokenizer import Tokenizer
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
-
-
-def time_pair(fn_a, fn_b, device: torch.device, warmup: int, iters: int) -> tuple[float, float]:
-    """Median seconds per call of each, measured alternately so that drift in the
-    machine's speed (other processes, clocks) hits both equally."""
-    def timed(fn) -> float:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        t0 = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        return time.perf_counter() - t0
-
-    for _ in range(warmup):
-        fn_a(), fn_b()
-    times_a, times_b = [], []
-    for _ in range(iters):
-        times_a.append(timed(fn_a))
-        times_b.append(timed(fn_b))
-    return statistics.median(times_a), statistics.median(times_b)
 
 
 def main() -> None:
@@ -123,7 +88,7 @@ def main() -> None:
             t_base, t_model = time_pair(
                 lambda: got.__setitem__("base", llmstack.generate(base, prompt, new_tokens, temperature=0)),
                 lambda: got.__setitem__("model", llmstack.generate(model, prompt, new_tokens, temperature=0)),
-                device, 1, iters)
+                1, iters, device=device)
             differ = (got["base"][16:] != got["model"][16:]).nonzero()
             same = int(differ[0]) if len(differ) else new_tokens  # greedy tokens before the first difference
             rows.append((label, size, ppl, 100 * (ppl / base_ppl - 1), new_tokens / t_model, new_tokens / t_base,

@@ -26,15 +26,13 @@ from pathlib import Path
 import torch
 
 import llmstack
+from llmstack.bench import cpu_name
 from llmstack.data import prepare_tokens
 from llmstack.inference.generate import generate
 from llmstack.inference.speculative import SpeculativeStats, speculative_generate
 from llmstack.interop import resolve_checkpoint
 from llmstack.tokenizer import Tokenizer
 from llmstack.train import load_run_config
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_cpu import cpu_name  # noqa: E402
 
 
 def validation_prompts(ckpt: Path, n: int, length: int) -> list[list[int]]:

@@ -3,7 +3,6 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from llmstack.config import ModelConfig, MoEConfig, RopeScaling, model_preset
 from llmstack.model import (KVCache, MoE, RMSNorm, Transformer, apply_rope, attention, count_params, flops_per_token,

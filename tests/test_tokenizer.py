@@ -1,5 +1,4 @@
 """Tokenizer: the BPE trainer's definition, tiktoken == our reference encoder, round trips."""
-import json
 from unittest import mock
 
 import pytest

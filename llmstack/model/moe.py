@@ -16,7 +16,6 @@ Balancing, so that the router does not collapse onto a few experts:
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from llmstack.config import ModelConfig

@@ -10,7 +10,7 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Iterable, Optional, Sequence
+from typing import Iterable, Sequence
 
 import tiktoken
 
