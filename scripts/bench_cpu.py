@@ -7,6 +7,7 @@ that the greedy tokens are identical.
 
     python scripts/bench_cpu.py            # full
     python scripts/bench_cpu.py --quick    # a fast smoke run
+    python scripts/bench_cpu.py --compile  # also the torch.compile'd static-cache decode step
 """
 import argparse
 
@@ -36,6 +37,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="smaller, fewer iterations (a smoke run)")
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--iters", type=int, default=9)
+    parser.add_argument("--compile", action="store_true",
+                        help="also time decoding with the torch.compile'd static-cache step (CompiledDecoder)")
     args = parser.parse_args()
     batch_size, seq = (2, 64) if args.quick else (8, 256)
     new_tokens = 16 if args.quick else args.new_tokens
@@ -72,6 +75,18 @@ def main() -> None:
     t_ours, t_hf = time_pair(run_ours, run_hf, 1, iters)
     rows.append((f"greedy decode (batch 1, {new_tokens} new) tokens/s", new_tokens / t_ours, new_tokens / t_hf))
     same = torch.equal(got["ours"], got["hf"])
+    if args.compile:
+        from llmstack.inference import CompiledDecoder
+
+        decoder = CompiledDecoder(ours, 1, prompt.shape[1] + new_tokens)
+
+        def run_compiled():
+            got["compiled"] = decoder.generate(prompt, new_tokens, temperature=0)
+
+        run_compiled()  # compiles once, outside the timing
+        t_ours, t_hf = time_pair(run_compiled, run_hf, 1, iters)
+        rows.append(("greedy decode, compiled step (batch 1) tokens/s", new_tokens / t_ours, new_tokens / t_hf))
+        same = same and torch.equal(got["compiled"], got["hf"])
 
     print(f"\n| {'measure':<48} | {'llmstack':>9} | {'transformers':>12} | {'ratio':>6} |")
     print(f"|{'-' * 50}|{'-' * 11}|{'-' * 14}|{'-' * 8}|")
