@@ -13,6 +13,7 @@ __version__ = "0.1.0"
 _LAZY = {
     "from_pretrained": "llmstack.interop",
     "save_pretrained": "llmstack.interop",
+    "load_tokenizer": "llmstack.interop",
     "generate": "llmstack.inference",
     "beam_search": "llmstack.inference",
     "speculative_generate": "llmstack.inference",

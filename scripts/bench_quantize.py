@@ -21,9 +21,8 @@ from llmstack.bench import device_name, time_pair
 from llmstack.data import DataError, TokenBatches, prepare_tokens
 from llmstack.eval import evaluate
 from llmstack.inference.quantize import check_group_size, quantize_, save_quantized
-from llmstack.interop import resolve_checkpoint, save_pretrained
+from llmstack.interop import load_tokenizer, resolve_checkpoint, save_pretrained
 from llmstack.train import load_run_config
-from llmstack.tokenizer import Tokenizer
 
 
 def main() -> None:
@@ -44,7 +43,7 @@ def main() -> None:
         ckpt = resolve_checkpoint(args.checkpoint)
         cfg = load_run_config(ckpt)
         float_model = llmstack.from_pretrained(ckpt)
-        tok = Tokenizer.load(Path(ckpt) / "tokenizer.json")
+        tok = load_tokenizer(ckpt)
         tokens = prepare_tokens(cfg.data.source, tok, cache_dir=cfg.data.cache_dir,
                                 val_fraction=cfg.data.val_fraction, text_field=cfg.data.text_field)["val"]
         batches = TokenBatches(tokens, 8, cfg.data.seq_len, name="val", device=device)

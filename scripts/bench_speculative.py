@@ -30,15 +30,14 @@ from llmstack.bench import cpu_name
 from llmstack.data import prepare_tokens
 from llmstack.inference.generate import generate
 from llmstack.inference.speculative import SpeculativeStats, speculative_generate
-from llmstack.interop import resolve_checkpoint
-from llmstack.tokenizer import Tokenizer
+from llmstack.interop import load_tokenizer, resolve_checkpoint
 from llmstack.train import load_run_config
 
 
 def validation_prompts(ckpt: Path, n: int, length: int) -> list[list[int]]:
     """n windows of `length` tokens at evenly spaced offsets of the validation split."""
     cfg = load_run_config(ckpt)
-    tok = Tokenizer.load(ckpt / "tokenizer.json")
+    tok = load_tokenizer(ckpt)
     val = prepare_tokens(cfg.data.source, tok, cache_dir=cfg.data.cache_dir, val_fraction=cfg.data.val_fraction,
                          text_field=cfg.data.text_field, progress=False)["val"]
     step = (len(val) - length) // n

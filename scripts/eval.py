@@ -5,13 +5,11 @@
 """
 import argparse
 import sys
-from pathlib import Path
 
 import llmstack
 from llmstack.data import DataError, TokenBatches, prepare_tokens, token_stats
 from llmstack.eval import evaluate
-from llmstack.interop import resolve_checkpoint
-from llmstack.tokenizer import Tokenizer
+from llmstack.interop import load_tokenizer, resolve_checkpoint
 from llmstack.train import load_run_config
 
 
@@ -27,7 +25,7 @@ def main() -> None:
         ckpt = resolve_checkpoint(args.checkpoint)
         cfg = load_run_config(ckpt)
         model = llmstack.from_pretrained(ckpt)
-        tok = Tokenizer.load(Path(ckpt) / "tokenizer.json")
+        tok = load_tokenizer(ckpt)
         source = args.source or cfg.data.source
         tokens = prepare_tokens(source, tok, cache_dir=cfg.data.cache_dir, val_fraction=cfg.data.val_fraction,
                                 text_field=cfg.data.text_field)[args.split]

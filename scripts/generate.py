@@ -9,7 +9,6 @@ import argparse
 import re
 import sys
 import warnings
-from pathlib import Path
 
 import torch
 
@@ -17,8 +16,8 @@ import llmstack
 from llmstack.inference.beam import beam_search
 from llmstack.inference.generate import StopText, cut_at_stop, stream_generate
 from llmstack.inference.sampling import SamplingParams
-from llmstack.interop import resolve_checkpoint
-from llmstack.tokenizer import StreamDecoder, Tokenizer
+from llmstack.interop import load_tokenizer, resolve_checkpoint
+from llmstack.tokenizer import StreamDecoder
 
 
 def main() -> None:
@@ -49,8 +48,7 @@ def main() -> None:
         device = "cuda" if args.device == "auto" and torch.cuda.is_available() else \
             ("cpu" if args.device == "auto" else args.device)
         model = llmstack.from_pretrained(ckpt, device=device)
-        tok_path = Path(ckpt) / "tokenizer.json"
-        tok = Tokenizer.load(tok_path)
+        tok = load_tokenizer(ckpt)
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
     ids = tok.encode(args.prompt, bos=False)

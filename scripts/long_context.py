@@ -19,8 +19,7 @@ import torch
 import llmstack
 from llmstack.data import DataError, prepare_tokens
 from llmstack.inference.long_context import extend_context, loss_by_position, trained_context
-from llmstack.interop import resolve_checkpoint
-from llmstack.tokenizer import Tokenizer
+from llmstack.interop import load_tokenizer, resolve_checkpoint
 from llmstack.train import load_run_config
 
 METHODS = {  # name: extend_context arguments after new_max_seq_len
@@ -50,7 +49,7 @@ def main() -> None:
         ckpt = resolve_checkpoint(args.checkpoint)
         cfg = load_run_config(ckpt)
         base = llmstack.from_pretrained(ckpt)
-        tok = Tokenizer.load(Path(ckpt) / "tokenizer.json")
+        tok = load_tokenizer(ckpt)
         tokens = prepare_tokens(cfg.data.source, tok, cache_dir=cfg.data.cache_dir, val_fraction=cfg.data.val_fraction,
                                 text_field=cfg.data.text_field)["val"]
     except (ValueError, FileNotFoundError, DataError) as e:

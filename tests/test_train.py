@@ -229,6 +229,8 @@ def test_pretrain_end_to_end(job, tmp_path):
                                                "trainer_state.pt"}
     model = llmstack.from_pretrained(run)
     tok = llmstack.Tokenizer.load(ckpt / "tokenizer.json")
+    for where in (run, ckpt, ckpt / "tokenizer.json"):  # the run, its checkpoint, or the file
+        assert llmstack.load_tokenizer(where).encode("def f1(x): pass") == tok.encode("def f1(x): pass")
     out = llmstack.generate(model, tok.encode("def f1"), 10, temperature=0)
     assert len(out) == len(tok.encode("def f1")) + 10
 

@@ -23,7 +23,7 @@ from llmstack.interop.weights import load_weights, save_weights
 from llmstack.model import Transformer
 
 __all__ = ["atomic_directory", "build_model", "from_pretrained", "load_model_config", "load_state_into",
-           "load_weights", "resolve_checkpoint", "save_hf", "save_pretrained", "save_weights"]
+           "load_tokenizer", "load_weights", "resolve_checkpoint", "save_hf", "save_pretrained", "save_weights"]
 
 
 def resolve_checkpoint(path: str | os.PathLike) -> Path:
@@ -34,6 +34,15 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
     if not (path / "config.yaml").is_file() and not (path / "config.json").is_file() and pointer.is_file():
         return path / pointer.read_text().strip()
     return path
+
+
+def load_tokenizer(path: str | os.PathLike):
+    """The tokenizer saved beside a checkpoint: give a run directory (its newest checkpoint),
+    a checkpoint directory, or the tokenizer file itself."""
+    from llmstack.tokenizer import Tokenizer
+
+    path = Path(path)
+    return Tokenizer.load(path if path.is_file() else resolve_checkpoint(path) / "tokenizer.json")
 
 
 def load_model_config(directory: str | os.PathLike) -> ModelConfig:
