@@ -4,6 +4,7 @@
     python scripts/pretrain.py --config configs/pretrain/quickstart.yaml train.max_steps=50 train.out_dir=runs/short
     python scripts/pretrain.py --config configs/pretrain/quickstart.yaml --resume
 """
+import math
 import sys
 
 from llmstack.config import ConfigError, PretrainConfig, parse_cli
@@ -21,7 +22,9 @@ def main() -> None:
     except KeyboardInterrupt:
         sys.exit(130)
     val = result.val
-    print(f"done: step {result.step}, train loss {result.train_loss:.3f}"
+    # A run resumed at its last step trains nothing, so it has no train loss of its own.
+    train = f", train loss {result.train_loss:.3f}" if math.isfinite(result.train_loss) else ", already complete"
+    print(f"done: step {result.step}{train}"
           + (f", val loss {val['loss']:.3f}, perplexity {val['perplexity']:.1f}" if val else "")
           + (f", {val['bits_per_byte']:.3f} bits/byte" if val.get("bits_per_byte") else "")
           + f"\ncheckpoint: {result.checkpoint}")
