@@ -107,5 +107,6 @@ def print_beams(model, tok, args, ids, stops) -> None:
         print(f"--- {rank}: score {hyp.score:.4f} (log-prob {hyp.log_prob:.3f} over {n_new} tokens)")
         print(args.prompt + cut_at_stop(tok.decode(continuation), stops))
 
+
 if __name__ == "__main__":
     main()

@@ -20,3 +20,16 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def greedy_uncached():
+    """The plainest greedy decoder, for checking the cached ones: rerun the whole sequence
+    through the model for every new token. (prompt (B, T), n) -> (B, T + n)."""
+    def run(model, prompt: torch.Tensor, n: int) -> torch.Tensor:
+        x = prompt
+        with torch.no_grad():
+            for _ in range(n):
+                x = torch.cat([x, model(x)[:, -1].argmax(-1, keepdim=True)], 1)
+        return x
+    return run

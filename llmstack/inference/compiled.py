@@ -20,14 +20,12 @@ keys in any order, so the ring needs no reordering and the mask is the same.
 """
 from __future__ import annotations
 
-import time
 from typing import Optional
 
 import torch
 from torch import nn
 
-from llmstack.bench import time_pair
-from llmstack.inference.generate import generate, sample_next, use_decode_layout
+from llmstack.inference.generate import sample_next, use_decode_layout
 from llmstack.model.kv_cache import KVCache, RollingKVCache
 
 
@@ -138,30 +136,3 @@ class CompiledDecoder:
         out = torch.cat([batch, *new], dim=1)
         return out[0] if ids.dim() == 1 else out
 
-
-def benchmark_decode(model: nn.Module, *, prompt_len: int = 16, new_tokens: int = 128, iters: int = 5,
-                     mode: Optional[str] = None, seed: int = 0) -> dict:
-    """Greedy decode throughput, batch 1: `llmstack.generate` (eager, growing KVCache slices)
-    against `CompiledDecoder`, timed alternately (medians, `llmstack.bench.time_pair`) after one
-    run each (the compiled one compiles; the two runs' tokens are compared).
-
-    Returns tokens/s of both, their ratio, the seconds the first compiled run took
-    (compilation included) and whether the two produced the same tokens."""
-    if prompt_len + new_tokens > model.config.max_seq_len:
-        raise ValueError(f"prompt_len + new_tokens = {prompt_len + new_tokens} exceeds "
-                         f"model.max_seq_len={model.config.max_seq_len}")
-    g = torch.Generator().manual_seed(seed)
-    device = next(model.parameters()).device
-    prompt = torch.randint(0, model.config.vocab_size, (1, prompt_len), generator=g).to(device)
-    decoder = CompiledDecoder(model, 1, prompt_len + new_tokens, mode=mode)
-    eager = lambda: generate(model, prompt, new_tokens, temperature=0)  # noqa: E731
-    compiled = lambda: decoder.generate(prompt, new_tokens, temperature=0)  # noqa: E731
-    t0 = time.perf_counter()
-    compiled_out = compiled()  # compiles
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    first_compiled_run_s = time.perf_counter() - t0
-    same_tokens = torch.equal(eager(), compiled_out)
-    t_eager, t_compiled = time_pair(eager, compiled, 0, iters, device=device)
-    return {"eager_tokens_per_s": new_tokens / t_eager, "compiled_tokens_per_s": new_tokens / t_compiled,
-            "speedup": t_eager / t_compiled, "first_compiled_run_s": first_compiled_run_s, "same_tokens": same_tokens}

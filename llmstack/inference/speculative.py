@@ -191,12 +191,7 @@ def speculative_generate(target: torch.nn.Module, input_ids, max_new_tokens: int
         raise ValueError(f"k must be >= 1 (tokens proposed per round), got {k}")
     if ngram < 1:
         raise ValueError(f"ngram must be >= 1, got {ngram}")
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
-    if top_k is not None and top_k < 1:
-        raise ValueError(f"top_k must be >= 1 or None, got {top_k}")
-    if top_p is not None and not 0.0 < top_p <= 1.0:
-        raise ValueError(f"top_p must be in (0, 1] or None, got {top_p}")
+    SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p).validate(V)  # the same rules as generate
 
     T = len(prompt)
     total = T + max(0, min(max_new_tokens, target.config.max_seq_len - T))

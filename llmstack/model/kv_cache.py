@@ -22,18 +22,38 @@ import torch
 from torch import nn
 
 
-class KVCache(nn.Module):
+class _SlotBuffers(nn.Module):
+    """What every cache shares: k and v buffers of shape (layers, B, Hkv, slots, D), allocated
+    once, per-layer views of them, and the count of tokens seen."""
+
+    def __init__(self, n_layers: int, batch_size: int, slots: int, n_kv_heads: int, head_dim: int, *,
+                 dtype: torch.dtype, device: torch.device | str | None):
+        super().__init__()
+        shape = (n_layers, batch_size, n_kv_heads, slots, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self._layers = list(zip(self.k.unbind(0), self.v.unbind(0)))  # per-layer views, indexed once
+        self.seq_len = 0
+
+    def _apply(self, fn, recurse=True):  # .to(device) replaces the buffers: re-take the views
+        super()._apply(fn, recurse)
+        self._layers = list(zip(self.k.unbind(0), self.v.unbind(0)))
+        return self
+
+    def advance(self, n: int) -> None:
+        self.seq_len += n
+
+    def reset(self) -> None:
+        self.seq_len = 0
+
+
+class KVCache(_SlotBuffers):
     """A contiguous, preallocated cache of shape (layers, B, Hkv, max_seq_len, D) for k and for v."""
 
     def __init__(self, n_layers: int, batch_size: int, max_seq_len: int, n_kv_heads: int, head_dim: int, *,
                  dtype: torch.dtype = torch.float32, device: torch.device | str | None = None):
-        super().__init__()
-        shape = (n_layers, batch_size, n_kv_heads, max_seq_len, head_dim)
-        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self._layers = list(zip(self.k.unbind(0), self.v.unbind(0)))  # per-layer views, indexed once
+        super().__init__(n_layers, batch_size, max_seq_len, n_kv_heads, head_dim, dtype=dtype, device=device)
         self.max_seq_len = max_seq_len
-        self.seq_len = 0
 
     @classmethod
     def for_model(cls, model: nn.Module, batch_size: int, max_seq_len: Optional[int] = None, *,
@@ -42,11 +62,6 @@ class KVCache(nn.Module):
         param = next(model.parameters())
         return cls(cfg.n_layers, batch_size, max_seq_len or cfg.max_seq_len, cfg.n_kv_heads, cfg.head_dim,
                    dtype=dtype or param.dtype, device=param.device)
-
-    def _apply(self, fn, recurse=True):  # .to(device) replaces the buffers: re-take the views
-        super()._apply(fn, recurse)
-        self._layers = list(zip(self.k.unbind(0), self.v.unbind(0)))
-        return self
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         start, end = self.seq_len, self.seq_len + k.shape[2]
@@ -57,17 +72,11 @@ class KVCache(nn.Module):
         v_all[:, :, start:end] = v
         return k_all[:, :, :end], v_all[:, :, :end]
 
-    def advance(self, n: int) -> None:
-        self.seq_len += n
-
     def truncate(self, n: int) -> None:
         """Forget every slot from n on; their stale contents are overwritten by later updates."""
         if not 0 <= n <= self.seq_len:
             raise ValueError(f"cannot truncate a cache holding {self.seq_len} tokens to {n}")
         self.seq_len = n
-
-    def reset(self) -> None:
-        self.seq_len = 0
 
     @staticmethod
     def bytes_per_token(n_layers: int, n_kv_heads: int, head_dim: int, dtype: torch.dtype = torch.bfloat16) -> int:
@@ -75,7 +84,7 @@ class KVCache(nn.Module):
         return 2 * n_layers * n_kv_heads * head_dim * torch.finfo(dtype).bits // 8
 
 
-class RollingKVCache(nn.Module):
+class RollingKVCache(_SlotBuffers):
     """A ring buffer for sliding-window models: memory for `window + extra_slots` tokens, however long the text.
 
     With a sliding window of W, a new token attends to itself and the W - 1 tokens
@@ -96,17 +105,12 @@ class RollingKVCache(nn.Module):
 
     def __init__(self, n_layers: int, batch_size: int, window: int, n_kv_heads: int, head_dim: int, *,
                  extra_slots: int = 0, dtype: torch.dtype = torch.float32, device: torch.device | str | None = None):
-        super().__init__()
         if window < 1:
             raise ValueError(f"window must be >= 1, got {window}")
         if extra_slots < 0:
             raise ValueError(f"extra_slots must be >= 0, got {extra_slots}")
+        super().__init__(n_layers, batch_size, window + extra_slots, n_kv_heads, head_dim, dtype=dtype, device=device)
         self.window, self.slots = window, window + extra_slots
-        shape = (n_layers, batch_size, n_kv_heads, self.slots, head_dim)
-        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self._layers = list(zip(self.k.unbind(0), self.v.unbind(0)))
-        self.seq_len = 0
 
     @classmethod
     def for_model(cls, model: nn.Module, batch_size: int, *, extra_slots: int = 0,
@@ -118,11 +122,6 @@ class RollingKVCache(nn.Module):
         param = next(model.parameters())
         return cls(cfg.n_layers, batch_size, cfg.sliding_window, cfg.n_kv_heads, cfg.head_dim,
                    extra_slots=extra_slots, dtype=dtype or param.dtype, device=param.device)
-
-    def _apply(self, fn, recurse=True):
-        super()._apply(fn, recurse)
-        self._layers = list(zip(self.k.unbind(0), self.v.unbind(0)))
-        return self
 
     def _slots_of(self, start: int, n: int) -> torch.Tensor:
         return torch.arange(start, start + n, device=self.k.device) % self.slots
@@ -149,9 +148,6 @@ class RollingKVCache(nn.Module):
         v_all.index_copy_(2, tail, v[:, :, T - n:])
         return k_out, v_out
 
-    def advance(self, n: int) -> None:
-        self.seq_len += n
-
     def truncate(self, n: int) -> None:
         """Forget every token from n on. Possible while the window - 1 tokens before n are still in
         the ring: n >= seq_len - 1 - extra_slots, or anywhere before the ring first wrapped."""
@@ -161,6 +157,3 @@ class RollingKVCache(nn.Module):
             raise ValueError(f"cannot truncate a rolling cache of {self.seq_len} tokens to {n}: n must be in "
                              f"[{lowest}, {self.seq_len}] (older tokens left the ring; keep more with extra_slots)")
         self.seq_len = n
-
-    def reset(self) -> None:
-        self.seq_len = 0
