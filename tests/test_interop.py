@@ -3,10 +3,13 @@ import json
 
 import pytest
 import torch
+import yaml
 
 import llmstack
 from llmstack.config import ModelConfig, MoEConfig
+from llmstack.config import to_dict
 from llmstack.interop import load_weights, save_hf, save_weights
+from llmstack.interop.hf import fuse_projections, split_projections
 from llmstack.model import Transformer
 
 transformers = pytest.importorskip("transformers")
@@ -96,6 +99,30 @@ def test_llmstack_checkpoint_round_trip(tmp_path):
     with torch.no_grad():
         assert torch.equal(back(ids), model.eval()(ids))
     assert not any(p.name.startswith(".") for p in tmp_path.iterdir())  # no temporary leftovers
+
+
+def test_checkpoint_with_separate_projections_loads_fused(tmp_path):
+    """Checkpoints that keep q/k/v and gate/up apart (older llmstack runs) load into the fused
+    model unchanged; split_projections is fuse_projections' exact inverse. A GELU MLP's lone
+    up_proj and QKV biases take part correctly."""
+    for mlp in ("swiglu", "gelu"):
+        cfg = ModelConfig(vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=32, mlp=mlp,
+                          qkv_bias=True, bias=mlp == "gelu")
+        model = Transformer(cfg)
+        model.init_weights()
+        state = model.state_dict()
+        separate = split_projections(state, cfg)
+        assert "layers.1.attn.k_proj.bias" in separate and not any("qkv" in k for k in separate)
+        assert separate["layers.0.attn.q_proj.weight"].shape == (32, 32)
+        assert separate["layers.0.attn.v_proj.weight"].shape == (16, 32)
+        fused = fuse_projections(separate)
+        assert fused.keys() == state.keys() and all(torch.equal(fused[k], state[k]) for k in state)
+        save_weights(separate, tmp_path / mlp)
+        (tmp_path / mlp / "config.yaml").write_text(yaml.safe_dump({"model": to_dict(cfg)}))
+        back = llmstack.from_pretrained(tmp_path / mlp)
+        ids = torch.randint(0, 64, (1, 9))
+        with torch.no_grad():
+            assert torch.equal(back(ids), model.eval()(ids))
 
 
 def test_sharded_weights_round_trip(tmp_path):

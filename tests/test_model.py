@@ -7,6 +7,7 @@ import torch
 from llmstack.config import ModelConfig, MoEConfig, RopeScaling, model_preset
 from llmstack.model import (KVCache, MoE, RMSNorm, Transformer, apply_rope, attention, count_params, flops_per_token,
                             rope_cos_sin, rope_frequencies)
+from llmstack.interop.hf import fuse_projections, split_projections
 from llmstack.model.attention import _triton_available
 
 
@@ -29,13 +30,20 @@ def rel_err(a, b):
 # ----------------------------------------------------------------------------- parts vs torch.nn
 
 
-def test_rmsnorm_matches_torch():
-    x = torch.randn(3, 7, 32)
-    ours, ref = RMSNorm(32, eps=1e-6), torch.nn.RMSNorm(32, eps=1e-6)
+def test_rmsnorm_matches_its_formula():
+    """x / sqrt(mean(x^2) + eps) * weight, against float64; in bfloat16 within one rounding of
+    Llama's order (normalise in float32, round, then scale)."""
+    x = torch.randn(3, 7, 32) * 5
+    ours = RMSNorm(32, eps=1e-6)
     with torch.no_grad():
         ours.weight.normal_()
-        ref.weight.copy_(ours.weight)
-    torch.testing.assert_close(ours(x), ref(x), rtol=1e-5, atol=1e-6)
+        xd, wd = x.double(), ours.weight.double()
+        expected = xd / torch.sqrt(xd.pow(2).mean(-1, keepdim=True) + 1e-6) * wd
+        torch.testing.assert_close(ours(x).double(), expected, rtol=1e-5, atol=1e-6)
+        ours.to(torch.bfloat16)
+        xb = x.bfloat16()
+        llama = ours.weight * (xb.float() * torch.rsqrt(xb.float().pow(2).mean(-1, keepdim=True) + 1e-6)).bfloat16()
+        torch.testing.assert_close(ours(xb), llama, rtol=2 ** -7, atol=1e-6)
 
 
 def test_attention_module_matches_torch_multihead_attention():
@@ -46,8 +54,8 @@ def test_attention_module_matches_torch_multihead_attention():
     with torch.no_grad():
         for p in attn.parameters():
             p.normal_(0, 0.1)
-        ref.in_proj_weight.copy_(torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]))
-        ref.in_proj_bias.copy_(torch.cat([attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias]))
+        ref.in_proj_weight.copy_(attn.qkv_proj.weight)  # both stack q, k, v rows in that order
+        ref.in_proj_bias.copy_(attn.qkv_proj.bias)
         ref.out_proj.weight.copy_(attn.o_proj.weight)
         ref.out_proj.bias.copy_(attn.o_proj.bias)
     x = torch.randn(2, 11, 64)
@@ -216,11 +224,11 @@ def test_gqa_equals_mha_with_repeated_kv_heads():
     mha = Transformer(tiny(n_kv_heads=4)).eval()
     rep, d = 2, gqa.config.head_dim
     state = {}
-    for name, w in gqa.state_dict().items():
+    for name, w in split_projections(gqa.state_dict(), gqa.config).items():
         if name.endswith(("k_proj.weight", "v_proj.weight")):  # (Hkv*D, C) -> (Hkv*rep*D, C)
             w = w.view(-1, 1, d, w.shape[-1]).expand(-1, rep, -1, -1).reshape(-1, w.shape[-1])
         state[name] = w
-    mha.load_state_dict(state)
+    mha.load_state_dict(fuse_projections(state))
     x = torch.randint(0, 97, (2, 13))
     with torch.no_grad():
         assert rel_err(mha(x), gqa(x)) < 1e-5
@@ -250,7 +258,7 @@ def test_builds_on_meta_device_then_initialises():
     assert model.lm_head is None  # tied: the output projection is embed.weight
     # Residual output projections are scaled down by 1/sqrt(2 * n_layers).
     big = build(tiny(dim=256, n_heads=4, n_kv_heads=4, ffn_hidden=512))
-    std_q = big.layers[0].attn.q_proj.weight.std().item()
+    std_q = big.layers[0].attn.qkv_proj.weight.std().item()
     std_o = big.layers[0].attn.o_proj.weight.std().item()
     assert std_q == pytest.approx(0.02, rel=0.05)
     assert std_o == pytest.approx(0.02 / math.sqrt(4), rel=0.05)

@@ -113,7 +113,7 @@ def test_quantized_model_logits_close_to_float(scheme, tol):
         quantize_(model, scheme, group_size=16)
         got = model(ids)
     n_quantized = sum(isinstance(m, QuantizedLinear) for m in model.modules())
-    assert n_quantized == 2 * 7  # q, k, v, o, gate, up, down in each layer
+    assert n_quantized == 2 * 4  # qkv, o, gate_up, down in each layer
     assert isinstance(model.embed, nn.Embedding)  # the (tied) embedding stays float
     # Relative error of the logits: measured ~0.2% (int8) and ~2.5% (int4, g=16) over seeds.
     assert ((got - ref).norm() / ref.norm()).item() < tol
@@ -195,7 +195,7 @@ def test_loading_keeps_the_saved_structure(tmp_path):
 def test_load_in_another_dtype_converts_scales_not_codes(tmp_path):
     save_quantized(quantize_(tiny_model(), "int4", group_size=16), tmp_path / "q")
     model = llmstack.from_pretrained(tmp_path / "q", dtype=torch.bfloat16)
-    layer = model.layers[0].attn.q_proj
+    layer = model.layers[0].attn.qkv_proj
     assert layer.qweight.dtype == layer.zero.dtype == torch.uint8 and layer.scale.dtype == torch.bfloat16
     assert model(torch.randint(0, 50, (1, 8))).dtype == torch.bfloat16
 

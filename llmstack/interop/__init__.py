@@ -18,7 +18,8 @@ import torch
 import yaml
 
 from llmstack.config import ModelConfig, from_dict, to_dict
-from llmstack.interop.hf import config_from_hf, config_to_hf, read_hf_config, state_dict_from_hf, state_dict_to_hf
+from llmstack.interop.hf import (config_from_hf, config_to_hf, fuse_projections, read_hf_config, state_dict_from_hf,
+                                 state_dict_to_hf)
 from llmstack.interop.weights import load_weights, save_weights
 from llmstack.model import Transformer
 
@@ -71,7 +72,9 @@ def build_model(cfg: ModelConfig, *, device: torch.device | str | None = None,
 
 
 def load_state_into(model: Transformer, state: dict[str, torch.Tensor]) -> None:
-    """Strict load with errors that name the tensors: missing, unexpected, or of another shape."""
+    """Strict load with errors that name the tensors: missing, unexpected, or of another shape.
+    Checkpoints with separate q/k/v or gate/up projections (older runs) are fused first."""
+    state = fuse_projections(state)
     expected = model.state_dict()
     for name, t in expected.items():  # buffers a foreign checkpoint cannot have
         if name.endswith("expert_bias") and name not in state:
