@@ -333,3 +333,49 @@ def test_bad_generation_arguments_are_named(model):
         generate(model, [1, 2], 3, stop_strings=[""], decode=letters)
     with pytest.raises(ValueError, match="top_k must be an integer in"):
         sample_next(torch.zeros(1, 5), top_k=6)
+
+
+# ---------------------------------------------------------------- the CPU decode layout
+
+from llmstack.inference import DecodeLinear, use_decode_layout  # noqa: E402
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_decode_linear_equals_linear_for_every_row_count(bias, threads):
+    """Split or not (rows up to max_rows and beyond, thread counts that do and do not divide the
+    input width), DecodeLinear computes F.linear up to float summation order."""
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(96, 40, bias=bias)
+    ref = torch.nn.Linear(96, 40, bias=bias)
+    ref.load_state_dict(layer.state_dict())
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        use_decode_layout(layer)
+        assert type(layer) is DecodeLinear and layer.weight.t().is_contiguous()
+        assert layer.splits == {1: 1, 2: 2, 3: 3}[threads]
+        for shape in [(96,), (1, 1, 96), (3, 1, 96), (1, 16, 96), (2, 9, 96), (4, 5, 96)]:
+            x = torch.randn(*shape)
+            got, expected = layer(x), ref(x)
+            assert got.shape == expected.shape
+            torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_decode_layout_keeps_parameters_and_is_idempotent():
+    model = Transformer(ModelConfig(vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=32))
+    model.init_weights()
+    params = list(model.parameters())
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    ids = torch.randint(0, 64, (2, 7))
+    with torch.no_grad():
+        before = model(ids)
+    use_decode_layout(use_decode_layout(model))
+    assert all(a is b for a, b in zip(model.parameters(), params))  # an optimizer's references stay valid
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    assert sum(isinstance(m, DecodeLinear) for m in model.modules()) == 2 * 4 + 1  # qkv, o, gate_up, down; head
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids), before, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(model(ids[:1, :1]), before[:1, :1], rtol=1e-5, atol=1e-6)

@@ -16,7 +16,7 @@ from typing import Optional
 
 import torch
 
-from llmstack.inference.generate import use_decode_layout
+from llmstack.inference.decode_layout import use_decode_layout
 from llmstack.model import KVCache
 
 

@@ -25,7 +25,8 @@ from typing import Optional
 import torch
 from torch import nn
 
-from llmstack.inference.generate import sample_next, use_decode_layout
+from llmstack.inference.decode_layout import use_decode_layout
+from llmstack.inference.generate import sample_next
 from llmstack.model.kv_cache import KVCache, RollingKVCache
 
 

@@ -10,29 +10,12 @@ from typing import Callable, Iterator, Optional, Sequence
 
 import torch
 
+from llmstack.inference.decode_layout import use_decode_layout
 from llmstack.inference.sampling import SamplingParams, TokenHistory, sample, sample_next  # noqa: F401
 from llmstack.model import KVCache
 from llmstack.model.kv_cache import RollingKVCache
 
 Decode = Callable[[list[int]], str]
-
-
-def use_decode_layout(model: torch.nn.Module) -> None:
-    """On the CPU, store wide Linear weights transposed in memory (same values, same shape).
-
-    Decoding multiplies one token's vector by every weight matrix. For matrices
-    with more outputs than inputs (the MLP's up/gate projections, the output
-    head) the CPU kernels read an (in, out)-contiguous matrix about twice as fast
-    as the (out, in) layout nn.Linear allocates; for the others it is no faster
-    or slower (measured on the benchmark machine with scripts/bench_cpu.py).
-    Values, shapes and training results are unchanged. Idempotent.
-    """
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, torch.nn.Linear) and module.out_features > module.in_features:
-                w = module.weight
-                if w.device.type == "cpu" and w.is_contiguous() and type(w.data) is torch.Tensor:
-                    w.data = w.data.t().contiguous().t()
 
 
 class StopText:

@@ -25,7 +25,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from llmstack.inference.generate import use_decode_layout
+from llmstack.inference.decode_layout import use_decode_layout
 from llmstack.inference.sampling import SamplingParams, process_logits
 from llmstack.model import KVCache
 
