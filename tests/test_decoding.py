@@ -375,7 +375,7 @@ def test_decode_layout_keeps_parameters_and_is_idempotent():
     use_decode_layout(use_decode_layout(model))
     assert all(a is b for a, b in zip(model.parameters(), params))  # an optimizer's references stay valid
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
-    assert sum(isinstance(m, DecodeLinear) for m in model.modules()) == 2 * 4 + 1  # qkv, o, gate_up, down; head
+    assert sum(isinstance(m, DecodeLinear) for m in model.modules()) == 2 * 5 + 1  # qkv, o, gate, up, down; head
     with torch.no_grad():
         torch.testing.assert_close(model(ids), before, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(model(ids[:1, :1]), before[:1, :1], rtol=1e-5, atol=1e-6)

@@ -102,9 +102,8 @@ def test_llmstack_checkpoint_round_trip(tmp_path):
 
 
 def test_checkpoint_with_separate_projections_loads_fused(tmp_path):
-    """Checkpoints that keep q/k/v and gate/up apart (older llmstack runs) load into the fused
-    model unchanged; split_projections is fuse_projections' exact inverse. A GELU MLP's lone
-    up_proj and QKV biases take part correctly."""
+    """Checkpoints that keep q, k and v apart (older llmstack runs) load into the fused model
+    unchanged; split_projections is fuse_projections' exact inverse, biases included."""
     for mlp in ("swiglu", "gelu"):
         cfg = ModelConfig(vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=32, mlp=mlp,
                           qkv_bias=True, bias=mlp == "gelu")

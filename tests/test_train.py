@@ -61,8 +61,8 @@ def test_weight_decay_groups():
     decay, no_decay = param_groups(model, 0.1)
     names = {id(p): n for n, p in model.named_parameters()}
     assert {names[id(p)] for p in decay["params"]} == {
-        "layers.0.attn.qkv_proj.weight", "layers.0.attn.o_proj.weight", "layers.0.mlp.gate_up_proj.weight",
-        "layers.0.mlp.down_proj.weight", "lm_head.weight"}
+        "layers.0.attn.qkv_proj.weight", "layers.0.attn.o_proj.weight", "layers.0.mlp.gate_proj.weight",
+        "layers.0.mlp.up_proj.weight", "layers.0.mlp.down_proj.weight", "lm_head.weight"}
     assert "embed.weight" in {names[id(p)] for p in no_decay["params"]}
     assert no_decay["weight_decay"] == 0.0
     assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))

@@ -73,7 +73,7 @@ def build_model(cfg: ModelConfig, *, device: torch.device | str | None = None,
 
 def load_state_into(model: Transformer, state: dict[str, torch.Tensor]) -> None:
     """Strict load with errors that name the tensors: missing, unexpected, or of another shape.
-    Checkpoints with separate q/k/v or gate/up projections (older runs) are fused first."""
+    Checkpoints with separate q/k/v projections (older runs) are fused first."""
     state = fuse_projections(state)
     expected = model.state_dict()
     for name, t in expected.items():  # buffers a foreign checkpoint cannot have

@@ -2,9 +2,8 @@
 
 Supported: Llama (Llama-3 RoPE scaling included), Mistral, Qwen2 and Mixtral.
 Their RoPE uses the same "rotate half" channel layout as ours, so q/k weights
-need no permutation. Names change, and they keep q, k, v (and gate, up) as
-separate matrices where we fuse them into one (`fuse_projections`,
-`split_projections`).
+need no permutation. Names change, and they keep q, k and v as separate
+matrices where we fuse them into one (`fuse_projections`, `split_projections`).
 """
 from __future__ import annotations
 
@@ -174,52 +173,55 @@ def _rename(name: str, table) -> str | None:
     return None
 
 
-# Separate projections whose output rows we stack into one fused matrix, in this order.
-_FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
-_MEMBER = re.compile(r"(?P<prefix>.*)\.(?P<member>[a-z_]+_proj)\.(?P<w>weight|bias)$")
+# q, k and v are stored apart by Hugging Face (and older llmstack runs); our one qkv_proj
+# stacks their output rows in that order.
+_QKV = ("q_proj", "k_proj", "v_proj")
+_PROJ = re.compile(r"(?P<prefix>.*)\.(?P<proj>[a-z]+_proj)\.(?P<w>weight|bias)$")
 
 
 def fuse_projections(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Stack separate q/k/v (and gate/up) projections into our fused `qkv_proj` (and
-    `gate_up_proj`) tensors, for checkpoints that keep them apart (Hugging Face, older
-    llmstack runs). Anything else passes through, a GELU MLP's lone up_proj included."""
+    """Stack separate q/k/v projection tensors into our fused `qkv_proj` ones; anything else
+    passes through."""
     out = dict(state)
     for name in state:
-        m = _MEMBER.match(name)
-        for fused, members in _FUSED.items():
-            if m is not None and m["member"] == members[0]:  # the first member gathers its group
-                names = [f"{m['prefix']}.{member}.{m['w']}" for member in members]
-                if all(n in state for n in names):
-                    out[f"{m['prefix']}.{fused}.{m['w']}"] = torch.cat([out.pop(n) for n in names], dim=0)
+        m = _PROJ.match(name)
+        if m is not None and m["proj"] == "q_proj":
+            parts = [f"{m['prefix']}.{proj}.{m['w']}" for proj in _QKV]
+            if all(p in state for p in parts):
+                out[f"{m['prefix']}.qkv_proj.{m['w']}"] = torch.cat([out.pop(p) for p in parts], dim=0)
     return out
 
 
 def split_projections(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
-    """The inverse of `fuse_projections`: our fused tensors as separate q/k/v and gate/up ones."""
-    qkv_sizes = [n * cfg.head_dim for n in (cfg.n_heads, cfg.n_kv_heads, cfg.n_kv_heads)]
+    """The inverse of `fuse_projections`: each fused `qkv_proj` tensor as q, k and v ones."""
+    sizes = [n * cfg.head_dim for n in (cfg.n_heads, cfg.n_kv_heads, cfg.n_kv_heads)]
     out = {}
     for name, t in state.items():
-        m = _MEMBER.match(name)
-        if m is None or m["member"] not in _FUSED:
+        m = _PROJ.match(name)
+        if m is None or m["proj"] != "qkv_proj":
             out[name] = t
             continue
-        pieces = t.split(qkv_sizes, dim=0) if m["member"] == "qkv_proj" else t.chunk(2, dim=0)
-        for part, piece in zip(_FUSED[m["member"]], pieces):
-            out[f"{m['prefix']}.{part}.{m['w']}"] = piece
+        for proj, piece in zip(_QKV, t.split(sizes, dim=0)):
+            out[f"{m['prefix']}.{proj}.{m['w']}"] = piece
     return out
 
 
 def state_dict_from_hf(hf_state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
-    """Rename a Hugging Face state dict to ours and fuse its projections. Fused expert tensors
-    (transformers >= 5 in memory: experts.gate_up_proj (E, 2I, C), experts.down_proj (E, C, I))
-    are split by expert."""
+    """Rename a Hugging Face state dict to ours and fuse its q/k/v projections. Fused expert
+    tensors (transformers >= 5 in memory: experts.gate_up_proj (E, 2I, C), experts.down_proj
+    (E, C, I)) are split."""
     out, unknown = {}, []
     for name, t in hf_state.items():
         m = re.match(r"model\.layers\.(\d+)\.mlp\.experts\.(gate_up_proj|down_proj)$", name)
         if m:
             i, kind = m.groups()
-            for e in range(t.shape[0]):  # gate_up_proj rows are [gate | up], as ours
-                out[f"layers.{i}.mlp.experts.{e}.{kind}.weight"] = t[e]
+            for e in range(t.shape[0]):
+                if kind == "gate_up_proj":  # rows: [gate | up]
+                    gate, up = t[e].chunk(2, dim=0)
+                    out[f"layers.{i}.mlp.experts.{e}.gate_proj.weight"] = gate
+                    out[f"layers.{i}.mlp.experts.{e}.up_proj.weight"] = up
+                else:
+                    out[f"layers.{i}.mlp.experts.{e}.down_proj.weight"] = t[e]
             continue
         name = name.replace(".mlp.gate.weight", ".block_sparse_moe.gate.weight")  # v5 in-memory name
         ours = _rename(name, _FROM_HF)
