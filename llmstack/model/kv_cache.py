@@ -68,9 +68,9 @@ class KVCache(_SlotBuffers):
         if end > self.max_seq_len:
             raise ValueError(f"KV cache is full: {end} tokens do not fit in max_seq_len={self.max_seq_len}")
         k_all, v_all = self._layers[layer]
-        k_all[:, :, start:end] = k
-        v_all[:, :, start:end] = v
-        return k_all[:, :, :end], v_all[:, :, :end]
+        k_all.narrow(2, start, end - start).copy_(k)  # narrow: a view, without indexing's overhead
+        v_all.narrow(2, start, end - start).copy_(v)
+        return k_all.narrow(2, 0, end), v_all.narrow(2, 0, end)
 
     def truncate(self, n: int) -> None:
         """Forget every slot from n on; their stale contents are overwritten by later updates."""
