@@ -216,6 +216,12 @@ def test_cached_forward_equals_full_forward(variant):
         parts = [model(x[:, :9], cache=cache), model(x[:, 9:10], cache=cache), model(x[:, 10:], cache=cache)]
     assert cache.seq_len == 23
     assert rel_err(torch.cat(parts, 1), full) < 1e-5
+    with torch.no_grad():  # logits for the last positions only: the same values, the cache filled alike
+        cache.reset()
+        last = model(x[:, :20], cache=cache, logits_to_keep=1)
+        assert last.shape == (2, 1, 97) and cache.seq_len == 20
+        assert rel_err(last, full[:, 19:20]) < 1e-5
+        assert rel_err(model(x[:, 20:], cache=cache, logits_to_keep=2), full[:, 21:]) < 1e-5
 
 
 def test_gqa_equals_mha_with_repeated_kv_heads():

@@ -93,7 +93,7 @@ def beam_search(model: torch.nn.Module, input_ids, max_new_tokens: int, *, num_b
         with torch.inference_mode():
             # Prefill once, then copy the prompt's keys/values into every beam's row.
             prompt_cache = KVCache.for_model(model, 1, T)
-            logits = model(prompt[None], cache=prompt_cache)[:, -1]  # (1, V)
+            logits = model(prompt[None], cache=prompt_cache, logits_to_keep=1)[:, -1]  # (1, V)
             cache = KVCache.for_model(model, W, T + steps)
             cache.k[:, :, :, :T] = prompt_cache.k
             cache.v[:, :, :, :T] = prompt_cache.v

@@ -103,7 +103,7 @@ class CompiledDecoder:
         if not 1 <= T <= self.max_seq_len:
             raise ValueError(f"the prompt has {T} tokens; it must have between 1 and max_seq_len={self.max_seq_len}")
         self.cache.reset()
-        return self.model(input_ids, cache=self.cache)[:, -1]
+        return self.model(input_ids, cache=self.cache, logits_to_keep=1)[:, -1]
 
     @torch.no_grad()
     def step(self, tokens: torch.Tensor) -> torch.Tensor:

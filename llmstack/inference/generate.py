@@ -140,7 +140,7 @@ def _decode_steps(model: torch.nn.Module, rows: list[torch.Tensor], max_new_toke
     try:
         with torch.inference_mode():
             mask = key_mask[:, :T] if ragged else None
-            logits = model(ids, cache=cache, positions=positions, attn_mask=mask)[:, -1]  # (B, V)
+            logits = model(ids, cache=cache, positions=positions, attn_mask=mask, logits_to_keep=1)[:, -1]  # (B, V)
             for i in range(steps):
                 nxt = sample(logits, params, history=history, generator=generator)  # (B,)
                 if not track:

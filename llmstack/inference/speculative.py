@@ -119,7 +119,7 @@ class _ModelDrafter:
         feed = tokens[self.cache.seq_len:]  # the tokens it has not seen yet: one or two, the whole prompt at first
         proposal, dists = [], []
         for i in range(k):
-            logits = self.model(torch.tensor([feed], device=device), cache=self.cache)[0, -1]  # (V,)
+            logits = self.model(torch.tensor([feed], device=device), cache=self.cache, logits_to_keep=1)[0, -1]  # (V,)
             token, dist = sample(logits)
             proposal.append(token)
             dists.append(dist)

@@ -183,13 +183,16 @@ class Transformer(nn.Module):
     # ------------------------------------------------------------------ forward
 
     def forward(self, input_ids: torch.Tensor, *, positions: Optional[torch.Tensor] = None, cache=None,
-                attn_mask: Optional[torch.Tensor] = None, return_aux: bool = False):
+                attn_mask: Optional[torch.Tensor] = None, logits_to_keep: Optional[int] = None,
+                return_aux: bool = False):
         """Logits (B, T, vocab) for input_ids (B, T).
 
         positions: (T,) or (B, T) absolute positions; default: the cache's fill level + arange(T).
         cache:     a KVCache (or compatible); new keys/values are appended and it advances by T.
         attn_mask: (B, S) bool over all key slots (cached + new), True for real tokens; for
                    batches of unequal lengths.
+        logits_to_keep: compute logits for the last n positions only, (B, n, vocab): a prefill
+                   needs one, and the output head over a whole prompt costs as much as a layer.
         return_aux: also return a dict with the MoE auxiliary loss and per-layer expert loads.
         """
         B, T = input_ids.shape
@@ -213,6 +216,8 @@ class Transformer(nn.Module):
             x = layer(x, rope, cache, attn_mask)
         if cache is not None:
             cache.advance(T)
+        if logits_to_keep is not None:
+            x = x[:, -logits_to_keep:]
         x = self.norm(x)
         logits = self.lm_head(x) if self.lm_head is not None else F.linear(x, self.embed.weight)
         if not return_aux:
