@@ -9,8 +9,8 @@ from llmstack.inference.sampling import SamplingParams, process_logits, sample
 from llmstack.inference.speculative import SpeculativeOutput, lookup_continuation, speculative_generate
 
 __all__ = [
-    "CompiledDecoder", "DecodeLinear", "Hypothesis", "QuantizedLinear", "SamplingParams", "SpeculativeOutput", "StopText",
-    "beam_search", "extend_context", "generate", "generate_text", "load_quantized", "lookup_continuation",
+    "CompiledDecoder", "DecodeLinear", "Hypothesis", "QuantizedLinear", "SamplingParams", "SpeculativeOutput",
+    "StopText", "beam_search", "extend_context", "generate", "generate_text", "load_quantized", "lookup_continuation",
     "loss_by_position", "process_logits", "quantize_", "sample", "sample_next", "save_quantized",
     "speculative_generate", "stream_generate", "use_decode_layout",
 ]

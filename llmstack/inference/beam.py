@@ -17,6 +17,7 @@ from typing import Optional
 import torch
 
 from llmstack.inference.decode_layout import use_decode_layout
+from llmstack.inference.generate import check_max_new_tokens, check_token_ids
 from llmstack.model import KVCache
 
 
@@ -33,11 +34,8 @@ def _check(model, prompt: torch.Tensor, max_new_tokens, num_beams, length_penalt
     V = model.config.vocab_size
     if prompt.dim() != 1 or len(prompt) == 0:
         raise ValueError(f"beam_search takes one non-empty prompt (T,) or (1, T), got shape {tuple(prompt.shape)}")
-    bad = prompt[(prompt < 0) | (prompt >= V)]
-    if len(bad):
-        raise ValueError(f"token id {int(bad[0])} is outside the vocabulary (model.vocab_size={V})")
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens}")
+    check_token_ids(prompt, V)
+    check_max_new_tokens(max_new_tokens)
     steps = max(0, min(max_new_tokens, model.config.max_seq_len - len(prompt)))
     # More beams than distinct continuations could never all be filled.
     most = V ** max(steps, 1)

@@ -81,13 +81,23 @@ def _prompt_rows(input_ids, device) -> tuple[list[torch.Tensor], str]:
     return rows, "list"
 
 
+def check_token_ids(ids: torch.Tensor, vocab_size: int) -> None:
+    """Raise naming the first token id outside [0, vocab_size)."""
+    bad = ids[(ids < 0) | (ids >= vocab_size)]
+    if len(bad):
+        raise ValueError(f"token id {int(bad[0])} is outside the vocabulary (model.vocab_size={vocab_size})")
+
+
+def check_max_new_tokens(max_new_tokens) -> None:
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens}")
+
+
 def _check_prompts(rows: list[torch.Tensor], vocab_size: int) -> None:
     for i, row in enumerate(rows):
         if len(row) == 0:
             raise ValueError(f"prompt {i} is empty; give at least one token (e.g. the tokenizer's EOS id)")
-        bad = row[(row < 0) | (row >= vocab_size)]
-        if len(bad):
-            raise ValueError(f"token id {int(bad[0])} is outside the vocabulary (model.vocab_size={vocab_size})")
+        check_token_ids(row, vocab_size)
 
 
 def _generators(seed, n_rows: int, device) -> Optional[torch.Generator | list[torch.Generator]]:
@@ -176,8 +186,7 @@ def _start(model, input_ids, max_new_tokens, params: SamplingParams, seed, stop_
     device = next(model.parameters()).device
     if device.type == "cpu":
         use_decode_layout(model)
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens}")
+    check_max_new_tokens(max_new_tokens)
     params.validate(model.config.vocab_size)
     rows, kind = _prompt_rows(input_ids, device)
     _check_prompts(rows, model.config.vocab_size)

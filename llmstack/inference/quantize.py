@@ -304,7 +304,7 @@ def load_quantized(directory: str | os.PathLike, *, device: torch.device | str |
                    dtype: Optional[torch.dtype] = None) -> nn.Module:
     """Load a checkpoint written by save_quantized (llmstack.from_pretrained calls this when the
     metadata names a scheme). Returns the model in eval mode."""
-    from llmstack.interop import load_model_config, load_state_into, load_weights, resolve_checkpoint
+    from llmstack.interop import finish_loading, load_model_config, load_weights, resolve_checkpoint
     from llmstack.model import Transformer
 
     directory = resolve_checkpoint(directory)
@@ -329,7 +329,4 @@ def load_quantized(directory: str | os.PathLike, *, device: torch.device | str |
                                                       group_size=group_size, bias=linear.bias is not None,
                                                       dtype=dtype_of))
     model.to_empty(device="cpu")
-    load_state_into(model, state)
-    model.init_buffers()
-    model.to(device=device or "cpu", dtype=dtype)
-    return model.eval()
+    return finish_loading(model, state, device=device, dtype=dtype)

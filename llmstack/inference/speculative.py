@@ -26,6 +26,7 @@ from typing import Optional, Sequence
 import torch
 
 from llmstack.inference.decode_layout import use_decode_layout
+from llmstack.inference.generate import check_token_ids
 from llmstack.inference.sampling import SamplingParams, process_logits
 from llmstack.model import KVCache
 
@@ -184,9 +185,7 @@ def speculative_generate(target: torch.nn.Module, input_ids, max_new_tokens: int
     V = target.config.vocab_size
     if not prompt:
         raise ValueError("input_ids must hold at least one token")
-    if max(prompt) >= V or min(prompt) < 0:
-        bad = max(prompt) if max(prompt) >= V else min(prompt)
-        raise ValueError(f"token id {bad} is outside the vocabulary (model.vocab_size={V})")
+    check_token_ids(ids, V)
     if k < 1:
         raise ValueError(f"k must be >= 1 (tokens proposed per round), got {k}")
     if ngram < 1:

@@ -23,8 +23,9 @@ from llmstack.interop.hf import (config_from_hf, config_to_hf, fuse_projections,
 from llmstack.interop.weights import load_weights, save_weights
 from llmstack.model import Transformer
 
-__all__ = ["atomic_directory", "build_model", "from_pretrained", "load_model_config", "load_state_into",
-           "load_tokenizer", "load_weights", "resolve_checkpoint", "save_hf", "save_pretrained", "save_weights"]
+__all__ = ["atomic_directory", "build_model", "finish_loading", "from_pretrained", "load_model_config",
+           "load_state_into", "load_tokenizer", "load_weights", "resolve_checkpoint", "save_hf", "save_pretrained",
+           "save_weights"]
 
 
 def resolve_checkpoint(path: str | os.PathLike) -> Path:
@@ -92,6 +93,16 @@ def load_state_into(model: Transformer, state: dict[str, torch.Tensor]) -> None:
     model.load_state_dict(state, strict=True)
 
 
+def finish_loading(model: Transformer, state: dict[str, torch.Tensor], *,
+                   device: torch.device | str | None = None, dtype: Optional[torch.dtype] = None) -> Transformer:
+    """Load `state` into a model allocated on the CPU, recompute its buffers, move it to
+    `device`/`dtype`, and return it in eval mode."""
+    load_state_into(model, state)
+    model.init_buffers()
+    model.to(device=device or "cpu", dtype=dtype)
+    return model.eval()
+
+
 def from_pretrained(path: str | os.PathLike, *, device: torch.device | str | None = None,
                     dtype: Optional[torch.dtype] = None) -> Transformer:
     """Load an llmstack checkpoint directory or a Hugging Face directory (Llama, Mistral, Qwen2,
@@ -108,11 +119,7 @@ def from_pretrained(path: str | os.PathLike, *, device: torch.device | str | Non
         return load_quantized(path, device=device, dtype=dtype)
     if (path / "config.json").is_file() and not (path / "config.yaml").is_file():
         state = state_dict_from_hf(state, cfg)
-    model = build_model(cfg, device="cpu")
-    load_state_into(model, state)
-    model.init_buffers()
-    model.to(device=device or "cpu", dtype=dtype)
-    return model.eval()
+    return finish_loading(build_model(cfg, device="cpu"), state, device=device, dtype=dtype)
 
 
 def save_pretrained(model: Transformer, directory: str | os.PathLike, *, metadata: Optional[dict[str, str]] = None,
