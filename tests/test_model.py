@@ -46,6 +46,41 @@ def test_rmsnorm_matches_its_formula():
         torch.testing.assert_close(ours(xb), llama, rtol=2 ** -7, atol=1e-6)
 
 
+def test_training_norm_and_swiglu_gradients_match_autograd_of_their_formulas():
+    """The hand-written backward passes (llmstack.model.functional) against autograd through
+    the plain formulas in float64 (gradcheck), and against the inference path's values."""
+    from llmstack.model.functional import RMSNormFunction, SwiGLUFunction, rms_norm, swiglu
+
+    x = (torch.randn(2, 5, 16, dtype=torch.float64) * 3).requires_grad_()
+    w = torch.randn(16, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, w: RMSNormFunction.apply(x, w, 1e-6), (x, w))
+    gate, up = (torch.randn(2, 5, 16, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    assert torch.autograd.gradcheck(SwiGLUFunction.apply, (gate, up))
+    # Frozen inputs (LoRA freezes the norm weights) get no gradient and cost none.
+    x32, w32 = x.detach().float().requires_grad_(), w.detach().float()
+    rms_norm(x32, w32, 1e-6).sum().backward()
+    expected = torch.autograd.grad(torch.nn.functional.rms_norm(x32, (16,), w32, 1e-6).sum(), x32)[0]
+    torch.testing.assert_close(x32.grad, expected, rtol=1e-5, atol=1e-6)
+    with torch.no_grad():  # the training path computes the same values as the inference path
+        torch.testing.assert_close(rms_norm(x32, w32, 1e-6), RMSNormFunction.apply(x32, w32, 1e-6))
+        torch.testing.assert_close(swiglu(gate.float(), up.float()), SwiGLUFunction.apply(gate.float(), up.float()))
+
+
+def test_training_norm_keeps_float32_sums_under_autocast():
+    """Under bfloat16 autocast the norm's row sums stay in float32 (autocast would run
+    `vecdot` in bfloat16): the result equals the float32 computation rounded once."""
+    x = torch.randn(4, 64, requires_grad=True)
+    w = torch.randn(64, requires_grad=True)
+    norm = RMSNorm(64, eps=1e-6)
+    with torch.no_grad():
+        norm.weight.copy_(w)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = norm(x)
+    assert y.dtype == torch.float32
+    with torch.no_grad():
+        torch.testing.assert_close(y, torch.nn.functional.rms_norm(x, (64,), w, 1e-6), rtol=1e-6, atol=1e-6)
+
+
 def test_attention_module_matches_torch_multihead_attention():
     """MHA without positions equals torch.nn.MultiheadAttention with a causal mask."""
     cfg = tiny(n_kv_heads=4, pos="none", qkv_bias=True, bias=True, attn_backend="naive")

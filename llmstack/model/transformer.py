@@ -16,6 +16,7 @@ from torch import nn
 
 from llmstack.config import ModelConfig
 from llmstack.model.attention import attention, resolve_backend
+from llmstack.model.functional import rms_norm, swiglu
 from llmstack.model.moe import MoE
 from llmstack.model.rope import apply_rope, rope_cos_sin, rope_frequencies
 
@@ -23,9 +24,9 @@ from llmstack.model.rope import apply_rope, rope_cos_sin, rope_frequencies
 class RMSNorm(nn.Module):
     """x / rms(x) * weight: LayerNorm without centring or bias, computed in float32.
 
-    torch's fused `F.rms_norm` (one op instead of six small ones, which matters when
-    decoding one token at a time). In 16-bit it applies the weight before rounding to
-    x's dtype; Llama's reference rounds first: the two differ by at most one rounding."""
+    Inference runs torch's `F.rms_norm`, training a hand-written backward pass
+    (`llmstack.model.functional`). In 16-bit both apply the weight before rounding to x's
+    dtype; Llama's reference rounds first: the two differ by at most one rounding."""
 
     def __init__(self, dim: int, eps: float = 1e-5):
         super().__init__()
@@ -33,7 +34,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+        return rms_norm(x, self.weight, self.eps)
 
 
 def make_norm(config: ModelConfig, dim: Optional[int] = None) -> nn.Module:
@@ -105,7 +106,7 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.swiglu:
-            return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+            return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
         return self.down_proj(F.gelu(self.up_proj(x), approximate="tanh"))
 
 

@@ -1,0 +1,85 @@
+"""Two layers with their backward pass written out by hand, for training speed.
+
+Autograd differentiates `F.rms_norm` and `F.silu(gate) * up` op by op: it keeps every
+intermediate and allocates a fresh tensor for each step of the chain rule. On the CPU
+the allocations cost as much as the arithmetic (each large one page-faults its memory
+in), so writing the gradients out with fewer, in-place passes is measurably faster:
+about 2% (RMSNorm) and 4% (SwiGLU) of a training step, `scripts/bench_cpu.py`.
+
+Both take the plain path when no gradient is needed (inference), and both are checked
+against autograd through the plain formulas in tests/test_model.py.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """x / sqrt(mean(x^2) + eps) * weight over the last dimension, computed in float32 (or float64)."""
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+        return RMSNormFunction.apply(x, weight, eps)
+    return F.rms_norm(x, (x.shape[-1],), weight, eps)
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up."""
+    if torch.is_grad_enabled() and (gate.requires_grad or up.requires_grad):
+        return SwiGLUFunction.apply(gate, up)
+    return F.silu(gate).mul_(up)
+
+
+class RMSNormFunction(torch.autograd.Function):
+    """With r = rsqrt(mean(x^2) + eps), x̂ = x * r and g = dy * weight (C channels):
+
+        dx = r * (g - x̂ * mean(g * x̂))        dweight = sum over rows of dy * x̂
+
+    Five elementwise passes where autograd takes about fourteen. Saves x and r (one
+    number per row); x̂ is recomputed in the backward pass. Autocast is switched off
+    inside: it would run the row sums (`vecdot`) in 16-bit."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        with torch.autocast(x.device.type, enabled=False):
+            xf = x.to(torch.promote_types(x.dtype, torch.float32))
+            mean_sq = torch.linalg.vecdot(xf, xf).unsqueeze(-1).div_(x.shape[-1])  # (..., 1), no x^2 tensor
+            rstd = mean_sq.add_(eps).rsqrt_()
+            ctx.save_for_backward(x, weight, rstd)
+            return (xf * rstd).mul_(weight).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor):
+        x, weight, rstd = ctx.saved_tensors
+        with torch.autocast(x.device.type, enabled=False):
+            x_hat = x.to(rstd.dtype) * rstd
+            dy = dy.to(rstd.dtype)
+            dweight = (dy * x_hat).flatten(0, -2).sum(0).to(weight.dtype) if ctx.needs_input_grad[1] else None
+            dx = None
+            if ctx.needs_input_grad[0]:
+                g = dy * weight
+                mean_g_xhat = torch.linalg.vecdot(g, x_hat).unsqueeze(-1).div_(x.shape[-1])
+                dx = g.addcmul_(x_hat, mean_g_xhat, value=-1).mul_(rstd).to(x.dtype)
+        return dx, dweight, None
+
+
+class SwiGLUFunction(torch.autograd.Function):
+    """h = silu(gate) * up, with dup = silu(gate) * dh and dgate = silu'(gate) * up * dh.
+
+    Saves gate and up only (autograd also keeps silu(gate)) and recomputes silu(gate) in
+    the backward pass: two new tensors there instead of three, one in the forward instead
+    of two."""
+
+    @staticmethod
+    def forward(ctx, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(gate, up)
+        return F.silu(gate).mul_(up)
+
+    @staticmethod
+    def backward(ctx, dh: torch.Tensor):
+        gate, up = ctx.saved_tensors
+        dup = F.silu(gate).mul_(dh) if ctx.needs_input_grad[1] else None
+        dgate = None
+        if ctx.needs_input_grad[0]:
+            dgate = dh * up
+            torch.ops.aten.silu_backward.grad_input(dgate, gate, grad_input=dgate)  # in place: dgate *= silu'(gate)
+        return dgate, dup
