@@ -166,18 +166,26 @@ def test_rope_depends_only_on_relative_position():
 
 def test_rope_matches_complex_number_formulation():
     """RoPE as the paper writes it: channel pairs (x_i, x_{i+d/2}) as complex numbers,
-    multiplied by e^{i * position * theta_i}."""
+    multiplied by e^{i * position * theta_i}. Values and gradients (our hand-written
+    backward against autograd through the complex product), shared and per-row positions."""
     d = 16
     inv_freq, _ = rope_frequencies(d, 500.0)
-    x = torch.randn(2, 3, 7, d, dtype=torch.float64)
-    positions = torch.tensor([0, 1, 2, 5, 11, 100, 1000])
-    cos, sin = rope_cos_sin(positions, inv_freq, dtype=torch.float64)
-    ours = apply_rope(x, cos, sin)
-    z = torch.complex(x[..., : d // 2], x[..., d // 2:])
-    angles = positions[:, None].double() * inv_freq.double()
-    rotated = z * torch.polar(torch.ones_like(angles), angles)
-    expected = torch.cat((rotated.real, rotated.imag), dim=-1)
-    torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-5)
+    positions = torch.tensor([[0, 1, 2, 5, 11, 100, 1000], [3, 4, 5, 6, 7, 8, 9]])
+    for pos in (positions[0], positions):  # (T,) and (B, T)
+        x = torch.randn(2, 3, 7, d, dtype=torch.float64, requires_grad=True)
+        cos, sin = rope_cos_sin(pos, inv_freq, dtype=torch.float64)
+        ours = apply_rope(x, cos, sin)
+        z = torch.complex(x[..., : d // 2], x[..., d // 2:])
+        angles = pos[..., None].double() * inv_freq.double()  # (T, d/2) or (B, T, d/2)
+        rotated = z * torch.polar(torch.ones_like(angles), angles)[..., None, :, :] if pos.dim() == 2 else \
+            z * torch.polar(torch.ones_like(angles), angles)
+        expected = torch.cat((rotated.real, rotated.imag), dim=-1)
+        torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-5)
+        dy = torch.randn_like(ours)
+        torch.testing.assert_close(torch.autograd.grad(ours, x, dy)[0], torch.autograd.grad(expected, x, dy)[0],
+                                   rtol=1e-5, atol=1e-5)  # cos/sin are computed in float32
+        with torch.no_grad():  # the inference path agrees with the training path
+            torch.testing.assert_close(apply_rope(x, cos, sin), ours)
 
 
 @pytest.mark.parametrize("scaling", [

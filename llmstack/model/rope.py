@@ -65,8 +65,8 @@ def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor, attention_fact
                  dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin of shape (*positions.shape, head_dim), computed in float32, returned in `dtype`.
 
-    The first half of sin is negated ahead of time, so that `apply_rope` can
-    rotate with a roll instead of a negate-and-concatenate on every layer."""
+    The first half of sin is negated ahead of time, so that `apply_rope` needs no
+    negation on every layer."""
     angles = positions.float()[..., None] * inv_freq  # (..., T, d/2)
     cos, sin = angles.cos(), angles.sin()
     if attention_factor != 1.0:
@@ -82,4 +82,31 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     x * cos + [x2, x1] * [-sin, sin]."""
     if cos.dim() == 3:  # per-row positions: (B, T, D) -> (B, 1, T, D)
         cos, sin = cos[:, None], sin[:, None]
-    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * sin
+    if torch.is_grad_enabled() and x.requires_grad:
+        return RotaryFunction.apply(x, cos, sin)
+    return _rotate(x, cos, sin)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x * cos + [x2, x1] * sin, without building [x2, x1]: one new tensor instead of four."""
+    half = x.shape[-1] // 2
+    out = x * cos
+    out[..., :half].addcmul_(x[..., half:], sin[..., :half])
+    out[..., half:].addcmul_(x[..., :half], sin[..., half:])
+    return out
+
+
+class RotaryFunction(torch.autograd.Function):
+    """RoPE with its gradient written out. A rotation's inverse is its transpose, the
+    rotation by minus the angle, so dx = rotate(dy, cos, -sin): one new tensor in the
+    backward pass where autograd makes four (tests/test_model.py checks it against autograd)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(cos, sin)
+        return _rotate(x, cos, sin)
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor):
+        cos, sin = ctx.saved_tensors
+        return _rotate(dy, cos, -sin), None, None
