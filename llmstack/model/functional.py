@@ -4,7 +4,9 @@ Autograd differentiates `F.rms_norm` and `F.silu(gate) * up` op by op: it keeps 
 intermediate and allocates a fresh tensor for each step of the chain rule. On the CPU
 the allocations cost as much as the arithmetic (each large one page-faults its memory
 in), so writing the gradients out with fewer, in-place passes is measurably faster:
-about 2% (RMSNorm) and 4% (SwiGLU) of a training step, `scripts/bench_cpu.py`.
+about 2% (RMSNorm) and 3-5% (SwiGLU) of the training step of `scripts/bench_cpu.py`
+(A/B in one process). RoPE's own, `RotaryFunction`, lives with the rest of RoPE in
+`llmstack/model/rope.py`.
 
 Both take the plain path when no gradient is needed (inference), and both are checked
 against autograd through the plain formulas in tests/test_model.py.
