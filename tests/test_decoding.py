@@ -1,6 +1,7 @@
 """Decoding core: cached generation equals uncached, sampling follows its definitions."""
 import pytest
 import torch
+import torch.nn.functional as F
 
 from llmstack.config import ModelConfig
 from llmstack.inference import generate, sample_next, stream_generate
@@ -360,6 +361,39 @@ def test_decode_linear_equals_linear_for_every_row_count(bias, threads):
             got, expected = layer(x), ref(x)
             assert got.shape == expected.shape
             torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_decode_linear_follows_weight_updates_and_replacements():
+    """The weight view DecodeLinear keeps between no-grad calls sees in-place updates (an
+    optimizer step, load_state_dict), is rebuilt when the weight is replaced (.data =, a new
+    dtype), and is not used when gradients are recorded (the weight still gets its gradient)."""
+    torch.manual_seed(0)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        layer = use_decode_layout(torch.nn.Linear(96, 40))
+        x = torch.randn(1, 96)
+        with torch.no_grad():
+            layer(x)  # keeps the view
+            layer.weight.add_(1.0)  # in place
+            torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias), rtol=1e-5, atol=1e-5)
+            layer.load_state_dict({"weight": torch.randn(40, 96), "bias": torch.randn(40)})
+            torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias), rtol=1e-5, atol=1e-5)
+            layer.weight.data = torch.randn(96, 40).t()  # replaced, still (in, out)-contiguous
+            torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias), rtol=1e-5, atol=1e-5)
+            layer.weight.data = torch.randn(40, 96)  # replaced by the usual layout: plain F.linear
+            torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias), rtol=1e-5, atol=1e-5)
+        layer = use_decode_layout(layer)
+        with torch.no_grad():
+            layer(x)
+        layer.to(torch.float64)
+        assert layer._parts is None  # the float32 weight is not kept alive
+        with torch.no_grad():
+            torch.testing.assert_close(layer(x.double()), F.linear(x.double(), layer.weight, layer.bias))
+        layer(x.double()).sum().backward()
+        torch.testing.assert_close(layer.weight.grad, x.double().expand(40, 96))
     finally:
         torch.set_num_threads(before)
 

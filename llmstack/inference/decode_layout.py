@@ -33,18 +33,42 @@ class DecodeLinear(nn.Linear):
 
     max_rows = 16  # decode of a small batch; the split stayed faster up to 16 rows on 2 cores
     splits = 1  # set by use_decode_layout: the largest divisor of in_features up to the thread count
+    _parts = None  # the weight's (splits, in / splits, out) view, kept between no-grad calls
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows, splits = x.numel() // self.in_features, self.splits
-        if rows > self.max_rows or splits == 1 or not x.is_cpu or not self.weight.t().is_contiguous():
+        w_parts = self._weight_parts() if rows <= self.max_rows and splits > 1 and x.is_cpu else None
+        if w_parts is None:
             return F.linear(x, self.weight, self.bias)
-        part = self.in_features // splits
-        x_parts = x.reshape(rows, splits, part).transpose(0, 1)  # (splits, rows, part)
-        w_parts = self.weight.t().view(splits, part, self.out_features)  # (splits, part, out), a view
+        x_parts = x.reshape(rows, splits, self.in_features // splits).transpose(0, 1)  # (splits, rows, part)
         y = torch.bmm(x_parts, w_parts).sum(dim=0)  # (rows, out): the partial products summed
         if self.bias is not None:
             y = y + self.bias
         return y.view(*x.shape[:-1], self.out_features)
+
+    def _apply(self, fn, recurse=True):
+        self._parts = None  # .to(), .half(), ... replace the weight: let the old one be freed now
+        return super()._apply(fn, recurse)
+
+    def _weight_parts(self):
+        """The weight as `splits` slices along the input dimension, (splits, part, out), a view;
+        None when the weight is no longer (in, out)-contiguous (replaced since the layout).
+        Without autograd the view is kept and reused (a decode step makes dozens of these)
+        for as long as the weight's storage is the same: a weight replaced by `.to()` or
+        `.data = ...` lives elsewhere, and the kept view holds the old storage, so no new
+        one can take its address. A compiled step traces the view instead (it costs nothing
+        there)."""
+        keep = not torch.is_grad_enabled() and not torch.compiler.is_compiling()
+        parts = self._parts
+        if keep and parts is not None and parts.data_ptr() == self.weight.data_ptr() and parts.shape[0] == self.splits:
+            return parts
+        w = self.weight.t()
+        if not w.is_contiguous():
+            return None
+        parts = w.view(self.splits, self.in_features // self.splits, self.out_features)
+        if keep:
+            self._parts = parts.detach()
+        return parts
 
 
 def use_decode_layout(model: nn.Module) -> nn.Module:
