@@ -66,6 +66,43 @@ def test_training_norm_and_swiglu_gradients_match_autograd_of_their_formulas():
         torch.testing.assert_close(swiglu(gate.float(), up.float()), SwiGLUFunction.apply(gate.float(), up.float()))
 
 
+@pytest.mark.parametrize("tied", [True, False])
+def test_fused_head_and_loss_equal_logits_then_cross_entropy(tied):
+    """model(x, targets=y) (the head and the loss fused chunk by chunk, gradients computed in
+    the forward pass) equals the summed F.cross_entropy of model(x)'s logits, in value and in
+    every parameter's gradient, ignored targets included; float64 gradcheck of the function
+    across chunk boundaries; the no-grad path and bfloat16 autocast agree."""
+    from llmstack.model.functional import LinearCrossEntropyFunction, linear_cross_entropy
+
+    h = torch.randn(10, 8, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(13, 8, dtype=torch.float64, requires_grad=True)
+    t = torch.tensor([0, 3, -100, 12, 5, 5, -100, 1, 7, 2])
+    assert torch.autograd.gradcheck(lambda h, w: LinearCrossEntropyFunction.apply(h, w, t, -100, 4), (h, w))
+
+    torch.manual_seed(0)
+    model = build(tiny(tie_embeddings=tied)).train()
+    x, y = torch.randint(0, 97, (3, 9)), torch.randint(0, 97, (3, 9))
+    y[0, :4] = -100
+    expected = torch.nn.functional.cross_entropy(model(x).flatten(0, 1), y.flatten(), reduction="sum")
+    expected_grads = torch.autograd.grad(expected, list(model.parameters()))
+    loss = model(x, targets=y)
+    grads = torch.autograd.grad(loss, list(model.parameters()))
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-5)
+    for g, e in zip(grads, expected_grads):
+        torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-6)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x, targets=y), expected, rtol=1e-5, atol=1e-5)
+        hidden = torch.randn(27, 64)
+        torch.testing.assert_close(linear_cross_entropy(hidden, model.embed.weight, y.flatten(), chunk_size=5),
+                                   torch.nn.functional.cross_entropy(hidden @ model.embed.weight.t(), y.flatten(),
+                                                                     reduction="sum"), rtol=1e-5, atol=1e-4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fused = model(x, targets=y)
+        plain = torch.nn.functional.cross_entropy(model(x).float().flatten(0, 1), y.flatten(), reduction="sum")
+    assert fused.dtype == torch.float32
+    torch.testing.assert_close(fused, plain, rtol=1e-2, atol=1e-2)
+
+
 def test_training_norm_keeps_float32_sums_under_autocast():
     """Under bfloat16 autocast the norm's row sums stay in float32 (autocast would run
     `vecdot` in bfloat16): the result equals the float32 computation rounded once."""

@@ -16,7 +16,7 @@ from torch import nn
 
 from llmstack.config import ModelConfig
 from llmstack.model.attention import attention, resolve_backend
-from llmstack.model.functional import rms_norm, swiglu
+from llmstack.model.functional import linear_cross_entropy, rms_norm, swiglu
 from llmstack.model.moe import MoE
 from llmstack.model.rope import apply_rope, rope_cos_sin, rope_frequencies
 
@@ -185,8 +185,8 @@ class Transformer(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, *, positions: Optional[torch.Tensor] = None, cache=None,
                 attn_mask: Optional[torch.Tensor] = None, logits_to_keep: Optional[int] = None,
-                return_aux: bool = False):
-        """Logits (B, T, vocab) for input_ids (B, T).
+                targets: Optional[torch.Tensor] = None, return_aux: bool = False):
+        """Logits (B, T, vocab) for input_ids (B, T); with `targets`, the loss instead.
 
         positions: (T,) or (B, T) absolute positions; default: the cache's fill level + arange(T).
         cache:     a KVCache (or compatible); new keys/values are appended and it advances by T.
@@ -194,6 +194,9 @@ class Transformer(nn.Module):
                    batches of unequal lengths.
         logits_to_keep: compute logits for the last n positions only, (B, n, vocab): a prefill
                    needs one, and the output head over a whole prompt costs as much as a layer.
+        targets:   (B, T) token ids to predict at each position (-100: none): returns the summed
+                   cross-entropy (float32) instead of logits, from the head and the loss fused
+                   chunk by chunk (`linear_cross_entropy`), so (B, T, vocab) logits never exist.
         return_aux: also return a dict with the MoE auxiliary loss and per-layer expert loads.
         """
         B, T = input_ids.shape
@@ -220,10 +223,20 @@ class Transformer(nn.Module):
         if logits_to_keep is not None:
             x = x[:, -logits_to_keep:]
         x = self.norm(x)
-        logits = self.lm_head(x) if self.lm_head is not None else F.linear(x, self.embed.weight)
-        if not return_aux:
-            return logits
-        return logits, self.aux_outputs()
+        if targets is not None:
+            out = self._loss(x, targets)
+        else:
+            out = self.lm_head(x) if self.lm_head is not None else F.linear(x, self.embed.weight)
+        return (out, self.aux_outputs()) if return_aux else out
+
+    def _loss(self, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Summed next-token cross-entropy of the final hidden states x (B, T, C)."""
+        x, targets = x.flatten(0, 1), targets.flatten()
+        head = self.lm_head
+        if head is None or (isinstance(head, nn.Linear) and head.bias is None):
+            return linear_cross_entropy(x, self.embed.weight if head is None else head.weight, targets)
+        # A head replaced from outside (a quantized one): its logits, then the loss.
+        return F.cross_entropy(head(x).float(), targets, ignore_index=-100, reduction="sum")
 
     def aux_outputs(self) -> dict:
         """What the last forward left for the trainer: the summed MoE auxiliary loss and expert loads."""

@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 import torch
-import torch.nn.functional as F
 
 from llmstack.config import TrainConfig
 from llmstack.eval.perplexity import evaluate
@@ -40,8 +39,7 @@ def next_token_loss(model, batch) -> tuple[torch.Tensor, int, dict]:
     A MoE model's auxiliary loss is added, scaled by the token count so the trainer's
     division by tokens leaves it at its configured weight."""
     x, y = batch
-    logits, aux = model(x, return_aux=True)
-    loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=-100, reduction="sum")
+    loss, aux = model(x, targets=y, return_aux=True)  # the head and the loss fused, chunk by chunk
     n = int((y != -100).sum())
     metrics = {}
     if aux.get("aux_loss") is not None:
