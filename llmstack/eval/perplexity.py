@@ -5,7 +5,6 @@ import math
 from typing import Iterable, Optional
 
 import torch
-import torch.nn.functional as F
 
 
 @torch.no_grad()
@@ -18,9 +17,7 @@ def evaluate(model: torch.nn.Module, batches: Iterable[tuple[torch.Tensor, torch
     total, count = 0.0, 0
     for x, y in batches:
         with autocast() if autocast is not None else torch.autocast("cpu", enabled=False):
-            logits = model(x)
-        loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=-100, reduction="sum")
-        total += loss.item()
+            total += model(x, targets=y).item()  # summed, float32, without (B, T, vocab) logits
         count += int((y != -100).sum())
     model.train(was_training)
     loss = total / max(count, 1)
