@@ -127,6 +127,10 @@ def test_untied_head_skipped_by_default_and_quantized_on_request():
     model = tiny_model(tie_embeddings=False)
     quantize_(model, "int8", skip=())
     assert isinstance(model.lm_head, QuantizedLinear)
+    x, y = torch.randint(0, 50, (2, 9)), torch.randint(0, 50, (2, 9))
+    with torch.no_grad():  # model(x, targets=y) goes through the quantized head's own logits
+        expected = F.cross_entropy(model(x).flatten(0, 1), y.flatten(), reduction="sum")
+        torch.testing.assert_close(model(x, targets=y), expected)
     model = tiny_model()
     quantize_(model, "int8", skip=("lm_head", "layers.0.mlp.down_proj"))
     assert isinstance(model.layers[0].mlp.down_proj, nn.Linear)
