@@ -108,8 +108,7 @@ def test_min_p_keeps_exactly_tokens_above_the_scaled_maximum():
 
 
 def test_truncations_match_transformers_warpers():
-    transformers = pytest.importorskip("transformers")
-    from transformers.generation import logits_process as lp
+    lp = pytest.importorskip("transformers.generation.logits_process")
 
     logits = torch.randn(16, 60) * 2
     params = SamplingParams(temperature=0.8, top_k=30, top_p=0.9, min_p=0.05)

@@ -101,11 +101,14 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     vocabulary's logits for 16k tokens would take 8 GB in float32."""
     if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
         return LinearCrossEntropyFunction.apply(hidden, weight, targets, ignore_index, chunk_size)
-    loss = torch.zeros((), dtype=_float(_matmul_dtype(hidden)), device=hidden.device)
-    for start in range(0, hidden.shape[0], chunk_size):
-        h, t = hidden[start:start + chunk_size], targets[start:start + chunk_size]
-        logits = _logits(h, weight)
-        loss += F.cross_entropy(logits, t, ignore_index=ignore_index, reduction="sum")
+    dtype = _matmul_dtype(hidden)
+    loss = torch.zeros((), dtype=_float(dtype), device=hidden.device)
+    with torch.autocast(hidden.device.type, enabled=False):
+        w = weight.to(dtype)
+        for start in range(0, hidden.shape[0], chunk_size):
+            logits = (hidden[start:start + chunk_size].to(dtype) @ w.t()).to(loss.dtype)
+            loss += F.cross_entropy(logits, targets[start:start + chunk_size], ignore_index=ignore_index,
+                                    reduction="sum")
     return loss
 
 
@@ -113,12 +116,6 @@ def _matmul_dtype(t: torch.Tensor) -> torch.dtype:
     """What autocast would run a matmul of `t` in (switched off inside the functions here)."""
     device = t.device.type
     return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else t.dtype
-
-
-def _logits(h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    dtype = _matmul_dtype(h)
-    with torch.autocast(h.device.type, enabled=False):
-        return (h.to(dtype) @ weight.to(dtype).t()).to(_float(dtype))
 
 
 def _float(dtype: torch.dtype) -> torch.dtype:
