@@ -160,3 +160,21 @@ def test_generate_uses_the_rolling_cache_for_sliding_windows(windowed, monkeypat
     prompt = torch.randint(0, 50, (2, 5))
     assert torch.equal(generate(windowed, prompt, 30, temperature=0), greedy_uncached(windowed, prompt, 30))
     assert len(made) == 1 and made[0].k.shape[3] == WINDOW
+
+
+@pytest.mark.parametrize("lengths", [(3, 11, 21), (2, 9)])  # shorter than and past the window, ragged
+def test_generate_rolling_cache_with_prompts_of_unequal_lengths(windowed, monkeypatch, greedy_uncached, lengths):
+    """A left-padded batch decodes in a ring of `window` slots, the padding mask sliced to the
+    keys the ring returns, and each row equals its own uncached greedy run."""
+    from llmstack.inference import generate
+
+    made = []
+    original = RollingKVCache.for_model.__func__
+    monkeypatch.setattr(RollingKVCache, "for_model",
+                        classmethod(lambda cls, *a, **kw: made.append(original(cls, *a, **kw)) or made[-1]))
+    torch.manual_seed(1)
+    prompts = [torch.randint(0, 50, (n,)) for n in lengths]
+    out = generate(windowed, prompts, 25, temperature=0)
+    assert len(made) == 1 and made[0].k.shape[3] == WINDOW
+    for prompt, row in zip(prompts, out):
+        assert torch.equal(row, greedy_uncached(windowed, prompt[None], 25)[0])

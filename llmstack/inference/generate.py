@@ -141,7 +141,7 @@ def _decode_steps(model: torch.nn.Module, rows: list[torch.Tensor], max_new_toke
     history = TokenHistory(rows, cfg.vocab_size, device) if params.has_penalties else None
     stop = torch.tensor(list(stop_tokens), dtype=torch.long, device=device)
     live = limits > 0
-    if not ragged and cfg.sliding_window is not None and cfg.sliding_window < T + steps:
+    if cfg.sliding_window is not None and cfg.sliding_window < T + steps:
         cache = RollingKVCache.for_model(model, B)  # memory of one window, however long the text
     else:
         cache = KVCache.for_model(model, B, T + steps)

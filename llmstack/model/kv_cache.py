@@ -99,8 +99,9 @@ class RollingKVCache(_SlotBuffers):
     many older tokens as well, so that `truncate` can roll back that far
     (speculative decoding); with none it can only drop the newest token.
 
-    The key slots returned are not the absolute positions, so a padding mask
-    (`attn_mask` over all slots) does not apply: batches must have equal lengths.
+    The keys returned are always the newest ones, so a padding mask over all the
+    slots seen (`attn_mask`, as for `KVCache`) applies through its last columns:
+    a left-padded batch of unequal prompts works as with the contiguous cache.
     """
 
     def __init__(self, n_layers: int, batch_size: int, window: int, n_kv_heads: int, head_dim: int, *,

@@ -84,6 +84,8 @@ class Attention(nn.Module):
         q, k = qk.split([H, Hkv], dim=1)  # (B, H, T, D), (B, Hkv, T, D)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)  # (B, Hkv, S, D): past keys, then these
+            if key_mask is not None and key_mask.shape[1] > k.shape[2]:
+                key_mask = key_mask[:, -k.shape[2]:]  # a rolling cache returns only its newest S slots
         backend = resolve_backend(self.config.attn_backend, x.device)
         y = attention(q, k, v, backend=backend, causal=True, key_mask=key_mask, window=self.config.sliding_window,
                       dropout_p=self.config.attn_dropout if self.training else 0.0)  # (B, H, T, D)
@@ -191,7 +193,8 @@ class Transformer(nn.Module):
         positions: (T,) or (B, T) absolute positions; default: the cache's fill level + arange(T).
         cache:     a KVCache (or compatible); new keys/values are appended and it advances by T.
         attn_mask: (B, S) bool over all key slots (cached + new), True for real tokens; for
-                   batches of unequal lengths.
+                   batches of unequal lengths. A cache that keeps only the newest slots
+                   (`RollingKVCache`) is matched with the mask's last columns.
         logits_to_keep: compute logits for the last n positions only, (B, n, vocab): a prefill
                    needs one, and the output head over a whole prompt costs as much as a layer.
         targets:   (B, T) token ids to predict at each position (-100: none): returns the summed
