@@ -143,6 +143,22 @@ def test_generate_runs_on_a_quantized_model():
     assert out.shape == (13,)
 
 
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_quantizing_a_model_after_generating_with_it(scheme):
+    """`generate` stores CPU weights transposed in memory (decode layout); quantizing afterwards
+    must still give row-major codes, the same ones as quantizing a fresh copy."""
+    used, fresh = tiny_model(), tiny_model()
+    fresh.load_state_dict(used.state_dict())
+    llmstack.generate(used, [1, 2, 3], 4, temperature=0)
+    quantize_(used, scheme, group_size=16)
+    quantize_(fresh, scheme, group_size=16)
+    for (name, a), b in zip(used.state_dict().items(), fresh.state_dict().values()):
+        assert torch.equal(a, b), name
+        assert a.is_contiguous() or not name.endswith(("qweight", "scale", "zero")), name
+    assert torch.equal(llmstack.generate(used, [1, 2, 3], 10, temperature=0),
+                       llmstack.generate(fresh, [1, 2, 3], 10, temperature=0))
+
+
 # ---------------------------------------------------------------- errors
 
 

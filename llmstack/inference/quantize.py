@@ -87,7 +87,7 @@ def check_group_size(group_size: int, in_features: int, name: str = "weight") ->
 @torch.no_grad()
 def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(qweight int8 (out, in), scale (out,) in weight's dtype): symmetric, per output channel."""
-    w = weight.detach().float()
+    w = weight.detach().float().contiguous()  # row-major codes even from a transposed layout (DecodeLinear)
     scale = (w.abs().amax(dim=1) / _INT8_MAX).to(weight.dtype).float()  # (out,), rounded as it will be stored
     q = torch.round(w / scale.clamp_min(torch.finfo(torch.float32).tiny)[:, None]).clamp_(-_INT8_MAX, _INT8_MAX)
     return q.to(torch.int8), scale.to(weight.dtype)
@@ -115,7 +115,7 @@ def quantize_int4(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, 
     asymmetric, group-wise along the inputs."""
     out_features, in_features = weight.shape
     check_group_size(group_size, in_features)
-    w = weight.detach().float().reshape(out_features, in_features // group_size, group_size)  # (out, groups, G)
+    w = weight.detach().float().contiguous().view(out_features, in_features // group_size, group_size)  # (out, groups, G)
     lo = w.amin(dim=-1).clamp(max=0.0)  # widened to include 0: the zero point is then an integer in [0, 15]
     hi = w.amax(dim=-1).clamp(min=0.0)
     # Round the scale to its storage dtype first, so the zero point and the codes are
