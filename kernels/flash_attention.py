@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import numbers
 import os
 from typing import Optional, Union
 
@@ -584,20 +585,29 @@ _DECODE_MAX_ROWS = 64
 _DECODE_MAX_ROWS_EXPLICIT = 128
 
 
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
 def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: Optional[int]) -> None:
     if q.dim() != 4 or k.dim() != 4 or v.shape != k.shape:
         raise ValueError(f"expected q (B, Hq, Tq, D) and k, v (B, Hkv, Tk, D); got {tuple(q.shape)}, "
                          f"{tuple(k.shape)}, {tuple(v.shape)}")
     if q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3]:
         raise ValueError(f"q and k disagree on batch or head_dim: {tuple(q.shape)} vs {tuple(k.shape)}")
-    if q.shape[1] % k.shape[1] != 0:
-        raise ValueError(f"q_heads ({q.shape[1]}) must be a multiple of kv_heads ({k.shape[1]})")
-    if not (q.dtype == k.dtype == v.dtype):
-        raise ValueError(f"q, k, v must share a dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
+    if k.shape[1] == 0 or q.shape[1] % k.shape[1] != 0:
+        raise ValueError(f"q_heads ({q.shape[1]}) must be a multiple of kv_heads ({k.shape[1]}), kv_heads >= 1")
+    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in _DTYPES:
+        raise ValueError(f"q, k, v must share one dtype of float16, bfloat16, float32; got {q.dtype}, {k.dtype}, "
+                         f"{v.dtype}")
+    if _INTERPRET and q.dtype == torch.bfloat16:
+        raise ValueError("bfloat16 is computed wrongly by Triton's interpreter (TRITON_INTERPRET=1); use float32 "
+                         "or float16 on the CPU")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k, v must be on one device; got {q.device}, {k.device}, {v.device}")
     if q.shape[3] > _MAX_HEAD_DIM:
         raise ValueError(f"head_dim {q.shape[3]} > {_MAX_HEAD_DIM} is not supported")
-    if window is not None and window < 1:
-        raise ValueError(f"window must be >= 1, got {window}")
+    if window is not None and (isinstance(window, bool) or not isinstance(window, numbers.Integral) or window < 1):
+        raise ValueError(f"window must be an integer >= 1, got {window!r}")
     if q.device.type == "cpu" and not _INTERPRET:
         raise RuntimeError("Triton kernels need a GPU; on the CPU set TRITON_INTERPRET=1 before importing triton")
 
@@ -614,8 +624,9 @@ def _common(q: torch.Tensor, k: torch.Tensor, scale: Optional[float], causal: bo
         # dims like 80 or 96 are padded and masked.
         HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
         CAUSAL=causal, HAS_WINDOW=window is not None,
-        # fp32 inputs: exact fp32 dots (tf32 would cost ~1e-3 relative error).
-        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        # fp32 inputs: exact fp32 dots (tf32 would cost ~1e-3 relative error). Half inputs:
+        # the backend's default (naming "tf32" would not compile where it is not offered, e.g. ROCm).
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else None,
     ), scale
 
 
@@ -714,7 +725,9 @@ def _backward(do, q, k, v, o, lse, causal: bool, scale: Optional[float], window:
 class _FlashAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, causal, scale, window):
-        if _use_split_kv(q.shape[2], k.shape[2], q.shape[1] // k.shape[1]):
+        if q.shape[2] == 0:  # no queries: nothing to launch, and no gradient to give
+            o, lse = q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=torch.float32)
+        elif _use_split_kv(q.shape[2], k.shape[2], q.shape[1] // k.shape[1]):
             o, lse = _decode_forward(q, k, v, causal, scale, window)
         else:
             o, lse = _forward(q, k, v, causal, scale, window)
@@ -723,8 +736,11 @@ class _FlashAttention(torch.autograd.Function):
         return o
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # the kernels' gradients are not differentiable again
     def backward(ctx, do):
         q, k, v, o, lse = ctx.saved_tensors
+        if q.shape[2] == 0:
+            return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v), None, None, None
         # Both forward paths save the same LSE, so one backward serves them.
         dq, dk, dv = _backward(do, q, k, v, o, lse, ctx.causal, ctx.scale, ctx.window)
         return dq, dk, dv, None, None, None
@@ -741,8 +757,6 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
     A few queries over a long key sequence (decode) take the split-KV path.
     """
     _check(q, k, v, window)
-    if q.shape[2] == 0:
-        return q.new_empty(q.shape)
     return _FlashAttention.apply(q, k, v, causal, scale, window)
 
 
@@ -755,6 +769,8 @@ def flash_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: Op
     verification); k, v: (B, Hkv, capacity, D).
     kv_len: valid cache length, an int or a (B,) integer tensor (flash-attn's
     `cache_seqlens`); slots at or beyond it are ignored. Defaults to capacity.
+    A tensor's values are not checked (that would wait for the device): each
+    must lie in [0, capacity]; larger ones are read as capacity.
     The Tq queries are the last Tq valid slots of their row, so with causal
     query t sees keys j <= t + kv_len[b] - Tq.
     num_splits: number of KV chunks; chosen to fill the device when None.
@@ -767,8 +783,13 @@ def flash_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: Op
         # One program holds all GROUP * q_len rows of a KV head in registers.
         raise ValueError(f"flash_decode takes at most {_DECODE_MAX_ROWS_EXPLICIT} query rows per KV head "
                          f"(q_heads / kv_heads * q_len); use flash_attention for longer q_len")
+    if num_splits is not None and (isinstance(num_splits, bool) or not isinstance(num_splits, numbers.Integral)
+                                   or num_splits < 1):
+        raise ValueError(f"num_splits must be an integer >= 1 (or None: chosen for the device), got {num_splits!r}")
     seqlens = None
     if isinstance(kv_len, torch.Tensor):
+        if kv_len.dtype.is_floating_point or kv_len.dtype == torch.bool:
+            raise ValueError(f"kv_len tensor must hold integers, got {kv_len.dtype}")
         if kv_len.shape != (q.shape[0],):
             raise ValueError(f"kv_len tensor must have shape ({q.shape[0]},), got {tuple(kv_len.shape)}")
         seqlens = kv_len.to(device=q.device, dtype=torch.int32).contiguous()

@@ -137,8 +137,9 @@ def _check_x(x: torch.Tensor, K: int) -> None:
 
 def _launch_args(x2: torch.Tensor) -> dict:
     return dict(M_BUCKET=triton.next_power_of_2(max(x2.shape[0], 1)),
-                # fp32 inputs: exact fp32 dots (tf32 would cost ~1e-3 relative error).
-                DOT_PRECISION="ieee" if x2.dtype == torch.float32 else "tf32")
+                # fp32 inputs: exact fp32 dots (tf32 would cost ~1e-3 relative error); half
+                # inputs: the backend's default ("tf32" is not offered everywhere, e.g. ROCm).
+                DOT_PRECISION="ieee" if x2.dtype == torch.float32 else None)
 
 
 def _device_ctx(t: torch.Tensor):

@@ -210,6 +210,36 @@ def test_rejects_bad_inputs():
         flash_attention(q, k, v, window=0)
     with pytest.raises(ValueError, match="dtype"):
         flash_attention(q, k.half(), v)
+    with pytest.raises(ValueError, match="float16, bfloat16, float32; got torch.float64"):
+        flash_attention(q.double(), k.double(), v.double())  # the kernels' float64 gradients would be garbage
+    with pytest.raises(ValueError, match=r"kv_heads \(0\), kv_heads >= 1"):
+        flash_attention(q, k[:, :0], v[:, :0])
+    with pytest.raises(ValueError, match="window must be an integer >= 1, got 2.5"):
+        flash_attention(q, k, v, window=2.5)
+    with pytest.raises(ValueError, match="num_splits must be an integer >= 1"):
+        flash_decode(q[:, :, :1], k, v, num_splits=0)
+    with pytest.raises(ValueError, match="kv_len tensor must hold integers"):
+        flash_decode(q[:, :, :1], k, v, kv_len=torch.tensor([3.0]))
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="bfloat16 is computed wrongly"):
+            flash_attention(q.bfloat16(), k.bfloat16(), v.bfloat16())
+
+
+def test_no_queries_still_differentiable():
+    q, k, v = make_qkv(1, 2, 1, 0, 8, 16)
+    out = flash_attention(q, k, v, causal=True)
+    assert out.shape == q.shape
+    out.sum().backward()
+    assert q.grad.shape == q.shape and torch.equal(k.grad, torch.zeros_like(k)) and torch.equal(v.grad, torch.zeros_like(v))
+
+
+def test_double_backward_is_refused():
+    """The kernels' gradients are not differentiable again; a second derivative must fail
+    loudly, not come back silently missing its terms."""
+    q, k, v = make_qkv(1, 2, 1, 8, 8, 16)
+    dq, = torch.autograd.grad(flash_attention(q, k, v).square().sum(), q, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable|trying to differentiate twice"):
+        dq.sum().backward()
 
 
 def test_is_available():
