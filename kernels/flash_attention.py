@@ -29,6 +29,7 @@ Conventions every kernel shares:
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import numbers
 import os
@@ -639,6 +640,31 @@ def _device_ctx(t: torch.Tensor):
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
+# CUDA's limit on a grid's second axis, where every kernel here puts batch * heads.
+_MAX_GRID_Y = 65535
+
+
+def _chunk_batch(fn):
+    """Run a launcher on slices of the batch when batch * heads would pass the grid's limit.
+    Every tensor argument and result of the launchers has the batch first; the first argument
+    has the most heads."""
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        B, H = args[0].shape[:2]
+        if B * H <= _MAX_GRID_Y:
+            return fn(*args, **kwargs)
+        step = _MAX_GRID_Y // H
+
+        def cut(x, rows):
+            return x[rows] if isinstance(x, torch.Tensor) else x
+
+        parts = [fn(*(cut(a, rows) for a in args), **{key: cut(a, rows) for key, a in kwargs.items()})
+                 for rows in (slice(i, i + step) for i in range(0, B, step))]
+        return tuple(torch.cat(outs) for outs in zip(*parts))
+    return run
+
+
+@_chunk_batch
 def _forward(q, k, v, causal: bool, scale: Optional[float], window: Optional[int]):
     """Tiled forward. Returns (out, lse) with lse in base 2, fp32, (B, Hq, Tq)."""
     B, H_Q, Q_LEN, D = q.shape
@@ -664,6 +690,7 @@ def _num_splits(batch_kv_heads: int, kv_len: int, device: torch.device) -> tuple
     return triton.cdiv(max(kv_len, 1), split_size), split_size
 
 
+@_chunk_batch
 def _decode_forward(q, k, v, causal: bool, scale: Optional[float], window: Optional[int],
                     seqlens: Optional[torch.Tensor] = None, num_splits: Optional[int] = None):
     """Split-KV forward. Returns (out, lse) exactly like _forward."""
@@ -696,6 +723,7 @@ def _use_split_kv(q_len: int, kv_len: int, group: int) -> bool:
     return q_len <= _DECODE_MAX_Q_LEN and group * q_len <= _DECODE_MAX_ROWS and kv_len >= 4 * q_len
 
 
+@_chunk_batch
 def _backward(do, q, k, v, o, lse, causal: bool, scale: Optional[float], window: Optional[int]):
     B, H_Q, Q_LEN, D = q.shape
     do = do.to(q.dtype)

@@ -225,6 +225,22 @@ def test_rejects_bad_inputs():
             flash_attention(q.bfloat16(), k.bfloat16(), v.bfloat16())
 
 
+def test_batch_beyond_the_grid_limit_runs_in_slices(monkeypatch):
+    """batch * heads rides on the grid's second axis (at most 65535 on CUDA); past that the
+    launchers run slices of the batch. Lower the limit to see slices give the same numbers."""
+    q, k, v = make_qkv(5, 4, 2, 20, 40, 16)
+    kv_len = torch.tensor([40, 3, 17, 0, 25])
+    out = flash_attention(q, k, v, causal=True)
+    grads = torch.autograd.grad(out.square().sum(), (q, k, v))
+    decoded = flash_decode(q[:, :, -2:].detach(), k.detach(), v.detach(), kv_len=kv_len)
+    monkeypatch.setattr(fa, "_MAX_GRID_Y", 9)  # 9 // 4 heads: two rows of the batch a launch
+    sliced = flash_attention(q, k, v, causal=True)
+    assert torch.equal(sliced, out)
+    for got, expected in zip(torch.autograd.grad(sliced.square().sum(), (q, k, v)), grads):
+        assert torch.equal(got, expected)
+    assert torch.equal(flash_decode(q[:, :, -2:].detach(), k.detach(), v.detach(), kv_len=kv_len), decoded)
+
+
 def test_no_queries_still_differentiable():
     q, k, v = make_qkv(1, 2, 1, 0, 8, 16)
     out = flash_attention(q, k, v, causal=True)
