@@ -1,5 +1,6 @@
 """What the benchmark scripts (`scripts/bench_*.py`) share: device names, alternate timing,
-the random Llama they measure, its transformers twin, and timed streaming generation.
+the random Llama they measure, its transformers twin, timed streaming generation, and the
+memory-bandwidth accounting of a decode step.
 
     ours = random_llama()                       # ~12M parameters, GQA 6/2, vocab 4096
     hf = hf_twin(ours)                          # the same weights in transformers' LlamaForCausalLM
@@ -193,6 +194,74 @@ def time_hf_generate(hf: torch.nn.Module, prompts: torch.Tensor, new_tokens: int
         raise RuntimeError(f"transformers produced {new.shape[1]} tokens ({len(streamer.times)} streamed steps), "
                            f"expected {new_tokens}")
     return GenerationTiming(new, streamer.times)
+
+
+def time_compiled_generate(decoder, prompts: torch.Tensor, new_tokens: int) -> GenerationTiming:
+    """Greedy decoding of exactly `new_tokens` per row with a `CompiledDecoder`, timed per step
+    like `time_llmstack_generate` (each step's tokens copied to the host)."""
+    _check_request(prompts, new_tokens, decoder.max_seq_len)
+    prompts = prompts.to(decoder.device)
+    tokens, times = [], []
+    _sync(decoder.device)
+    t0 = time.perf_counter()
+    logits = decoder.prefill(prompts)
+    for i in range(new_tokens):
+        nxt = logits.argmax(-1)  # (B,)
+        tokens.append(nxt.cpu())
+        times.append(time.perf_counter() - t0)
+        if i + 1 < new_tokens:
+            logits = decoder.step(nxt)
+    return GenerationTiming(torch.stack(tokens, dim=1), times)
+
+
+# --------------------------------------------------------------------------- memory bandwidth
+
+
+def copy_bandwidth_gbs(device: torch.device | str, nbytes: Optional[int] = None, iters: int = 20) -> float:
+    """The device's memory bandwidth as a large copy achieves it: (bytes read + bytes written) per
+    second, in GB/s (10^9), the median of `iters` copies. Default size: 1 GiB on a GPU, 256 MiB on
+    the CPU (far past any cache)."""
+    device = torch.device(device)
+    n = nbytes or ((1 << 30) if device.type == "cuda" else (1 << 28))
+    src = torch.ones(n, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    times = []
+    for _ in range(iters + 2):  # two untimed copies first: page faults, clocks
+        _sync(device)
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return 2 * n / statistics.median(times[2:]) / 1e9
+
+
+def decode_bytes_per_token(model: Transformer, context: int) -> int:
+    """Bytes that one batch-1 decode step must read from memory, at `context` cached tokens:
+
+        every weight once, in the form it is stored (quantized codes and scales included),
+        except the embedding tables, of which a lookup reads one row (the token embedding
+        counts whole when the output head is tied to it); of each MoE layer's experts only
+        top_k / n_experts (the ones a token uses);
+      + the keys and values of the cached tokens attended: 2 * layers * kv_heads * head_dim
+        * bytes * min(context, sliding_window).
+
+    Achieved bandwidth = this * tokens/s, the figure gpt-fast reports (it counts the weights)."""
+    from llmstack.model.moe import MoE
+
+    cfg = model.config
+    embed = model.embed.weight
+    lookups = {id(embed)} if not cfg.tie_embeddings else set()
+    if model.pos_embed is not None:
+        lookups.add(id(model.pos_embed.weight))
+    tensors = {id(t): t for t in (*model.parameters(), *model.buffers())}  # each stored tensor once
+    total = sum(t.nbytes for key, t in tensors.items() if key not in lookups)
+    for module in model.modules():
+        if isinstance(module, MoE):
+            experts = sum(t.nbytes for t in (*module.experts.parameters(), *module.experts.buffers()))
+            total -= experts - experts * module.top_k // module.n_experts
+    kv_tokens = min(context, cfg.sliding_window or context)
+    kv_bytes = embed.element_size()  # the cache takes the model's float dtype
+    return total + 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * kv_bytes * kv_tokens
 
 
 def first_difference(a: torch.Tensor, b: torch.Tensor) -> Optional[tuple[int, int]]:

@@ -29,7 +29,7 @@ import time  # noqa: E402
 
 import torch.nn.functional as F  # noqa: E402
 
-from llmstack.bench import device_name  # noqa: E402
+from llmstack.bench import copy_bandwidth_gbs, device_name  # noqa: E402
 
 try:
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -137,15 +137,6 @@ def time_provider(fn, q, k, v, causal, mode, args):
     finally:
         if CUDA:
             torch.cuda.empty_cache()
-
-
-def copy_bandwidth_gbs(args) -> float:
-    """Device memory bandwidth as a large tensor copy achieves it (read + write)."""
-    n = (1 << 30) if CUDA else (1 << 24)
-    src = torch.empty(n, dtype=torch.uint8, device="cuda" if CUDA else "cpu")
-    dst = torch.empty_like(src)
-    ms = bench_ms(lambda: dst.copy_(src), args)
-    return 2 * n / (ms * 1e-3) / 1e9
 
 
 # ---------------------------------------------------------------------------
@@ -293,7 +284,7 @@ def main():
     rows = training_sweep(args, device, dtype)
     decode_rows, copy_gbs = [], None
     if args.decode:
-        copy_gbs = copy_bandwidth_gbs(args)
+        copy_gbs = copy_bandwidth_gbs(device)
         print(f"\ndecode (q_len 1, split-KV): K+V bytes read per second; device copy bandwidth {copy_gbs:.1f} GB/s")
         decode_rows = decode_sweep(args, device, dtype, copy_gbs)
 

@@ -1,0 +1,165 @@
+"""Batch-1 decode speed as achieved memory bandwidth, against the device's copy bandwidth.
+
+A decode step of one sequence reads every weight once and the cached keys and values,
+and does little arithmetic per byte: its speed limit is memory bandwidth. So, as gpt-fast
+reports it, each variant's tokens/s is turned into bytes read per second:
+
+    achieved GB/s = bytes per token (weights as stored + K/V of the tokens attended) * tokens/s
+
+and set against a large tensor copy on the same device (bytes read + written per second)
+measured in the same run. Variants: eager `generate` and the compiled static-cache step
+(`CompiledDecoder`: CUDA graphs on a GPU), each in float and weight-only int8/int4, all
+timed alternately. A model's weights must not fit in the caches for the figure to mean
+anything: on a GPU the default model is Llama-3.2-1B's shape with random weights (bf16).
+
+    python scripts/bench_decode.py                            # llama-3.2-1b on CUDA, quickstart on a CPU
+    python scripts/bench_decode.py --model qwen2.5-0.5b --modes compiled --quantize none int8
+    python scripts/bench_decode.py --checkpoint runs/quickstart
+    python scripts/bench_decode.py --quick                    # tiny eager smoke run
+"""
+import argparse
+import copy
+import datetime
+import json
+import statistics
+import sys
+
+import torch
+
+import llmstack
+from llmstack.bench import (copy_bandwidth_gbs, decode_bytes_per_token, device_name, first_difference,
+                            time_compiled_generate, time_llmstack_generate)
+from llmstack.config import ConfigError, model_preset
+from llmstack.inference import quantize_
+from llmstack.inference.compiled import CompiledDecoder
+from llmstack.interop import resolve_checkpoint
+from llmstack.model import Transformer
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+SCHEMES = ("none", "int8", "int4")
+
+
+def build_model(args, device: torch.device, dtype: torch.dtype) -> Transformer:
+    """A trained checkpoint, or a preset's shape with random weights (built without a float32 copy)."""
+    if args.checkpoint:
+        return llmstack.from_pretrained(resolve_checkpoint(args.checkpoint), device=device, dtype=dtype)
+    cfg = model_preset(args.model)
+    cfg.max_seq_len = min(cfg.max_seq_len, args.prompt_len + args.new_tokens)  # RoPE needs nothing more
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    model.to_empty(device=device)
+    torch.manual_seed(0)
+    model.init_weights()
+    return model.to(dtype).eval()
+
+
+def variants(model: Transformer, args) -> dict:
+    """name -> (model, decode function (prompts) -> GenerationTiming)."""
+    out = {}
+    context = args.prompt_len + args.new_tokens
+    for scheme in args.quantize:
+        m = model if scheme == "none" else quantize_(copy.deepcopy(model), scheme, group_size=args.group_size)
+        label = "float" if scheme == "none" else (scheme if scheme == "int8" else f"int4 g{args.group_size}")
+        for mode in args.modes:
+            if mode == "eager":
+                out[f"{label}, eager generate"] = (m, lambda p, m=m: time_llmstack_generate(m, p, args.new_tokens))
+            else:
+                decoder = CompiledDecoder(m, 1, context)
+                out[f"{label}, compiled step"] = (m, lambda p, d=decoder: time_compiled_generate(d, p,
+                                                                                                  args.new_tokens))
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=None,
+                        help="a preset name or YAML path, random weights (default: llama-3.2-1b on CUDA, quickstart "
+                             "on a CPU)")
+    parser.add_argument("--checkpoint", help="a trained llmstack run or checkpoint directory instead of --model")
+    parser.add_argument("--prompt-len", type=int, default=128)
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--modes", nargs="+", choices=["eager", "compiled"], default=["eager", "compiled"])
+    parser.add_argument("--quantize", nargs="+", choices=SCHEMES, default=list(SCHEMES))
+    parser.add_argument("--group-size", type=int, default=64, help="int4 group size")
+    parser.add_argument("--iters", type=int, default=5, help="timed runs of each variant, alternated")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed rounds first (they include compiling)")
+    parser.add_argument("--device", default="auto", help="auto (CUDA when available), cpu or cuda")
+    parser.add_argument("--dtype", choices=["auto", *DTYPES], default="auto", help="auto: float32 CPU, bfloat16 CUDA")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--json", help="also write the rows to this JSON file")
+    parser.add_argument("--quick", action="store_true", help="tiny model, eager only, few tokens (a smoke run)")
+    args = parser.parse_args()
+    if args.quick:
+        args.model, args.prompt_len, args.new_tokens, args.iters, args.warmup = "tiny", 16, 8, 2, 1
+        args.modes = ["eager"]
+    if args.prompt_len < 1 or args.new_tokens < 2:
+        sys.exit(f"error: --prompt-len must be >= 1 and --new-tokens >= 2, got {args.prompt_len}, {args.new_tokens}")
+    if args.iters < 1 or args.warmup < 0:
+        sys.exit(f"error: --iters must be >= 1 and --warmup >= 0, got {args.iters} and {args.warmup}")
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if args.device == "auto" else args.device))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        sys.exit("error: --device cuda but torch sees no CUDA device")
+    dtype = DTYPES[args.dtype] if args.dtype != "auto" else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    if args.model is None:
+        args.model = "llama-3.2-1b" if device.type == "cuda" else "quickstart"
+
+    try:
+        model = build_model(args, device, dtype)
+        context = args.prompt_len + args.new_tokens
+        if context > model.config.max_seq_len:
+            raise ValueError(f"--prompt-len + --new-tokens = {context} is past the model's context "
+                             f"({model.config.max_seq_len})")
+        runs = variants(model, args)
+    except (ConfigError, ValueError, FileNotFoundError) as e:
+        sys.exit(f"error: {e}")
+
+    name = device_name(device)
+    when = datetime.datetime.now().isoformat(timespec="seconds")
+    print(f"device: {name}   date: {when}   torch {torch.__version__}   dtype: {str(dtype).split('.')[-1]}   "
+          f"threads: {torch.get_num_threads() if device.type == 'cpu' else '-'}")
+    what = args.checkpoint or f"{args.model} (random weights)"
+    print(f"model: {what}, {model.num_params() / 1e6:.1f}M parameters; batch 1, prompt {args.prompt_len}, "
+          f"{args.new_tokens} new tokens, greedy; median of {args.iters} alternated runs")
+    copy_gbs = copy_bandwidth_gbs(device)
+    print(f"copy bandwidth (read + write): {copy_gbs:.1f} GB/s")
+
+    prompts = torch.randint(0, model.config.vocab_size, (1, args.prompt_len), generator=torch.Generator().manual_seed(0))
+    names = list(runs)
+    timings = {n: [] for n in names}
+    for i in range(args.warmup + args.iters):
+        for n in names:  # round-robin, so that drift in the machine's speed hits every variant alike
+            timing = runs[n][1](prompts)
+            if i >= args.warmup:
+                timings[n].append(timing)
+
+    mean_context = args.prompt_len + (args.new_tokens - 1) / 2  # keys attended, averaged over the steps
+    rows = []
+    print("\n| variant | weights MiB | MB read / token | tok/s | achieved GB/s | of copy bandwidth | tokens as eager |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | --- |")
+    for n in names:
+        m = runs[n][0]
+        per_token = decode_bytes_per_token(m, round(mean_context))
+        weights = decode_bytes_per_token(m, 0)
+        tps = 1.0 / statistics.median(t.itl for t in timings[n])  # batch 1: one token per inter-token gap
+        gbs = per_token * tps / 1e9
+        eager = n.replace("compiled step", "eager generate")
+        same = None
+        if eager != n and eager in timings:  # the compiled step must give the eager tokens
+            diff = first_difference(timings[n][0].tokens, timings[eager][0].tokens)
+            same = diff is None
+        rows.append(dict(variant=n, weight_bytes=weights, bytes_per_token=per_token, tokens_per_s=tps,
+                         achieved_GBs=gbs, of_copy=gbs / copy_gbs, same_tokens_as_eager=same))
+        same_text = "-" if same is None else ("same" if same else f"differ from step {diff[1]}")
+        print(f"| {n} | {weights / 2**20:.1f} | {per_token / 1e6:.2f} | {tps:.1f} | {gbs:.1f} | "
+              f"{100 * gbs / copy_gbs:.0f}% | {same_text} |")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(device=name, date=when, torch=torch.__version__, dtype=str(dtype), model=what,
+                           copy_GBs=copy_gbs, rows=rows), f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
