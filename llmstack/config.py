@@ -419,3 +419,22 @@ def parse_cli(cls: type, argv: Optional[list[str]] = None, *, description: str =
         sys.stdout.write(dump_config(cfg))
         parser.exit(0)
     return cfg, args
+
+
+def resolve_device(name: str):
+    """A `torch.device` from a config or command-line value: "auto" is CUDA when available, else
+    the CPU. A name torch does not know, or a CUDA device this machine lacks, is a ConfigError."""
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise ConfigError(f"device {name!r} is not a device name; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0 or (device.index is not None and device.index >= count):
+            raise ConfigError(f"device {name!r} is not available: torch sees {count} CUDA device(s)"
+                              + ("" if torch.cuda.is_available() else " (a CPU-only build or no GPU)"))
+    return device

@@ -14,13 +14,13 @@ from pathlib import Path
 import torch
 import yaml
 
-from llmstack.config import ConfigError, PretrainConfig, from_dict, to_dict
+from llmstack.config import ConfigError, PretrainConfig, from_dict, resolve_device, to_dict
 from llmstack.data import TokenBatches, corpus_fingerprint, default_cache_dir, load_corpus, prepare_tokens, token_stats
 from llmstack.interop import build_model, resolve_checkpoint
 from llmstack.model import flops_per_token
 from llmstack.tokenizer import Tokenizer
 from llmstack.train.checkpoint import latest_checkpoint
-from llmstack.train.trainer import TrainResult, resolve_device, train
+from llmstack.train.trainer import TrainResult, train
 
 # Sections that must match for a run directory to be continued.
 RUN_IDENTITY = ("model", "tokenizer", "data")

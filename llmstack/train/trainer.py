@@ -48,12 +48,6 @@ def next_token_loss(model, batch) -> tuple[torch.Tensor, int, dict]:
     return loss, n, metrics
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 def autocast_for(precision: str, device: torch.device):
     if precision == "fp32":
         return contextlib.nullcontext
