@@ -333,6 +333,21 @@ def test_bad_generation_arguments_are_named(model):
         generate(model, [1, 2], 3, stop_strings=[""], decode=letters)
     with pytest.raises(ValueError, match="top_k must be an integer in"):
         sample_next(torch.zeros(1, 5), top_k=6)
+    with pytest.raises(ValueError, match="input_ids must be token ids, not text"):
+        generate(model, "def f():", 3)
+    with pytest.raises(ValueError, match="token ids must be integers, got torch.float32"):
+        generate(model, [1.5, 2.0], 3)
+    # A prompt that fills the context leaves no room: an error, not a silent empty continuation.
+    with pytest.raises(ValueError, match=r"prompt 1 has 64 tokens, which leaves no room .* \(max_seq_len=64\)"):
+        generate(model, [[1, 2], [3] * 64], 3)
+    assert len(generate(model, [3] * 64, 0)) == 64  # nothing asked for: nothing to refuse
+
+
+def test_one_stop_token_may_be_given_as_an_int(model):
+    full = generate(model, [1, 2, 3], 12, temperature=0)
+    stop = int(full[6])
+    end = 3 + full[3:].tolist().index(stop) + 1  # just after the stop token's first appearance
+    assert torch.equal(generate(model, [[1, 2, 3]], 12, temperature=0, stop_tokens=stop)[0], full[:end])
 
 
 # ---------------------------------------------------------------- the CPU decode layout

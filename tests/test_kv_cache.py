@@ -92,6 +92,8 @@ def test_rolling_truncate_rolls_back_within_extra_slots(windowed):
         cache.truncate(25)  # token 25 - 7 = 18 is needed, but the ring (11 slots) now starts at 19
     with pytest.raises(ValueError, match="must be in"):
         cache.truncate(31)
+    with pytest.raises(ValueError, match="to 27.5"):
+        cache.truncate(27.5)
 
 
 def test_rolling_cache_rejects_bad_setups():
@@ -146,6 +148,17 @@ def test_compiled_decoder_rejects_bad_input():
         decoder.step(torch.zeros(1, dtype=torch.long))
     with pytest.raises(ValueError, match="between 1 and max_seq_len=16"):
         decoder.prefill(torch.zeros(1, 17, dtype=torch.long))
+    # generate checks its arguments as llmstack.generate does.
+    with pytest.raises(ValueError, match=r"prompts of one length, got lengths \[2, 1\]"):
+        CompiledDecoder(model, 2, 16, backend="eager").generate([[1, 2], [3]], 4)
+    with pytest.raises(ValueError, match="token id 50 is outside the vocabulary"):
+        decoder.generate([50], 3)
+    with pytest.raises(ValueError, match="max_new_tokens must be an integer >= 0, got -3"):
+        decoder.generate([1], -3)
+    with pytest.raises(ValueError, match="seed must be an integer >= 0, got -1"):
+        decoder.generate([1], 3, seed=-1)
+    with pytest.raises(ValueError, match=r"prompt 0 has 16 tokens, which leaves no room .* \(max_seq_len=16\)"):
+        decoder.generate([1] * 16, 3)
 
 
 def test_generate_uses_the_rolling_cache_for_sliding_windows(windowed, monkeypatch, greedy_uncached):

@@ -101,8 +101,10 @@ def test_loss_by_position_averages_to_the_evaluated_loss():
 def test_bad_values_are_clear_errors():
     with pytest.raises(ValueError, match="scaling must be one of"):
         extend_context(tiny(), 64, "cubic")
-    with pytest.raises(ValueError, match=r"new_max_seq_len must be >= the trained context \(32\)"):
+    with pytest.raises(ValueError, match=r"new_max_seq_len must be an integer >= the trained context \(32\)"):
         extend_context(tiny(), 16, "linear")
+    with pytest.raises(ValueError, match=r"new_max_seq_len .*, got 64.5"):
+        extend_context(tiny(), 64.5, "linear")
     with pytest.raises(ValueError, match="factor must be >= 1"):
         extend_context(tiny(), 64, "linear", 0.5)
     with pytest.raises(ValueError, match="needs a scaling"):

@@ -228,6 +228,12 @@ def test_unknown_scheme_in_metadata_is_a_clear_error(tmp_path):
         llmstack.from_pretrained(tmp_path / "bad")
 
 
+def test_save_pretrained_of_a_quantized_model_points_to_save_quantized(tmp_path):
+    with pytest.raises(ValueError, match="the model is quantized: save it with llmstack.inference.save_quantized"):
+        llmstack.save_pretrained(quantize_(tiny_model(), "int8"), tmp_path / "q")
+    assert not (tmp_path / "q").exists()
+
+
 def test_saving_a_float_model_as_quantized_is_an_error(tmp_path):
     with pytest.raises(ValueError, match="not quantized"):
         save_quantized(tiny_model(), tmp_path / "f")

@@ -216,10 +216,18 @@ def test_bad_arguments_are_clear_errors(target):
         speculative_generate(target, [1, 2], 5, draft=tiny(2, vocab_size=40))
     with pytest.raises(ValueError, match="max_seq_len=16 is shorter"):
         speculative_generate(target, [1, 2], 30, draft=tiny(2, max_seq_len=16))
-    with pytest.raises(ValueError, match="k must be >= 1"):
+    with pytest.raises(ValueError, match=r"k must be an integer >= 1 \(tokens proposed per round\), got 0"):
         speculative_generate(target, [1, 2], 5, k=0)
-    with pytest.raises(ValueError, match="ngram must be >= 1"):
+    with pytest.raises(ValueError, match="k must be an integer >= 1 .*, got 2.5"):
+        speculative_generate(target, [1, 2], 5, k=2.5)
+    with pytest.raises(ValueError, match="ngram must be an integer >= 1, got 0"):
         speculative_generate(target, [1, 2], 5, ngram=0)
+    with pytest.raises(ValueError, match="seed must be an integer >= 0, got -1"):
+        speculative_generate(target, [1, 2], 5, seed=-1)
+    with pytest.raises(ValueError, match="prompt 0 is empty"):
+        speculative_generate(target, [], 5)
+    with pytest.raises(ValueError, match=r"prompt 0 has 64 tokens, which leaves no room .* \(max_seq_len=64\)"):
+        speculative_generate(target, [1] * 64, 5)
     with pytest.raises(ValueError, match="one prompt"):
         speculative_generate(target, torch.zeros(2, 3, dtype=torch.long), 5)
     with pytest.raises(ValueError, match="token id 50 is outside"):

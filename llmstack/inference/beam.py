@@ -17,7 +17,7 @@ from typing import Optional
 import torch
 
 from llmstack.inference.decode_layout import use_decode_layout
-from llmstack.inference.generate import check_max_new_tokens, check_token_ids
+from llmstack.inference.generate import check_max_new_tokens, check_prompt
 from llmstack.model import KVCache
 
 
@@ -32,16 +32,14 @@ def _check(model, prompt: torch.Tensor, max_new_tokens, num_beams, length_penalt
            num_return_sequences) -> int:
     """Validate the arguments; return the number of steps (max_new_tokens capped by the context)."""
     V = model.config.vocab_size
-    if prompt.dim() != 1 or len(prompt) == 0:
-        raise ValueError(f"beam_search takes one non-empty prompt (T,) or (1, T), got shape {tuple(prompt.shape)}")
-    check_token_ids(prompt, V)
+    if prompt.dim() != 1:
+        raise ValueError(f"beam_search takes one prompt (T,) or (1, T), got shape {tuple(prompt.shape)}")
     check_max_new_tokens(max_new_tokens)
+    check_prompt(prompt, V, model.config.max_seq_len, max_new_tokens)
     steps = max(0, min(max_new_tokens, model.config.max_seq_len - len(prompt)))
-    # More beams than distinct continuations could never all be filled.
-    most = V ** max(steps, 1)
-    if isinstance(num_beams, bool) or not isinstance(num_beams, int) or not 1 <= num_beams <= most:
-        shown = most if most < 10**9 else f"{V}**{max(steps, 1)}"
-        raise ValueError(f"num_beams must be an integer in [1, vocab_size ** new_tokens = {shown}], got {num_beams}")
+    # A width past the vocabulary is a mistake in practice, and each beam costs a KV-cache row.
+    if isinstance(num_beams, bool) or not isinstance(num_beams, int) or not 1 <= num_beams <= V:
+        raise ValueError(f"num_beams must be an integer in [1, {V}] (the vocabulary size), got {num_beams}")
     if isinstance(num_return_sequences, bool) or not isinstance(num_return_sequences, int) \
             or not 1 <= num_return_sequences <= num_beams:
         raise ValueError(f"num_return_sequences must be an integer in [1, num_beams={num_beams}], "

@@ -26,7 +26,8 @@ import torch
 from torch import nn
 
 from llmstack.inference.decode_layout import use_decode_layout
-from llmstack.inference.generate import sample_next
+from llmstack.inference.generate import check_max_new_tokens, check_prompt, prompt_rows, sample_next
+from llmstack.inference.sampling import SamplingParams
 from llmstack.model.kv_cache import KVCache, RollingKVCache
 
 
@@ -123,10 +124,17 @@ class CompiledDecoder:
                  top_p: Optional[float] = None, seed: Optional[int] = None) -> torch.Tensor:
         """Prompt + continuation, like `llmstack.generate` (a (T,) prompt or a (B, T) batch of equal lengths);
         max_new_tokens is capped by max_seq_len."""
-        ids = torch.as_tensor(input_ids, dtype=torch.long, device=self.device)
-        batch = ids if ids.dim() == 2 else ids[None]
-        max_new_tokens = max(0, min(max_new_tokens, self.max_seq_len - batch.shape[1]))
-        generator = torch.Generator(device=self.device).manual_seed(seed) if seed is not None else None
+        rows, kind = prompt_rows(input_ids, self.device)
+        check_max_new_tokens(max_new_tokens)
+        for i, row in enumerate(rows):
+            check_prompt(row, self.model.config.vocab_size, self.max_seq_len, max_new_tokens, f"prompt {i}")
+        if any(len(row) != len(rows[0]) for row in rows):
+            raise ValueError(f"CompiledDecoder takes prompts of one length, got lengths {[len(r) for r in rows]}; "
+                             f"llmstack.generate batches prompts of different lengths")
+        generator = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed).validate(
+            self.model.config.vocab_size).make_generator(self.device)
+        batch = torch.stack(rows)  # (B, T)
+        max_new_tokens = min(max_new_tokens, self.max_seq_len - batch.shape[1])
         new = []
         logits = self.prefill(batch)
         for i in range(max_new_tokens):
@@ -135,5 +143,5 @@ class CompiledDecoder:
             if i + 1 < max_new_tokens:
                 logits = self.step(nxt)
         out = torch.cat([batch, *new], dim=1)
-        return out[0] if ids.dim() == 1 else out
+        return out[0] if kind == "single" else out
 

@@ -64,21 +64,37 @@ def cut_at_stop(text: str, stop_strings: Sequence[str]) -> str:
     return text[:min(hits)] if hits else text
 
 
-def _prompt_rows(input_ids, device) -> tuple[list[torch.Tensor], str]:
+def prompt_rows(input_ids, device) -> tuple[list[torch.Tensor], str]:
     """Prompts as 1-D tensors, and the input's kind: 'single' (one prompt), 'batch' (a (B, T)
     tensor) or 'list' (a list of prompts, of any lengths)."""
+    if isinstance(input_ids, (str, bytes)):
+        raise ValueError("input_ids must be token ids, not text: encode it with the tokenizer "
+                         "(or call generate_text(model, tokenizer, text, ...))")
     if isinstance(input_ids, torch.Tensor):
-        ids = input_ids.to(device=device, dtype=torch.long)
+        ids = _token_tensor(input_ids, device)
         if ids.dim() not in (1, 2):
             raise ValueError(f"input_ids must be (T,) or (B, T), got shape {tuple(ids.shape)}")
         return ([ids] if ids.dim() == 1 else list(ids.unbind(0))), ("single" if ids.dim() == 1 else "batch")
     items = list(input_ids)
     if not items or torch.as_tensor(items[0]).dim() == 0:
-        return [torch.as_tensor(items, dtype=torch.long, device=device)], "single"
-    rows = [torch.as_tensor(row, dtype=torch.long, device=device) for row in items]
+        return [_token_tensor(items, device)], "single"
+    rows = [_token_tensor(row, device) for row in items]
     if any(row.dim() != 1 for row in rows):
         raise ValueError("input_ids must be a list of ints, a list of token lists, a (T,) or a (B, T) tensor")
     return rows, "list"
+
+
+def _token_tensor(ids, device) -> torch.Tensor:
+    """ids as a long tensor; floats (which would silently truncate) are an error."""
+    t = torch.as_tensor(ids, device=device)
+    if t.numel() and (t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool):  # [] is float
+        raise ValueError(f"token ids must be integers, got {t.dtype}")
+    return t.long()
+
+
+def _token_list(tokens: int | Sequence[int]) -> list[int]:
+    """One token id or a sequence of them, as a list."""
+    return [int(tokens)] if isinstance(tokens, int) else [int(t) for t in tokens]
 
 
 def check_token_ids(ids: torch.Tensor, vocab_size: int) -> None:
@@ -93,11 +109,22 @@ def check_max_new_tokens(max_new_tokens) -> None:
         raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens}")
 
 
-def _check_prompts(rows: list[torch.Tensor], vocab_size: int) -> None:
+def check_prompt(ids: torch.Tensor, vocab_size: int, max_seq_len: int, max_new_tokens: int,
+                 name: str = "prompt 0") -> None:
+    """Raise unless `ids` (T,) can be continued: not empty, every id in the vocabulary, and, when
+    new tokens are asked for, room for at least one in the context (longer outputs are capped)."""
+    if len(ids) == 0:
+        raise ValueError(f"{name} is empty; give at least one token (e.g. the tokenizer's EOS id)")
+    check_token_ids(ids, vocab_size)
+    if max_new_tokens > 0 and len(ids) >= max_seq_len:
+        raise ValueError(f"{name} has {len(ids)} tokens, which leaves no room for new ones in the model's context "
+                         f"(max_seq_len={max_seq_len}); keep its last {max_seq_len - 1} or fewer, or extend the "
+                         f"context (llmstack.inference.extend_context)")
+
+
+def _check_prompts(rows: list[torch.Tensor], config, max_new_tokens: int) -> None:
     for i, row in enumerate(rows):
-        if len(row) == 0:
-            raise ValueError(f"prompt {i} is empty; give at least one token (e.g. the tokenizer's EOS id)")
-        check_token_ids(row, vocab_size)
+        check_prompt(row, config.vocab_size, config.max_seq_len, max_new_tokens, f"prompt {i}")
 
 
 def _generators(seed, n_rows: int, device) -> Optional[torch.Generator | list[torch.Generator]]:
@@ -121,6 +148,7 @@ def _decode_steps(model: torch.nn.Module, rows: list[torch.Tensor], max_new_toke
     device = rows[0].device
     cfg = model.config
     B = len(rows)
+    stop_tokens = _token_list(stop_tokens)
     lengths = torch.tensor([len(r) for r in rows], device=device)  # (B,)
     T = int(lengths.max())
     # Each row stops where its own single-prompt run would: at the model's context.
@@ -139,7 +167,7 @@ def _decode_steps(model: torch.nn.Module, rows: list[torch.Tensor], max_new_toke
     else:
         ids, key_mask, positions = torch.stack(rows), None, None
     history = TokenHistory(rows, cfg.vocab_size, device) if params.has_penalties else None
-    stop = torch.tensor(list(stop_tokens), dtype=torch.long, device=device)
+    stop = torch.tensor(stop_tokens, dtype=torch.long, device=device)
     live = limits > 0
     if cfg.sliding_window is not None and cfg.sliding_window < T + steps:
         cache = RollingKVCache.for_model(model, B)  # memory of one window, however long the text
@@ -188,8 +216,8 @@ def _start(model, input_ids, max_new_tokens, params: SamplingParams, seed, stop_
         use_decode_layout(model)
     check_max_new_tokens(max_new_tokens)
     params.validate(model.config.vocab_size)
-    rows, kind = _prompt_rows(input_ids, device)
-    _check_prompts(rows, model.config.vocab_size)
+    rows, kind = prompt_rows(input_ids, device)
+    _check_prompts(rows, model.config, max_new_tokens)
     if isinstance(stop_strings, str):
         stop_strings = [stop_strings]
     if any(not isinstance(s, str) or not s for s in stop_strings):
@@ -270,7 +298,7 @@ def generate_text(model: torch.nn.Module, tokenizer, prompt: str | Sequence[str]
     prompts = [prompt] if isinstance(prompt, str) else list(prompt)
     ids = [tokenizer.encode(p) for p in prompts]
     eos = getattr(tokenizer, "eos_id", None)
-    stop_tokens = tuple(sampling.pop("stop_tokens", ())) + ((eos,) if eos is not None else ())
+    stop_tokens = _token_list(sampling.pop("stop_tokens", ())) + ([eos] if eos is not None else [])
     out = generate(model, ids, max_new_tokens, stop_tokens=stop_tokens, stop_strings=stop_strings,
                    decode=tokenizer.decode, **sampling)
     texts = []

@@ -50,8 +50,9 @@ def extend_context(model: nn.Module, new_max_seq_len: int, scaling: Optional[str
     trained = trained_context(model)
     if scaling is not None and scaling not in SCALINGS:
         raise ValueError(f"scaling must be one of {', '.join(SCALINGS)} or None, got {scaling!r}")
-    if new_max_seq_len < trained:
-        raise ValueError(f"new_max_seq_len must be >= the trained context ({trained}), got {new_max_seq_len}")
+    if isinstance(new_max_seq_len, bool) or not isinstance(new_max_seq_len, int) or new_max_seq_len < trained:
+        raise ValueError(f"new_max_seq_len must be an integer >= the trained context ({trained}), "
+                         f"got {new_max_seq_len!r}")
     if scaling is not None and cfg.pos != "rope":
         raise ValueError(f"RoPE scaling needs model.pos='rope', this model uses {cfg.pos!r}")
     if cfg.pos == "learned" and new_max_seq_len > cfg.max_seq_len:

@@ -26,7 +26,7 @@ from typing import Optional, Sequence
 import torch
 
 from llmstack.inference.decode_layout import use_decode_layout
-from llmstack.inference.generate import check_token_ids
+from llmstack.inference.generate import check_max_new_tokens, check_prompt
 from llmstack.inference.sampling import SamplingParams, process_logits
 from llmstack.model import KVCache
 
@@ -183,14 +183,14 @@ def speculative_generate(target: torch.nn.Module, input_ids, max_new_tokens: int
         raise ValueError(f"input_ids must be one prompt, (T,) or (1, T); got shape {tuple(ids.shape)}")
     prompt = ids.reshape(-1).tolist()
     V = target.config.vocab_size
-    if not prompt:
-        raise ValueError("input_ids must hold at least one token")
-    check_token_ids(ids, V)
-    if k < 1:
-        raise ValueError(f"k must be >= 1 (tokens proposed per round), got {k}")
-    if ngram < 1:
-        raise ValueError(f"ngram must be >= 1, got {ngram}")
-    SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p).validate(V)  # the same rules as generate
+    check_max_new_tokens(max_new_tokens)
+    check_prompt(ids.reshape(-1), V, target.config.max_seq_len, max_new_tokens)
+    for name, value in (("k", k), ("ngram", ngram)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            what = " (tokens proposed per round)" if name == "k" else ""
+            raise ValueError(f"{name} must be an integer >= 1{what}, got {value!r}")
+    # The same rules as generate.
+    SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed).validate(V)
 
     T = len(prompt)
     total = T + max(0, min(max_new_tokens, target.config.max_seq_len - T))

@@ -128,10 +128,14 @@ def save_pretrained(model: Transformer, directory: str | os.PathLike, *, metadat
     place, so a crash never leaves a half-written checkpoint where a good one was."""
     directory = Path(directory)
     config = {"model": to_dict(model.config), **(extra_config or {})}
+    state = model.state_dict()
+    if "quantization" not in (metadata or {}) and any(name.endswith(".qweight") for name in state):
+        raise ValueError("the model is quantized: save it with llmstack.inference.save_quantized, which records "
+                         "the scheme that from_pretrained needs to rebuild it")
 
     def write(tmp: Path) -> None:
         (tmp / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
-        save_weights(model.state_dict(), tmp, metadata={"format": "llmstack", **(metadata or {})})
+        save_weights(state, tmp, metadata={"format": "llmstack", **(metadata or {})})
 
     atomic_directory(directory, write)
 
