@@ -17,7 +17,7 @@ from typing import Optional
 import torch
 
 from llmstack.inference.decode_layout import use_decode_layout
-from llmstack.inference.generate import check_max_new_tokens, check_prompt
+from llmstack.inference.generate import check_max_new_tokens, check_prompt, prompt_rows
 from llmstack.model import KVCache
 
 
@@ -32,8 +32,6 @@ def _check(model, prompt: torch.Tensor, max_new_tokens, num_beams, length_penalt
            num_return_sequences) -> int:
     """Validate the arguments; return the number of steps (max_new_tokens capped by the context)."""
     V = model.config.vocab_size
-    if prompt.dim() != 1:
-        raise ValueError(f"beam_search takes one prompt (T,) or (1, T), got shape {tuple(prompt.shape)}")
     check_max_new_tokens(max_new_tokens)
     check_prompt(prompt, V, model.config.max_seq_len, max_new_tokens)
     steps = max(0, min(max_new_tokens, model.config.max_seq_len - len(prompt)))
@@ -69,9 +67,10 @@ def beam_search(model: torch.nn.Module, input_ids, max_new_tokens: int, *, num_b
     device = next(model.parameters()).device
     if device.type == "cpu":
         use_decode_layout(model)
-    prompt = torch.as_tensor(input_ids, dtype=torch.long, device=device)
-    if prompt.dim() == 2 and prompt.shape[0] == 1:
-        prompt = prompt[0]
+    rows, _ = prompt_rows(input_ids, device)
+    if len(rows) != 1:
+        raise ValueError(f"beam_search takes one prompt (T,) or (1, T), got {len(rows)}")
+    prompt = rows[0]
     steps = _check(model, prompt, max_new_tokens, num_beams, length_penalty, early_stopping, eos_token_id,
                    num_return_sequences)
     if steps == 0:
