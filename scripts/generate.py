@@ -1,4 +1,4 @@
-"""Generate text from a checkpoint, streaming it to the terminal as it is produced.
+r"""Generate text from a checkpoint, streaming it to the terminal as it is produced.
 
     python scripts/generate.py --checkpoint runs/quickstart --prompt "def fib(n):"
     python scripts/generate.py --checkpoint runs/quickstart --prompt "import os" --temperature 0 --max-new-tokens 80
@@ -10,43 +10,61 @@ import re
 import sys
 import warnings
 
-import torch
-
 import llmstack
+from llmstack.config import resolve_device
 from llmstack.inference.beam import beam_search
 from llmstack.inference.generate import StopText, cut_at_stop, stream_generate
 from llmstack.inference.sampling import SamplingParams
 from llmstack.interop import load_tokenizer, resolve_checkpoint
 from llmstack.tokenizer import StreamDecoder
 
+# Sampling flags (None on the command line = not given) and the values they take when not given.
+SAMPLING_DEFAULTS = dict(temperature=0.8, top_k=None, top_p=0.95, min_p=None, repetition_penalty=1.0,
+                         frequency_penalty=0.0, presence_penalty=0.0, seed=None)
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True, help="a run directory or checkpoint directory")
     parser.add_argument("--prompt", default="", help="text to continue")
-    parser.add_argument("--max-new-tokens", type=int, default=200)
-    parser.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
-    parser.add_argument("--top-k", type=int, default=None)
-    parser.add_argument("--top-p", type=float, default=0.95)
-    parser.add_argument("--min-p", type=float, default=None, help="keep tokens with p >= min_p * p_max")
-    parser.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeats (1 = off)")
-    parser.add_argument("--frequency-penalty", type=float, default=0.0, help="minus this per earlier occurrence")
-    parser.add_argument("--presence-penalty", type=float, default=0.0, help="minus this once a token occurred")
+    parser.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate at most (default 200)")
+    parser.add_argument("--temperature", type=float, default=None, help="0 = greedy (default 0.8)")
+    parser.add_argument("--top-k", type=int, default=None, help="keep the k most likely tokens (default: off)")
+    parser.add_argument("--top-p", type=float, default=None, help="nucleus sampling (default 0.95)")
+    parser.add_argument("--min-p", type=float, default=None, help="keep tokens with p >= min_p * p_max (default: off)")
+    parser.add_argument("--repetition-penalty", type=float, default=None,
+                        help="> 1 discourages repeats (default 1 = off)")
+    parser.add_argument("--frequency-penalty", type=float, default=None,
+                        help="minus this per earlier occurrence (default 0)")
+    parser.add_argument("--presence-penalty", type=float, default=None,
+                        help="minus this once a token occurred (default 0)")
     parser.add_argument("--stop", action="append", default=[], metavar="TEXT",
                         help="stop before this text (repeatable; escapes like \\n are understood)")
-    parser.add_argument("--seed", type=int, default=None)
-    parser.add_argument("--num-beams", type=int, default=None, help="beam search with this width (no sampling)")
+    parser.add_argument("--seed", type=int, default=None, help="for reproducible sampling (default: random)")
+    parser.add_argument("--num-beams", type=int, default=None,
+                        help="beam search with this width (no sampling; default: sample)")
     parser.add_argument("--num-return-sequences", type=int, default=None,
                         help="with --num-beams: how many of the best hypotheses to print (default: all)")
-    parser.add_argument("--length-penalty", type=float, default=1.0,
-                        help="with --num-beams: score = log-prob / new_tokens ** this")
-    parser.add_argument("--device", default="auto")
+    parser.add_argument("--length-penalty", type=float, default=None,
+                        help="with --num-beams: score = log-prob / new_tokens ** this (default 1)")
+    parser.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
     args = parser.parse_args()
+    given = [f"--{name.replace('_', '-')}" for name in SAMPLING_DEFAULTS if getattr(args, name) is not None]
+    if args.num_beams is not None and given:
+        sys.exit(f"error: --num-beams runs beam search, which does not sample: {', '.join(given)} "
+                 f"cannot be used with it")
+    for name in ("num_return_sequences", "length_penalty"):
+        if args.num_beams is None and getattr(args, name) is not None:
+            sys.exit(f"error: --{name.replace('_', '-')} needs --num-beams (it applies only to beam search)")
+    for name, default in SAMPLING_DEFAULTS.items():
+        if getattr(args, name) is None:
+            setattr(args, name, default)
+    if args.length_penalty is None:
+        args.length_penalty = 1.0
 
     try:
         ckpt = resolve_checkpoint(args.checkpoint)
-        device = "cuda" if args.device == "auto" and torch.cuda.is_available() else \
-            ("cpu" if args.device == "auto" else args.device)
+        device = resolve_device(args.device)
         model = llmstack.from_pretrained(ckpt, device=device)
         tok = load_tokenizer(ckpt)
     except (ValueError, FileNotFoundError) as e:
