@@ -15,7 +15,7 @@ so it pays off only with a high acceptance rate; prompt lookup costs nothing.
     python scripts/pretrain.py --config configs/pretrain/quickstart.yaml          # the target
     python scripts/pretrain.py --config configs/pretrain/quickstart-draft.yaml    # the draft
     python scripts/bench_speculative.py            # full
-    python scripts/bench_speculative.py --quick    # a fast smoke run
+    python scripts/bench_speculative.py --quick    # a fast smoke run (explicit flags still apply)
 """
 import argparse
 import statistics
@@ -27,7 +27,7 @@ import torch
 
 import llmstack
 from llmstack.bench import cpu_name
-from llmstack.data import prepare_tokens
+from llmstack.data import DataError, prepare_tokens
 from llmstack.inference.generate import generate
 from llmstack.inference.speculative import SpeculativeStats, speculative_generate
 from llmstack.interop import load_tokenizer, resolve_checkpoint
@@ -41,33 +41,52 @@ def validation_prompts(ckpt: Path, n: int, length: int) -> list[list[int]]:
     val = prepare_tokens(cfg.data.source, tok, cache_dir=cfg.data.cache_dir, val_fraction=cfg.data.val_fraction,
                          text_field=cfg.data.text_field, progress=False)["val"]
     step = (len(val) - length) // n
+    if step < 1:
+        raise ValueError(f"the validation split has {len(val)} tokens, too few for {n} prompts of {length} tokens; "
+                         f"lower --prompts or --prompt-len")
     return [[int(t) for t in val[i * step:i * step + length]] for i in range(n)]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="fewer prompts and tokens, one iteration")
-    parser.add_argument("--target", default="runs/quickstart")
-    parser.add_argument("--draft", default="runs/quickstart-draft")
-    parser.add_argument("--prompts", type=int, default=8)
-    parser.add_argument("--prompt-len", type=int, default=128)
-    parser.add_argument("--new-tokens", type=int, default=96)
-    parser.add_argument("--k", type=int, default=4, help="tokens proposed per round")
-    parser.add_argument("--ngram", type=int, default=3, help="prompt lookup: longest n-gram matched")
-    parser.add_argument("--iters", type=int, default=3)
+    parser.add_argument("--quick", action="store_true",
+                        help="2 prompts, 32 new tokens, one iteration (flags given explicitly keep their value)")
+    parser.add_argument("--target", default="runs/quickstart", help="(default runs/quickstart)")
+    parser.add_argument("--draft", default="runs/quickstart-draft", help="(default runs/quickstart-draft)")
+    parser.add_argument("--prompts", type=int, default=None, help="validation prompts (default 8)")
+    parser.add_argument("--prompt-len", type=int, default=128, help="tokens per prompt (default 128)")
+    parser.add_argument("--new-tokens", type=int, default=None, help="tokens generated per prompt (default 96)")
+    parser.add_argument("--k", type=int, default=4, help="tokens proposed per round (default 4)")
+    parser.add_argument("--ngram", type=int, default=3, help="prompt lookup: longest n-gram matched (default 3)")
+    parser.add_argument("--iters", type=int, default=None, help="timed runs of each method (default 3)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     args = parser.parse_args()
+    for name, full, quick in (("prompts", 8, 2), ("new_tokens", 96, 32), ("iters", 3, 1)):
+        if getattr(args, name) is None:  # --quick changes only what was not given
+            setattr(args, name, quick if args.quick else full)
+    for name in ("prompts", "prompt_len", "new_tokens", "k", "ngram", "iters", "threads"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            sys.exit(f"error: --{name.replace('_', '-')} must be an integer >= 1, got {value}")
     if args.threads:
         torch.set_num_threads(args.threads)
-    n_prompts = 2 if args.quick else args.prompts
-    new_tokens = 32 if args.quick else args.new_tokens
-    iters = 1 if args.quick else args.iters
+    n_prompts, new_tokens, iters = args.prompts, args.new_tokens, args.iters
     try:
         ckpt = resolve_checkpoint(args.target)
         target = llmstack.from_pretrained(ckpt).float().eval()
-        draft = llmstack.from_pretrained(resolve_checkpoint(args.draft)).float().eval()
+        draft_ckpt = resolve_checkpoint(args.draft)
+        draft = llmstack.from_pretrained(draft_ckpt).float().eval()
+        context = args.prompt_len + new_tokens
+        for name, model in (("target", target), ("draft", draft)):
+            if context > model.config.max_seq_len:
+                raise ValueError(f"--prompt-len + --new-tokens = {args.prompt_len} + {new_tokens} = {context} is "
+                                 f"past the {name}'s context ({getattr(args, name)}: max_seq_len "
+                                 f"{model.config.max_seq_len}); lower them")
+        if load_tokenizer(ckpt).fingerprint() != load_tokenizer(draft_ckpt).fingerprint():
+            raise ValueError(f"the draft's tokenizer ({draft_ckpt / 'tokenizer.json'}) differs from the target's "
+                             f"({ckpt / 'tokenizer.json'}); speculative decoding needs one tokenizer")
         prompts = validation_prompts(Path(ckpt), n_prompts, args.prompt_len)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, DataError) as e:
         sys.exit(f"error: {e}")
     n_t, n_d = target.num_params(), draft.num_params()
     print(f"device: {cpu_name()} | torch {torch.__version__} | {torch.get_num_threads()} threads | float32")
@@ -94,8 +113,11 @@ def main() -> None:
                 for field in ("proposed", "accepted", "new_tokens", "target_passes", "draft_passes"):
                     setattr(stats[name], field, getattr(stats[name], field) + getattr(s, field))
 
-    for name in methods:  # warm-up
-        run_all(name)
+    try:
+        for name in methods:  # warm-up; the library checks its arguments here
+            run_all(name)
+    except ValueError as e:
+        sys.exit(f"error: {e}")
     # Alternate the methods each iteration so that drift in the machine's speed hits all alike.
     times = {name: [] for name in methods}
     for _ in range(iters):
