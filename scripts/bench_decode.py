@@ -15,7 +15,7 @@ anything: on a GPU the default model is Llama-3.2-1B's shape with random weights
     python scripts/bench_decode.py                            # llama-3.2-1b on CUDA, quickstart on a CPU
     python scripts/bench_decode.py --model qwen2.5-0.5b --modes compiled --quantize none int8
     python scripts/bench_decode.py --checkpoint runs/quickstart
-    python scripts/bench_decode.py --quick                    # tiny eager smoke run
+    python scripts/bench_decode.py --quick                    # tiny eager smoke run (explicit flags apply)
 """
 import argparse
 import copy
@@ -29,7 +29,7 @@ import torch
 import llmstack
 from llmstack.bench import (copy_bandwidth_gbs, decode_bytes_per_token, device_name, first_difference,
                             time_compiled_generate, time_llmstack_generate)
-from llmstack.config import ConfigError, model_preset
+from llmstack.config import ConfigError, model_preset, resolve_device
 from llmstack.inference import quantize_
 from llmstack.inference.compiled import CompiledDecoder
 from llmstack.interop import resolve_checkpoint
@@ -76,32 +76,42 @@ def main() -> None:
                         help="a preset name or YAML path, random weights (default: llama-3.2-1b on CUDA, quickstart "
                              "on a CPU)")
     parser.add_argument("--checkpoint", help="a trained llmstack run or checkpoint directory instead of --model")
-    parser.add_argument("--prompt-len", type=int, default=128)
-    parser.add_argument("--new-tokens", type=int, default=128)
-    parser.add_argument("--modes", nargs="+", choices=["eager", "compiled"], default=["eager", "compiled"])
-    parser.add_argument("--quantize", nargs="+", choices=SCHEMES, default=list(SCHEMES))
-    parser.add_argument("--group-size", type=int, default=64, help="int4 group size")
-    parser.add_argument("--iters", type=int, default=5, help="timed runs of each variant, alternated")
-    parser.add_argument("--warmup", type=int, default=1, help="untimed rounds first (they include compiling)")
-    parser.add_argument("--device", default="auto", help="auto (CUDA when available), cpu or cuda")
+    parser.add_argument("--prompt-len", type=int, default=None, help="(default 128)")
+    parser.add_argument("--new-tokens", type=int, default=None, help="(default 128)")
+    parser.add_argument("--modes", nargs="+", choices=["eager", "compiled"], default=None,
+                        help="(default: eager compiled)")
+    parser.add_argument("--quantize", nargs="+", choices=SCHEMES, default=list(SCHEMES),
+                        help=f"(default: {' '.join(SCHEMES)})")
+    parser.add_argument("--group-size", type=int, default=64, help="int4 group size (default 64)")
+    parser.add_argument("--iters", type=int, default=None, help="timed runs of each variant, alternated (default 5)")
+    parser.add_argument("--warmup", type=int, default=1,
+                        help="untimed rounds first, which include compiling (default 1)")
+    parser.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
     parser.add_argument("--dtype", choices=["auto", *DTYPES], default="auto", help="auto: float32 CPU, bfloat16 CUDA")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--json", help="also write the rows to this JSON file")
-    parser.add_argument("--quick", action="store_true", help="tiny model, eager only, few tokens (a smoke run)")
+    parser.add_argument("--quick", action="store_true",
+                        help="tiny model, eager only, prompt 16, 8 new tokens, 2 runs (a smoke run); flags given "
+                             "explicitly keep their value")
     args = parser.parse_args()
-    if args.quick:
-        args.model, args.prompt_len, args.new_tokens, args.iters, args.warmup = "tiny", 16, 8, 2, 1
-        args.modes = ["eager"]
+    for name, full, quick in (("prompt_len", 128, 16), ("new_tokens", 128, 8), ("iters", 5, 2),
+                              ("modes", ["eager", "compiled"], ["eager"])):
+        if getattr(args, name) is None:  # --quick changes only what was not given
+            setattr(args, name, quick if args.quick else full)
+    if args.quick and args.model is None and not args.checkpoint:
+        args.model = "tiny"
     if args.prompt_len < 1 or args.new_tokens < 2:
         sys.exit(f"error: --prompt-len must be >= 1 and --new-tokens >= 2, got {args.prompt_len}, {args.new_tokens}")
     if args.iters < 1 or args.warmup < 0:
         sys.exit(f"error: --iters must be >= 1 and --warmup >= 0, got {args.iters} and {args.warmup}")
     if args.threads is not None:
+        if args.threads < 1:
+            sys.exit(f"error: --threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if args.device == "auto" else args.device))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        sys.exit("error: --device cuda but torch sees no CUDA device")
+    try:
+        device = resolve_device(args.device)
+    except ConfigError as e:
+        sys.exit(f"error: {e}")
     dtype = DTYPES[args.dtype] if args.dtype != "auto" else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     if args.model is None:
         args.model = "llama-3.2-1b" if device.type == "cuda" else "quickstart"
@@ -126,7 +136,8 @@ def main() -> None:
     copy_gbs = copy_bandwidth_gbs(device)
     print(f"copy bandwidth (read + write): {copy_gbs:.1f} GB/s")
 
-    prompts = torch.randint(0, model.config.vocab_size, (1, args.prompt_len), generator=torch.Generator().manual_seed(0))
+    gen = torch.Generator().manual_seed(0)
+    prompts = torch.randint(0, model.config.vocab_size, (1, args.prompt_len), generator=gen)
     names = list(runs)
     timings = {n: [] for n in names}
     for i in range(args.warmup + args.iters):

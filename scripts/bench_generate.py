@@ -13,7 +13,7 @@ The throughput-latency curve (one point per batch size) is saved as a PNG. Float
 CPU; bfloat16 on CUDA.
 
     python scripts/bench_generate.py                          # batch 1-16, prompts 32/128/512
-    python scripts/bench_generate.py --quick                  # a fast smoke run
+    python scripts/bench_generate.py --quick                  # a fast smoke run (explicit flags still apply)
     python scripts/bench_generate.py --checkpoint runs/quickstart
     python scripts/bench_generate.py --batch-sizes 1 4 16 --prompt-lengths 128 --new-tokens 32
 
@@ -31,6 +31,8 @@ import torch
 import llmstack
 from llmstack.bench import (alternate, device_name, first_difference, hf_twin, random_llama, time_hf_generate,
                             time_llmstack_generate)
+from llmstack.config import ConfigError, resolve_device
+from llmstack.inference.quantize import quantization_of
 from llmstack.interop import resolve_checkpoint
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -103,21 +105,26 @@ def positive_ints(name: str, values: list[int]) -> list[int]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="batch 1-2, short prompts, few tokens (a smoke run)")
+    parser.add_argument("--quick", action="store_true",
+                        help="batch 1-2, prompts 16/32, 8 new tokens, 2 runs (a smoke run); flags given explicitly "
+                             "keep their value")
     parser.add_argument("--checkpoint", help="a trained llmstack run or checkpoint directory (default: random Llama)")
-    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 2, 4, 8, 16])
-    parser.add_argument("--prompt-lengths", type=int, nargs="+", default=[32, 128, 512],
-                        help="lengths that do not fit the context with --new-tokens are skipped")
-    parser.add_argument("--new-tokens", type=int, default=64)
-    parser.add_argument("--iters", type=int, default=5, help="timed runs of each implementation per configuration")
-    parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--device", default="auto", help="auto (CUDA when available), cpu or cuda")
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=None, help="(default 1 2 4 8 16)")
+    parser.add_argument("--prompt-lengths", type=int, nargs="+", default=None,
+                        help="lengths that do not fit the context with --new-tokens are skipped (default 32 128 512)")
+    parser.add_argument("--new-tokens", type=int, default=None, help="(default 64)")
+    parser.add_argument("--iters", type=int, default=None,
+                        help="timed runs of each implementation per configuration (default 5)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed runs first (default 1)")
+    parser.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
     parser.add_argument("--dtype", choices=["auto", *DTYPES], default="auto", help="auto: float32 CPU, bfloat16 CUDA")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--out", default="runs/bench_generate.png", help="where to save the throughput-latency PNG")
     args = parser.parse_args()
-    if args.quick:
-        args.batch_sizes, args.prompt_lengths, args.new_tokens, args.iters = [1, 2], [16, 32], 8, 2
+    for name, full, quick in (("batch_sizes", [1, 2, 4, 8, 16], [1, 2]), ("prompt_lengths", [32, 128, 512], [16, 32]),
+                              ("new_tokens", 64, 8), ("iters", 5, 2)):
+        if getattr(args, name) is None:  # --quick changes only what was not given
+            setattr(args, name, quick if args.quick else full)
     positive_ints("batch-sizes", args.batch_sizes)
     positive_ints("prompt-lengths", args.prompt_lengths)
     if args.new_tokens < 2:
@@ -126,10 +133,10 @@ def main() -> None:
         raise SystemExit(f"error: --iters must be >= 1 and --warmup >= 0, got {args.iters} and {args.warmup}")
     if args.threads is not None:
         torch.set_num_threads(positive_ints("threads", [args.threads])[0])
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if args.device == "auto" else args.device))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("error: --device cuda but torch sees no CUDA device")
+    try:
+        device = resolve_device(args.device)
+    except ConfigError as e:
+        sys.exit(f"error: {e}")
     dtype = DTYPES[args.dtype] if args.dtype != "auto" else (torch.bfloat16 if device.type == "cuda" else torch.float32)
 
     # Both models are built on the CPU in float32 first: the export must not round the weights.
@@ -138,6 +145,9 @@ def main() -> None:
             ours = llmstack.from_pretrained(resolve_checkpoint(args.checkpoint))
         except (ValueError, FileNotFoundError) as e:
             sys.exit(f"error: {e}")
+        if quantization_of(ours) is not None:
+            sys.exit(f"error: {args.checkpoint} is a quantized checkpoint ({quantization_of(ours)['scheme']}); the "
+                     f"comparison with transformers needs a float checkpoint (the one it was quantized from)")
         model_desc = f"{args.checkpoint}"
     else:
         ours = random_llama(max_seq_len=1024)  # room for prompt 512 + the new tokens

@@ -7,7 +7,7 @@ file size on disk, validation perplexity on the same windows for every model
 alternately with the float model, medians.
 
     python scripts/bench_quantize.py --checkpoint runs/quickstart
-    python scripts/bench_quantize.py --checkpoint runs/quickstart --quick    # a fast smoke run
+    python scripts/bench_quantize.py --checkpoint runs/quickstart --quick    # a fast smoke run (explicit flags apply)
 """
 import argparse
 import sys
@@ -18,9 +18,10 @@ import torch
 
 import llmstack
 from llmstack.bench import device_name, time_pair
+from llmstack.config import resolve_device
 from llmstack.data import DataError, TokenBatches, prepare_tokens
 from llmstack.eval import evaluate
-from llmstack.inference.quantize import check_group_size, quantize_, save_quantized
+from llmstack.inference.quantize import check_group_size, quantization_of, quantize_, save_quantized
 from llmstack.interop import load_tokenizer, resolve_checkpoint, save_pretrained
 from llmstack.train import load_run_config
 
@@ -28,18 +29,28 @@ from llmstack.train import load_run_config
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True)
-    parser.add_argument("--group-sizes", type=int, nargs="+", default=[32, 64, 128], help="int4 group sizes")
-    parser.add_argument("--batches", type=int, default=16, help="validation batches of 8 windows")
-    parser.add_argument("--new-tokens", type=int, default=128)
-    parser.add_argument("--iters", type=int, default=7)
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--quick", action="store_true", help="fewer batches, tokens and iterations (a smoke run)")
+    parser.add_argument("--group-sizes", type=int, nargs="+", default=[32, 64, 128],
+                        help="int4 group sizes, even (default 32 64 128)")
+    parser.add_argument("--batches", type=int, default=None, help="validation batches of 8 windows (default 16)")
+    parser.add_argument("--new-tokens", type=int, default=None, help="greedy tokens decoded (default 128)")
+    parser.add_argument("--iters", type=int, default=None, help="timed decodes of each model (default 7)")
+    parser.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
+    parser.add_argument("--quick", action="store_true",
+                        help="2 batches, 16 tokens, 2 iterations (a smoke run); flags given explicitly keep "
+                             "their value")
     args = parser.parse_args()
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if args.device == "auto" else args.device))
-    n_batches, new_tokens, iters = (2, 16, 2) if args.quick else (args.batches, args.new_tokens, args.iters)
+    for name, full, quick in (("batches", 16, 2), ("new_tokens", 128, 16), ("iters", 7, 2)):
+        if getattr(args, name) is None:  # --quick changes only what was not given
+            setattr(args, name, quick if args.quick else full)
+    for name in ("batches", "new_tokens", "iters"):
+        if getattr(args, name) < 1:
+            sys.exit(f"error: --{name.replace('_', '-')} must be an integer >= 1, got {getattr(args, name)}")
+    if any(g < 2 or g % 2 for g in args.group_sizes):
+        sys.exit(f"error: --group-sizes must be even numbers >= 2, got {' '.join(map(str, args.group_sizes))}")
+    n_batches, new_tokens, iters = args.batches, args.new_tokens, args.iters
 
     try:
+        device = resolve_device(args.device)
         ckpt = resolve_checkpoint(args.checkpoint)
         cfg = load_run_config(ckpt)
         float_model = llmstack.from_pretrained(ckpt)
@@ -49,6 +60,9 @@ def main() -> None:
         batches = TokenBatches(tokens, 8, cfg.data.seq_len, name="val", device=device)
     except (ValueError, FileNotFoundError, DataError) as e:
         sys.exit(f"error: {e}")
+    if quantization_of(float_model) is not None:
+        sys.exit(f"error: {args.checkpoint} is already quantized ({quantization_of(float_model)['scheme']}); "
+                 f"the comparison needs the float checkpoint it was made from")
 
     in_features = sorted({m.in_features for m in float_model.modules() if isinstance(m, torch.nn.Linear)})
     variants = [("float32", None, None), ("int8", "int8", None)]
