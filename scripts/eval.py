@@ -15,12 +15,16 @@ from llmstack.train import load_run_config
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", required=True)
-    parser.add_argument("--split", choices=["train", "val"], default="val")
+    parser.add_argument("--checkpoint", required=True, help="a run directory or checkpoint directory")
+    parser.add_argument("--split", choices=["train", "val"], default="val", help="(default val)")
     parser.add_argument("--source", help="corpus (default: the one the checkpoint was trained on)")
     parser.add_argument("--batches", type=int, default=None, help="at most this many batches (default: all)")
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--batch-size", type=int, default=8, help="windows per batch (default 8)")
     args = parser.parse_args()
+    for name in ("batches", "batch_size"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            sys.exit(f"error: --{name.replace('_', '-')} must be an integer >= 1, got {value}")
     try:
         ckpt = resolve_checkpoint(args.checkpoint)
         cfg = load_run_config(ckpt)
