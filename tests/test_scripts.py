@@ -1,0 +1,140 @@
+"""The scripts refuse bad command lines with a one-line `error: ...` (no traceback, exit status not 0),
+and quantize.py never replaces the source checkpoint or a directory of other files.
+
+Each script runs as a subprocess on tiny checkpoints made here (runs/ is not needed). Starting one
+costs seconds (importing torch), so only the early checks run, several subprocesses at a time."""
+import ast
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from llmstack.config import ModelConfig
+from llmstack.inference.quantize import quantize_, save_quantized
+from llmstack.interop import save_pretrained
+from llmstack.model import Transformer
+from llmstack.tokenizer import Tokenizer
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def tiny_checkpoint(directory: Path, tokenizer: Tokenizer, *, max_seq_len: int = 64, quantized: bool = False) -> Path:
+    """A run directory (`latest` -> checkpoints/step_000001) holding a random two-layer model."""
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=320, dim=32, n_layers=2, n_heads=4, n_kv_heads=2,
+                                    max_seq_len=max_seq_len))
+    model.init_weights()
+    ckpt = directory / "checkpoints" / "step_000001"
+    if quantized:
+        save_quantized(quantize_(model, "int8"), ckpt)
+    else:
+        save_pretrained(model, ckpt)
+    tokenizer.save(ckpt / "tokenizer.json")
+    (ckpt / "trainer_state.pt").write_bytes(b"optimizer state")  # what a training run leaves beside the weights
+    (directory / "latest").write_text("checkpoints/step_000001")
+    return directory
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("runs")
+    tok = Tokenizer.train(["def add(a, b):\n    return a + b\n" * 30], 300)
+    other = Tokenizer.train(["class Point:\n    x: int = 0\n" * 30], 300)  # the same size, other merges
+    return dict(
+        target=tiny_checkpoint(root / "target", tok),
+        other_tokenizer=tiny_checkpoint(root / "other-tokenizer", other),
+        short=tiny_checkpoint(root / "short", tok, max_seq_len=16),
+        int8=tiny_checkpoint(root / "int8", tok, quantized=True),
+    )
+
+
+def run(*calls):
+    """Run each (script, arg, ...) at once; returns their CompletedProcess-like results in order."""
+    procs = [subprocess.Popen([sys.executable, f"scripts/{script}", *map(str, args)], cwd=ROOT, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for script, *args in calls]
+    results = []
+    for p in procs:
+        out, err = p.communicate(timeout=300)
+        results.append(subprocess.CompletedProcess(p.args, p.returncode, out, err))
+    return results
+
+
+def assert_error(result, *fragments):
+    command = " ".join(map(str, result.args[1:]))
+    assert result.returncode != 0, f"{command} succeeded:\n{result.stdout}"
+    assert "Traceback" not in result.stderr, f"{command}:\n{result.stderr}"
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: "), f"{command}: {result.stderr}"
+    for fragment in fragments:
+        assert fragment in last, f"{command}: {last!r} lacks {fragment!r}"
+
+
+def snapshot(directory: Path) -> dict:
+    return {p.relative_to(directory): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def test_quantize_refuses_the_source_a_foreign_directory_and_unknown_skip_names(runs, tmp_path):
+    run_dir = runs["target"]
+    ckpt = run_dir / "checkpoints" / "step_000001"
+    foreign = tmp_path / "notes"
+    foreign.mkdir()
+    (foreign / "todo.txt").write_text("keep me")
+    earlier = tmp_path / "earlier"  # an earlier output of quantize.py: it is replaced
+    shutil.copytree(runs["int8"] / "checkpoints" / "step_000001", earlier,
+                    ignore=shutil.ignore_patterns("trainer_state.pt"))
+    before = snapshot(run_dir)
+    same, parent, other, skip, again = run(
+        ("quantize.py", "--checkpoint", ckpt, "--scheme", "int8", "--out", ckpt),
+        ("quantize.py", "--checkpoint", run_dir, "--scheme", "int8", "--out", run_dir, "--force"),
+        ("quantize.py", "--checkpoint", run_dir, "--scheme", "int8", "--out", foreign),
+        ("quantize.py", "--checkpoint", run_dir, "--scheme", "int8", "--out", tmp_path / "q", "--skip", "nonexistent",
+         "lm_head"),
+        ("quantize.py", "--checkpoint", run_dir, "--scheme", "int4", "--group-size", "32", "--out", earlier))
+    assert_error(same, "is the source checkpoint")
+    assert_error(parent, "holds the source checkpoint")
+    assert_error(other, "not empty", "todo.txt", "--force")
+    assert_error(skip, "nonexistent", "qkv_proj", "down_proj")
+    assert "lm_head" not in skip.stderr.split(":")[1]  # a valid name is not reported as unknown
+    assert snapshot(run_dir) == before
+    assert (foreign / "todo.txt").read_text() == "keep me"
+    assert not (tmp_path / "q").exists()
+    assert again.returncode == 0, again.stderr
+    src = (ckpt / "model.safetensors").stat().st_size / 2**20
+    assert f"int4 (group size 32), weights {src:.2f} MiB -> " in again.stdout
+    assert sorted(p.name for p in earlier.iterdir()) == ["config.yaml", "model.safetensors", "tokenizer.json"]
+
+
+def test_generate_help_shows_the_docstring_escapes_and_the_defaults():
+    source = (ROOT / "scripts" / "generate.py").read_text()
+    assert '--stop "\\n\\n"' in ast.get_docstring(ast.parse(source))  # a backslash and an n, not a line break
+    assert "(default 0.8)" in source and "(default 0.95)" in source
+
+
+def test_generate_and_bench_speculative_reject_bad_arguments(runs):
+    beams, lone, device, zero, target_ctx, tokenizer = run(
+        ("generate.py", "--checkpoint", runs["target"], "--num-beams", "2", "--temperature", "0.5", "--seed", "1"),
+        ("generate.py", "--checkpoint", runs["target"], "--num-return-sequences", "2"),
+        ("generate.py", "--checkpoint", runs["target"], "--device", "cuda:99"),
+        ("bench_speculative.py", "--prompts", "0", "--quick"),  # --quick does not override a given value
+        ("bench_speculative.py", "--target", runs["target"], "--draft", runs["short"], "--prompt-len", "100"),
+        ("bench_speculative.py", "--target", runs["target"], "--draft", runs["other_tokenizer"], "--prompt-len", "8",
+         "--new-tokens", "8"))
+    assert_error(beams, "--num-beams", "does not sample", "--temperature", "--seed")
+    assert_error(lone, "--num-return-sequences needs --num-beams")
+    assert_error(device, "'cuda:99'", "not available")
+    assert_error(zero, "--prompts must be an integer >= 1, got 0")
+    assert_error(target_ctx, "past the target's context", "max_seq_len 64")  # not the draft's (16), checked after
+    assert_error(tokenizer, "the draft's tokenizer", "speculative decoding needs one tokenizer")
+
+
+def test_benchmarks_reject_bad_values(runs):
+    batches, quantized, decode = run(
+        ("bench_generate.py", "--batch-sizes", "0", "--quick"),  # --quick does not override a given value
+        ("bench_generate.py", "--checkpoint", runs["int8"], "--quick"),
+        ("bench_decode.py", "--quick", "--device", "foo"))
+    assert_error(batches, "--batch-sizes must be >= 1", "[0]")
+    assert_error(quantized, "quantized checkpoint", "needs a float checkpoint")
+    assert_error(decode, "'foo'", "not a device name")
