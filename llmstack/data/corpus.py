@@ -13,9 +13,10 @@ import os
 import sys
 import sysconfig
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
-import datasets
+if TYPE_CHECKING:
+    import datasets  # imported where used: it costs about a second, and most commands never need it
 
 
 class DataError(ValueError):
@@ -35,6 +36,8 @@ def _is_val(key: str, val_fraction: float) -> bool:
 
 
 def _stdlib_dataset(split: str, val_fraction: float) -> datasets.Dataset:
+    import datasets
+
     root = Path(sysconfig.get_paths()["stdlib"])
     paths, texts = [], []
     for path in stdlib_files():
@@ -59,6 +62,8 @@ def _local_files(source: str) -> list[str]:
 
 
 def _local_dataset(source: str, split: str, val_fraction: float, text_field: str) -> datasets.Dataset:
+    import datasets
+
     files = _local_files(source)
     ext = {Path(f).suffix.lower() for f in files}
     if ext <= {".txt", ".md", ".py", ".rst"}:
@@ -93,6 +98,8 @@ def load_corpus(source: str = "stdlib", split: str = "train", *, val_fraction: f
     if source == "stdlib":
         ds = _stdlib_dataset(split, val_fraction)
     elif source.startswith("hf:"):
+        import datasets
+
         name, _, config = source[3:].partition(":")
         try:
             return datasets.load_dataset(name, config or None, split="train" if split == "train" else "validation",
