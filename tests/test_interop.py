@@ -99,6 +99,23 @@ def test_llmstack_checkpoint_round_trip(tmp_path):
     assert not any(p.name.startswith(".") for p in tmp_path.iterdir())  # no temporary leftovers
 
 
+def test_saving_never_replaces_a_directory_of_other_files(tmp_path):
+    """A checkpoint is swapped in whole, so a directory holding anything but checkpoint files
+    (a run directory, notes, another tool's output) is refused and left as it was."""
+    model = Transformer(ModelConfig(vocab_size=64, dim=32, n_layers=1, n_heads=4, max_seq_len=32))
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text("{}\n")
+    with pytest.raises(FileExistsError, match=r"holds files that are not part of a checkpoint \(metrics.jsonl\)"):
+        llmstack.save_pretrained(model, run)
+    with pytest.raises(FileExistsError, match="holds files that are not part of a checkpoint"):
+        save_hf(model, run)
+    assert [p.name for p in tmp_path.iterdir()] == ["run"] and [p.name for p in run.iterdir()] == ["metrics.jsonl"]
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(FileExistsError, match="exists and is not a directory"):
+        llmstack.save_pretrained(model, tmp_path / "file")
+
+
 def test_checkpoint_with_separate_projections_loads_fused(tmp_path):
     """Checkpoints that keep q, k and v apart (older llmstack runs) load into the fused model
     unchanged; split_projections is fuse_projections' exact inverse, biases included."""

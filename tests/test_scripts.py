@@ -95,7 +95,7 @@ def test_quantize_refuses_the_source_a_foreign_directory_and_unknown_skip_names(
         ("quantize.py", "--checkpoint", run_dir, "--scheme", "int4", "--group-size", "32", "--out", earlier))
     assert_error(same, "is the source checkpoint")
     assert_error(parent, "holds the source checkpoint")
-    assert_error(other, "not empty", "todo.txt", "--force")
+    assert_error(other, "not part of a checkpoint", "todo.txt", "--force")
     assert_error(skip, "nonexistent", "qkv_proj", "down_proj")
     assert "lm_head" not in skip.stderr.split(":")[1]  # a valid name is not reported as unknown
     assert snapshot(run_dir) == before

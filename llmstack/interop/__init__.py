@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -152,8 +153,26 @@ def save_hf(model: Transformer, directory: str | os.PathLike) -> None:
     atomic_directory(Path(directory), write)
 
 
+# What a checkpoint directory holds (ours, Hugging Face's weights, the trainer's state). Swapping a new
+# checkpoint in replaces the old directory whole, so one holding anything else is refused.
+CHECKPOINT_FILE = re.compile(r"config\.(yaml|json)|tokenizer\.json|trainer_state\.pt"
+                             r"|model(-\d+-of-\d+)?\.safetensors|model\.safetensors\.index\.json")
+
+
 def atomic_directory(directory: Path, write) -> None:
-    """Run `write(tmp)` on a fresh sibling directory, then swap it in for `directory`."""
+    """Run `write(tmp)` on a fresh sibling directory, then swap it in for `directory`.
+
+    An existing `directory` is replaced only when it holds nothing but checkpoint files
+    (`CHECKPOINT_FILE`): anything else in it would be lost, so that is a FileExistsError."""
+    directory = Path(directory)
+    if directory.exists() or directory.is_symlink():
+        if not directory.is_dir():
+            raise FileExistsError(f"{directory} exists and is not a directory; save the checkpoint elsewhere")
+        others = sorted(p.name for p in directory.iterdir() if not CHECKPOINT_FILE.fullmatch(p.name))
+        if others:
+            shown = ", ".join(others[:5]) + (", ..." if len(others) > 5 else "")
+            raise FileExistsError(f"{directory} holds files that are not part of a checkpoint ({shown}); saving "
+                                  f"replaces the directory whole: choose a new or empty one, or remove it first")
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
     try:
