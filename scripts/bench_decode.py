@@ -85,7 +85,7 @@ def main() -> None:
     parser.add_argument("--group-size", type=int, default=64, help="int4 group size (default 64)")
     parser.add_argument("--iters", type=int, default=None, help="timed runs of each variant, alternated (default 5)")
     parser.add_argument("--warmup", type=int, default=1,
-                        help="untimed rounds first, which include compiling (default 1)")
+                        help="untimed rounds first, the first of which compiles (default 1, at least 1 is run)")
     parser.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
     parser.add_argument("--dtype", choices=["auto", *DTYPES], default="auto", help="auto: float32 CPU, bfloat16 CUDA")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
@@ -138,12 +138,22 @@ def main() -> None:
 
     gen = torch.Generator().manual_seed(0)
     prompts = torch.randint(0, model.config.vocab_size, (1, args.prompt_len), generator=gen)
-    names = list(runs)
+    # The first untimed run of each variant compiles it; a variant that fails there (a compiler
+    # or a kernel missing on this device) is reported and left out, and the others still run.
+    failed = {}
+    for n in list(runs):
+        try:
+            runs[n][1](prompts)
+        except Exception as e:  # noqa: BLE001 - any failure of one variant must not end the benchmark
+            failed[n] = f"{type(e).__name__}: {str(e).splitlines()[0][:100] if str(e) else ''}"
+            print(f"{n}: failed, left out ({failed[n]})")
+    names = [n for n in runs if n not in failed]
     timings = {n: [] for n in names}
-    for i in range(args.warmup + args.iters):
+    warmup = max(args.warmup - 1, 0)
+    for i in range(warmup + args.iters):
         for n in names:  # round-robin, so that drift in the machine's speed hits every variant alike
             timing = runs[n][1](prompts)
-            if i >= args.warmup:
+            if i >= warmup:
                 timings[n].append(timing)
 
     mean_context = args.prompt_len + (args.new_tokens - 1) / 2  # keys attended, averaged over the steps
@@ -169,7 +179,7 @@ def main() -> None:
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(device=name, date=when, torch=torch.__version__, dtype=str(dtype), model=what,
-                           copy_GBs=copy_gbs, rows=rows), f, indent=1)
+                           copy_GBs=copy_gbs, rows=rows, failed=failed), f, indent=1)
 
 
 if __name__ == "__main__":
