@@ -17,7 +17,7 @@ from typing import Optional
 import torch
 
 from llmstack.inference.decode_layout import use_decode_layout
-from llmstack.inference.generate import check_max_new_tokens, check_prompt, prompt_rows
+from llmstack.inference.generate import check_max_new_tokens, check_prompts, prompt_rows
 from llmstack.model import KVCache
 
 
@@ -33,7 +33,7 @@ def _check(model, prompt: torch.Tensor, max_new_tokens, num_beams, length_penalt
     """Validate the arguments; return the number of steps (max_new_tokens capped by the context)."""
     V = model.config.vocab_size
     check_max_new_tokens(max_new_tokens)
-    check_prompt(prompt, V, model.config.max_seq_len, max_new_tokens)
+    check_prompts([prompt], V, model.config.max_seq_len, max_new_tokens)
     steps = max(0, min(max_new_tokens, model.config.max_seq_len - len(prompt)))
     # A width past the vocabulary is a mistake in practice, and each beam costs a KV-cache row.
     if isinstance(num_beams, bool) or not isinstance(num_beams, int) or not 1 <= num_beams <= V:

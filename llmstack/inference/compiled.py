@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from llmstack.inference.decode_layout import use_decode_layout
-from llmstack.inference.generate import check_max_new_tokens, check_prompt, prompt_rows, sample_next
+from llmstack.inference.generate import check_max_new_tokens, check_prompts, prompt_rows, sample_next
 from llmstack.inference.sampling import SamplingParams
 from llmstack.model.kv_cache import KVCache, RollingKVCache
 
@@ -126,8 +126,7 @@ class CompiledDecoder:
         max_new_tokens is capped by max_seq_len."""
         rows, kind = prompt_rows(input_ids, self.device)
         check_max_new_tokens(max_new_tokens)
-        for i, row in enumerate(rows):
-            check_prompt(row, self.model.config.vocab_size, self.max_seq_len, max_new_tokens, f"prompt {i}")
+        check_prompts(rows, self.model.config.vocab_size, self.max_seq_len, max_new_tokens)
         if any(len(row) != len(rows[0]) for row in rows):
             raise ValueError(f"CompiledDecoder takes prompts of one length, got lengths {[len(r) for r in rows]}; "
                              f"llmstack.generate batches prompts of different lengths")

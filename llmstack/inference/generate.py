@@ -109,22 +109,18 @@ def check_max_new_tokens(max_new_tokens) -> None:
         raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens}")
 
 
-def check_prompt(ids: torch.Tensor, vocab_size: int, max_seq_len: int, max_new_tokens: int,
-                 name: str = "prompt 0") -> None:
-    """Raise unless `ids` (T,) can be continued: not empty, every id in the vocabulary, and, when
-    new tokens are asked for, room for at least one in the context (longer outputs are capped)."""
-    if len(ids) == 0:
-        raise ValueError(f"{name} is empty; give at least one token (e.g. the tokenizer's EOS id)")
-    check_token_ids(ids, vocab_size)
-    if max_new_tokens > 0 and len(ids) >= max_seq_len:
-        raise ValueError(f"{name} has {len(ids)} tokens, which leaves no room for new ones in the model's context "
-                         f"(max_seq_len={max_seq_len}); keep its last {max_seq_len - 1} or fewer, or extend the "
-                         f"context (llmstack.inference.extend_context)")
-
-
-def _check_prompts(rows: list[torch.Tensor], config, max_new_tokens: int) -> None:
-    for i, row in enumerate(rows):
-        check_prompt(row, config.vocab_size, config.max_seq_len, max_new_tokens, f"prompt {i}")
+def check_prompts(rows: Sequence[torch.Tensor], vocab_size: int, max_seq_len: int, max_new_tokens: int) -> None:
+    """Raise unless every prompt (T,) can be continued: not empty, every id in the vocabulary,
+    and, when new tokens are asked for, room for at least one in the context (longer outputs
+    are capped)."""
+    for i, ids in enumerate(rows):
+        if len(ids) == 0:
+            raise ValueError(f"prompt {i} is empty; give at least one token (e.g. the tokenizer's EOS id)")
+        check_token_ids(ids, vocab_size)
+        if max_new_tokens > 0 and len(ids) >= max_seq_len:
+            raise ValueError(f"prompt {i} has {len(ids)} tokens, which leaves no room for new ones in the model's "
+                             f"context (max_seq_len={max_seq_len}); keep its last {max_seq_len - 1} or fewer, or "
+                             f"extend the context (llmstack.inference.extend_context)")
 
 
 def _generators(seed, n_rows: int, device) -> Optional[torch.Generator | list[torch.Generator]]:
@@ -217,7 +213,7 @@ def _start(model, input_ids, max_new_tokens, params: SamplingParams, seed, stop_
     check_max_new_tokens(max_new_tokens)
     params.validate(model.config.vocab_size)
     rows, kind = prompt_rows(input_ids, device)
-    _check_prompts(rows, model.config, max_new_tokens)
+    check_prompts(rows, model.config.vocab_size, model.config.max_seq_len, max_new_tokens)
     if isinstance(stop_strings, str):
         stop_strings = [stop_strings]
     if any(not isinstance(s, str) or not s for s in stop_strings):

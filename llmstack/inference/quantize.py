@@ -115,7 +115,8 @@ def quantize_int4(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, 
     asymmetric, group-wise along the inputs."""
     out_features, in_features = weight.shape
     check_group_size(group_size, in_features)
-    w = weight.detach().float().contiguous().view(out_features, in_features // group_size, group_size)  # (out, groups, G)
+    w = weight.detach().float().contiguous()  # row-major codes even from a transposed layout (DecodeLinear)
+    w = w.view(out_features, in_features // group_size, group_size)  # (out, groups, G)
     lo = w.amin(dim=-1).clamp(max=0.0)  # widened to include 0: the zero point is then an integer in [0, 15]
     hi = w.amax(dim=-1).clamp(min=0.0)
     # Round the scale to its storage dtype first, so the zero point and the codes are

@@ -26,7 +26,7 @@ from typing import Optional, Sequence
 import torch
 
 from llmstack.inference.decode_layout import use_decode_layout
-from llmstack.inference.generate import check_max_new_tokens, check_prompt
+from llmstack.inference.generate import check_max_new_tokens, check_prompts, prompt_rows
 from llmstack.inference.sampling import SamplingParams, process_logits
 from llmstack.model import KVCache
 
@@ -178,13 +178,13 @@ def speculative_generate(target: torch.nn.Module, input_ids, max_new_tokens: int
     Returns the ids (1-D for a 1-D prompt, (1, T') for a (1, T) one) and SpeculativeStats.
     """
     device = next(target.parameters()).device
-    ids = torch.as_tensor(input_ids, dtype=torch.long, device=device)
-    if ids.dim() not in (1, 2) or (ids.dim() == 2 and ids.shape[0] != 1):
-        raise ValueError(f"input_ids must be one prompt, (T,) or (1, T); got shape {tuple(ids.shape)}")
-    prompt = ids.reshape(-1).tolist()
+    rows, kind = prompt_rows(input_ids, device)
+    if len(rows) != 1:
+        raise ValueError(f"input_ids must be one prompt, (T,) or (1, T); got {len(rows)}")
+    prompt = rows[0].tolist()
     V = target.config.vocab_size
     check_max_new_tokens(max_new_tokens)
-    check_prompt(ids.reshape(-1), V, target.config.max_seq_len, max_new_tokens)
+    check_prompts(rows, V, target.config.max_seq_len, max_new_tokens)
     for name, value in (("k", k), ("ngram", ngram)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             what = " (tokens proposed per round)" if name == "k" else ""
@@ -267,4 +267,4 @@ def speculative_generate(target: torch.nn.Module, input_ids, max_new_tokens: int
         for m, mode in zip(models, was_training):
             m.train(mode)
     out = torch.tensor(tokens, dtype=torch.long, device=device)
-    return SpeculativeOutput(ids=out if ids.dim() == 1 else out[None], stats=stats)
+    return SpeculativeOutput(ids=out if kind == "single" else out[None], stats=stats)
