@@ -53,10 +53,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from llmstack.kernels import GPU_DTYPES
+
 SCHEMES = ("int8", "int4")
 DEFAULT_SKIP = ("lm_head", "router")
-# The fused kernel serves calls with at most this many rows of x (decoding); bigger
-# calls (prefill) are compute-bound and go to dequantize + cuBLAS instead.
+# The fused kernel serves half-precision calls with at most this many rows of x
+# (decoding); bigger calls (prefill) are compute-bound and go to dequantize + cuBLAS
+# instead, as do float32 ones (see llmstack.kernels.GPU_DTYPES).
 KERNEL_MAX_ROWS = 16
 
 # A private aten op (used by gpt-fast on the CPU); checked at import so that a torch
@@ -189,7 +192,8 @@ class QuantizedLinear(nn.Module):
         return dequantize_int4(self.qweight, self.scale, self.zero, self.group_size, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.is_cuda and x.numel() <= KERNEL_MAX_ROWS * self.in_features and _kernel_available():
+        if (x.is_cuda and x.dtype in GPU_DTYPES and x.numel() <= KERNEL_MAX_ROWS * self.in_features
+                and _kernel_available()):
             from llmstack.kernels import quant_matmul
 
             if self.scheme == "int8":

@@ -24,12 +24,16 @@ import torch.nn.functional as F
 BACKENDS = ("naive", "sdpa", "triton")
 
 
-def resolve_backend(name: str, device: torch.device | str | None = None) -> str:
-    """`auto` picks our Triton kernel on CUDA when Triton is installed, else SDPA."""
+def resolve_backend(name: str, device: torch.device | str | None = None, dtype: Optional[torch.dtype] = None) -> str:
+    """`auto` picks our Triton kernel for float16/bfloat16 on CUDA when Triton is installed, else SDPA
+    (float32 included: see llmstack.kernels.GPU_DTYPES)."""
     if name != "auto":
         return name
+    from llmstack.kernels import GPU_DTYPES
+
     device = torch.device(device) if device is not None else None
-    if device is not None and device.type == "cuda" and _triton_available():
+    if (device is not None and device.type == "cuda" and (dtype is None or dtype in GPU_DTYPES)
+            and _triton_available()):
         return "triton"
     return "sdpa"
 

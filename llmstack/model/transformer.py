@@ -86,7 +86,7 @@ class Attention(nn.Module):
             k, v = cache.update(self.layer_idx, k, v)  # (B, Hkv, S, D): past keys, then these
             if key_mask is not None and key_mask.shape[1] > k.shape[2]:
                 key_mask = key_mask[:, -k.shape[2]:]  # a rolling cache returns only its newest S slots
-        backend = resolve_backend(self.config.attn_backend, x.device)
+        backend = resolve_backend(self.config.attn_backend, x.device, q.dtype)
         y = attention(q, k, v, backend=backend, causal=True, key_mask=key_mask, window=self.config.sliding_window,
                       dropout_p=self.config.attn_dropout if self.training else 0.0)  # (B, H, T, D)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))

@@ -1,0 +1,98 @@
+"""Compile every Triton kernel config for a GPU architecture, no GPU needed, and report its cost.
+
+    python scripts/check_kernels.py                     # Hopper (sm_90), bf16, head dims 64 and 128
+    python scripts/check_kernels.py --arch 80 --head-dims 128 --problems-only
+
+For each launch the library makes (FlashAttention forward and backward at 4k
+tokens, split-KV decode of 1 and 4 queries over an 8k cache, the int8/int4
+decode matmuls) and each of its autotuning configs: registers per thread, bytes
+spilled to local memory, shared memory against the architecture's limit. A
+config that spills runs slowly; one over the shared-memory limit cannot launch.
+Exits with 1 when some launch has no config that fits, or a config fails to
+compile (with --strict: when any config does not fit). Run it with
+TRITON_INTERPRET unset.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+
+_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+
+
+def _compile_case(name: str, head_dims: list[int], dtype: str, arch: int):
+    """Worker: compile every config of every launch of one case (runs in its own process)."""
+    import warnings
+
+    import torch
+
+    # Triton 3.9 asks for an explicit float-fusion default; the check compiles with the same
+    # default the runtime uses, so the question is noise here.
+    warnings.filterwarnings("ignore", message="TRITON_DEFAULT_FP_FUSION")
+    from llmstack.kernels import aot
+
+    cases = dict(aot.standard_cases(head_dims, getattr(torch, _DTYPES[dtype])))
+    return [r for launch in cases[name]() for r in aot.compile_launch(launch, name, arch=arch)]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--arch", type=int, default=90, help="CUDA compute capability x10 (90: H100/H200, 80: A100)")
+    parser.add_argument("--head-dims", type=int, nargs="+", default=[64, 128])
+    parser.add_argument("--dtype", choices=sorted(_DTYPES), default="bf16")
+    parser.add_argument("--cases", nargs="+", help="only cases whose name starts with one of these (train, decode, "
+                        "matmul)")
+    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="compile processes")
+    parser.add_argument("--problems-only", action="store_true", help="print only configs that do not fit")
+    parser.add_argument("--strict", action="store_true", help="exit with 1 when any config does not fit")
+    args = parser.parse_args()
+
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        raise SystemExit("error: unset TRITON_INTERPRET: interpreted kernels cannot be compiled")
+    import torch
+    from llmstack.kernels import aot
+
+    names = [n for n, _ in aot.standard_cases(args.head_dims, getattr(torch, _DTYPES[args.dtype]))
+             if not args.cases or any(n.startswith(c) for c in args.cases)]
+    if not names:
+        raise SystemExit(f"error: no case starts with {args.cases}")
+    limit = aot.SHARED_MEMORY_LIMIT.get(args.arch)
+    print(f"target: sm_{args.arch}, {args.dtype}, shared memory limit "
+          f"{f'{limit // 1024} KiB' if limit else 'unknown'}; triton {__import__('triton').__version__}")
+    start = time.perf_counter()
+    with ProcessPoolExecutor(max_workers=max(1, min(args.jobs, len(names)))) as pool:
+        results = list(pool.map(_compile_case, names, *zip(*[(args.head_dims, args.dtype, args.arch)] * len(names))))
+    reports = [r for case in results for r in case]
+
+    header = f"{'case':<16} {'kernel':<22} {'config':<40} {'regs':>5} {'spill B':>8} {'smem KiB':>9}  status"
+    print(header + "\n" + "-" * len(header))
+    for r in reports:
+        if args.problems_only and r.fits:
+            continue
+        if r.error:
+            print(f"{r.case:<16} {r.kernel:<22} {r.config:<40} {'':>5} {'':>8} {'':>9}  {r.error}")
+            continue
+        status = "ok" if r.fits else ("spills" if r.stack_bytes else "over shared limit")
+        print(f"{r.case:<16} {r.kernel:<22} {r.config:<40} {r.registers:>5} {r.stack_bytes:>8} "
+              f"{r.shared_bytes / 1024:>9.1f}  {status}")
+
+    groups: dict[tuple[str, str], list] = {}
+    for r in reports:
+        groups.setdefault((r.case, r.kernel), []).append(r)
+    hopeless = [key for key, rs in groups.items() if not any(r.fits for r in rs)]
+    failed = [r for r in reports if r.error]
+    print(f"\n{sum(r.fits for r in reports)}/{len(reports)} configs fit (compile, no spills, shared memory within "
+          f"the limit), in {time.perf_counter() - start:.0f} s")
+    for case, kernel in hopeless:
+        print(f"no config of {kernel} fits for {case}")
+    return 1 if hopeless or failed or (args.strict and not all(r.fits for r in reports)) else 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        sys.exit(130)

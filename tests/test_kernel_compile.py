@@ -1,0 +1,85 @@
+"""The Triton kernels compiled for a Hopper GPU on any machine (no GPU needed), and the
+dispatch rules that follow from what the compiler reports."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _nvidia_toolchain() -> bool:
+    try:
+        from triton import knobs
+
+        return all(os.path.exists(t.path) for t in (knobs.nvidia.ptxas, knobs.nvidia.cuobjdump))
+    except Exception:  # no triton, or a build without the NVIDIA backend
+        return False
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _nvidia_toolchain(), reason="needs Triton's NVIDIA backend (ptxas, cuobjdump)")
+def test_every_config_compiles_for_hopper_without_spills_at_head_dim_128():
+    # Every config the autotuner would time for training at 4k tokens, decode over an 8k
+    # cache and the int8/int4 decode matmuls: it compiles for sm_90, uses no local memory
+    # and fits in the 227 KiB of shared memory. A kernel change that makes any of them
+    # spill (or a config added without checking) fails here, long before a GPU sees it.
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, str(ROOT / "scripts" / "check_kernels.py"), "--head-dims", "128",
+                          "--strict", "--problems-only"], capture_output=True, text=True, env=env, timeout=600)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "configs fit" in out.stdout
+
+
+def test_recorded_launches_specialise_like_the_runtime():
+    # The launchers, run on meta tensors with the kernels swapped for recorders, give the
+    # arguments a real launch would: contiguous last-dim strides are 1 (which Triton
+    # compiles as a constant), and the head dim pads to a power of two.
+    from llmstack.kernels import aot, flash_attention as fa
+
+    original = fa._attn_fwd
+    launches = aot.attention_launches(batch=1, q_heads=4, kv_heads=2, seqlen=100, head_dim=80,
+                                      dtype=torch.float16)
+    assert [launch.name for launch in launches] == ["_attn_fwd", "_attn_bwd_preprocess", "_attn_bwd_dkdv",
+                                                    "_attn_bwd_dq"]
+    fwd = launches[0]
+    q = fwd.args[0]
+    assert q.device.type == "meta" and q.dtype == torch.float16
+    assert fwd.args[5:9] == q.stride() and q.stride()[-1] == 1  # s_qb, s_qh, s_qm, s_qd
+    assert fwd.kwargs["HEAD_DIM"] == 80 and fwd.kwargs["BLOCK_D"] == 128
+    assert fwd.kwargs["GROUP"] == 2 and fwd.kwargs["CAUSAL"] is True
+    decode = aot.decode_launches(q_heads=8, kv_heads=2, q_len=3, kv_len=64, head_dim=64, num_splits=4)
+    assert [launch.name for launch in decode] == ["_attn_decode_split", "_attn_decode_combine"]
+    assert decode[0].kwargs["NUM_SPLITS"] == 4 and decode[0].kwargs["BLOCK_R"] == 16  # 4 heads x 3 tokens
+    assert fa._attn_fwd is original  # recording puts the real kernels back
+
+
+def test_compiling_needs_a_process_without_the_interpreter():
+    from llmstack.kernels import aot, flash_attention as fa
+
+    if not fa._INTERPRET:
+        pytest.skip("this process builds compiled kernels")
+    launch = aot.matmul_launches()[0]
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
+        aot.compile_launch(launch)
+
+
+def test_auto_backend_keeps_float32_on_sdpa():
+    from llmstack.model import resolve_backend
+
+    assert resolve_backend("auto", "cpu", torch.bfloat16) == "sdpa"
+    assert resolve_backend("auto", "cuda", torch.float32) == "sdpa"
+    expected = "triton" if _triton_importable() else "sdpa"
+    assert resolve_backend("auto", "cuda", torch.bfloat16) == expected
+    assert resolve_backend("sdpa", "cuda", torch.bfloat16) == "sdpa"  # a named backend is kept
+
+
+def _triton_importable() -> bool:
+    try:
+        import llmstack.kernels.flash_attention  # noqa: F401  (importable: Triton is usable here)
+    except Exception:
+        return False
+    return True
