@@ -43,6 +43,14 @@ def device_name(device: torch.device | str) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
 
 
+def quick_defaults(args, quick: bool, defaults: dict[str, tuple[Any, Any]]) -> None:
+    """Fill the flags left at None: {name: (full value, --quick value)}. Flags given explicitly keep
+    their value, so `--quick --iters 5` is a small run timed five times."""
+    for name, (full, small) in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, small if quick else full)
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)

@@ -29,7 +29,7 @@ import time  # noqa: E402
 
 import torch.nn.functional as F  # noqa: E402
 
-from llmstack.bench import copy_bandwidth_gbs, device_name  # noqa: E402
+from llmstack.bench import copy_bandwidth_gbs, device_name, quick_defaults  # noqa: E402
 
 try:
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -237,36 +237,37 @@ def print_row(row, provs):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="tiny fp32 sizes; the mode used on a CPU")
+    p.add_argument("--quick", action="store_true",
+                   help="tiny fp32 sizes, the mode used on a CPU; flags given explicitly keep their value")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default bf16 on GPU, fp32 with --quick")
-    p.add_argument("--seqlens", type=int, nargs="+", default=[512, 1024, 2048, 4096, 8192, 16384])
-    p.add_argument("--head-dims", type=int, nargs="+", default=[64, 128])
+    p.add_argument("--seqlens", type=int, nargs="+", default=None, help="(default 512 1024 2048 4096 8192 16384)")
+    p.add_argument("--head-dims", type=int, nargs="+", default=None, help="(default 64 128)")
     p.add_argument("--causal", type=lambda s: s.lower() in ("1", "true", "yes"), nargs="+", default=[False, True])
     p.add_argument("--modes", nargs="+", choices=["fwd", "bwd", "fwd_bwd"], default=["fwd", "bwd", "fwd_bwd"])
-    p.add_argument("--model-dim", type=int, default=2048, help="q_heads = model_dim // head_dim")
-    p.add_argument("--tokens", type=int, default=16384, help="batch = tokens // seqlen")
+    p.add_argument("--model-dim", type=int, default=None, help="q_heads = model_dim // head_dim (default 2048)")
+    p.add_argument("--tokens", type=int, default=None, help="batch = tokens // seqlen (default 16384)")
     p.add_argument("--gqa-ratio", type=int, default=4, help="q_heads per kv_head in the GQA rows")
     p.add_argument("--no-gqa", dest="gqa", action="store_false", help="MHA rows only")
     p.add_argument("--no-decode", dest="decode", action="store_false")
-    p.add_argument("--decode-batches", type=int, nargs="+", default=[1, 8, 32])
-    p.add_argument("--decode-kv-lens", type=int, nargs="+", default=[4096, 16384, 65536])
-    p.add_argument("--decode-heads", type=int, default=32)
-    p.add_argument("--decode-kv-heads", type=int, default=8)
-    p.add_argument("--decode-head-dim", type=int, default=128)
+    p.add_argument("--decode-batches", type=int, nargs="+", default=None, help="(default 1 8 32)")
+    p.add_argument("--decode-kv-lens", type=int, nargs="+", default=None, help="(default 4096 16384 65536)")
+    p.add_argument("--decode-heads", type=int, default=None, help="(default 32)")
+    p.add_argument("--decode-kv-heads", type=int, default=None, help="(default 8)")
+    p.add_argument("--decode-head-dim", type=int, default=None, help="(default 128)")
     p.add_argument("--warmup-ms", type=int, default=25)
     p.add_argument("--rep-ms", type=int, default=100)
-    p.add_argument("--cpu-reps", type=int, default=3)
+    p.add_argument("--cpu-reps", type=int, default=None, help="(default 3; 1 without CUDA)")
     p.add_argument("--csv", help="write the training sweep rows to this CSV file")
     p.add_argument("--json", help="write everything (device, date, rows) to this JSON file")
     args = p.parse_args()
 
-    if args.quick or not CUDA:
-        if not CUDA and not args.quick:
-            print("note: no CUDA device; running the --quick sizes (timings mean nothing here)")
-        args.seqlens, args.head_dims, args.model_dim, args.tokens = [64, 128], [32], 64, 128
-        args.decode_batches, args.decode_kv_lens = [1, 2], [256]
-        args.decode_heads, args.decode_kv_heads, args.decode_head_dim = 4, 2, 32
-        args.cpu_reps = 1 if not CUDA else args.cpu_reps
+    if not CUDA and not args.quick:
+        print("note: no CUDA device; running the --quick sizes (timings mean nothing here)")
+    quick_defaults(args, args.quick or not CUDA, dict(
+        seqlens=([512, 1024, 2048, 4096, 8192, 16384], [64, 128]), head_dims=([64, 128], [32]),
+        model_dim=(2048, 64), tokens=(16384, 128), decode_batches=([1, 8, 32], [1, 2]),
+        decode_kv_lens=([4096, 16384, 65536], [256]), decode_heads=(32, 4), decode_kv_heads=(8, 2),
+        decode_head_dim=(128, 32), cpu_reps=(3, 3 if CUDA else 1)))
     dtype = DTYPES[args.dtype or ("bf16" if CUDA and not args.quick else "fp32")]
     if not CUDA and dtype == torch.bfloat16:
         raise SystemExit("bf16 is wrong under the Triton interpreter; use --dtype fp32 on a CPU")

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 import llmstack
-from llmstack.bench import cpu_name, hf_twin, random_llama, time_pair
+from llmstack.bench import cpu_name, hf_twin, quick_defaults, random_llama, time_pair
 
 
 def logits_loss(forward):
@@ -43,15 +43,16 @@ def train_step_fn(model, batch, loss_fn):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="smaller, fewer iterations (a smoke run)")
-    parser.add_argument("--new-tokens", type=int, default=128)
-    parser.add_argument("--iters", type=int, default=9)
+    parser.add_argument("--quick", action="store_true",
+                        help="train 2 x 64, 16 new tokens, 2 runs (a smoke run); flags given explicitly keep their value")
+    parser.add_argument("--new-tokens", type=int, default=None, help="(default 128)")
+    parser.add_argument("--iters", type=int, default=None, help="(default 9)")
     parser.add_argument("--compile", action="store_true",
                         help="also time decoding with the torch.compile'd static-cache step (CompiledDecoder)")
     args = parser.parse_args()
+    quick_defaults(args, args.quick, dict(new_tokens=(128, 16), iters=(9, 2)))
     batch_size, seq = (2, 64) if args.quick else (8, 256)
-    new_tokens = 16 if args.quick else args.new_tokens
-    iters = 2 if args.quick else args.iters
+    new_tokens, iters = args.new_tokens, args.iters
     ours = random_llama()
     hf = hf_twin(ours)
     hf.generation_config.pad_token_id = 0

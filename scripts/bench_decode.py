@@ -28,7 +28,7 @@ import torch
 
 import llmstack
 from llmstack.bench import (copy_bandwidth_gbs, decode_bytes_per_token, device_name, first_difference,
-                            time_compiled_generate, time_llmstack_generate)
+                            quick_defaults, time_compiled_generate, time_llmstack_generate)
 from llmstack.config import ConfigError, model_preset, resolve_device
 from llmstack.inference import quantize_
 from llmstack.inference.compiled import CompiledDecoder
@@ -94,10 +94,8 @@ def main() -> None:
                         help="tiny model, eager only, prompt 16, 8 new tokens, 2 runs (a smoke run); flags given "
                              "explicitly keep their value")
     args = parser.parse_args()
-    for name, full, quick in (("prompt_len", 128, 16), ("new_tokens", 128, 8), ("iters", 5, 2),
-                              ("modes", ["eager", "compiled"], ["eager"])):
-        if getattr(args, name) is None:  # --quick changes only what was not given
-            setattr(args, name, quick if args.quick else full)
+    quick_defaults(args, args.quick, dict(prompt_len=(128, 16), new_tokens=(128, 8), iters=(5, 2),
+                                          modes=(["eager", "compiled"], ["eager"])))
     if args.quick and args.model is None and not args.checkpoint:
         args.model = "tiny"
     if args.prompt_len < 1 or args.new_tokens < 2:

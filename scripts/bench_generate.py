@@ -29,8 +29,8 @@ from pathlib import Path
 import torch
 
 import llmstack
-from llmstack.bench import (alternate, device_name, first_difference, hf_twin, random_llama, time_hf_generate,
-                            time_llmstack_generate)
+from llmstack.bench import (alternate, device_name, first_difference, hf_twin, quick_defaults, random_llama,
+                            time_hf_generate, time_llmstack_generate)
 from llmstack.config import ConfigError, resolve_device
 from llmstack.inference.quantize import quantization_of
 from llmstack.interop import resolve_checkpoint
@@ -121,10 +121,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--out", default="runs/bench_generate.png", help="where to save the throughput-latency PNG")
     args = parser.parse_args()
-    for name, full, quick in (("batch_sizes", [1, 2, 4, 8, 16], [1, 2]), ("prompt_lengths", [32, 128, 512], [16, 32]),
-                              ("new_tokens", 64, 8), ("iters", 5, 2)):
-        if getattr(args, name) is None:  # --quick changes only what was not given
-            setattr(args, name, quick if args.quick else full)
+    quick_defaults(args, args.quick, dict(batch_sizes=([1, 2, 4, 8, 16], [1, 2]),
+                                          prompt_lengths=([32, 128, 512], [16, 32]), new_tokens=(64, 8), iters=(5, 2)))
     positive_ints("batch-sizes", args.batch_sizes)
     positive_ints("prompt-lengths", args.prompt_lengths)
     if args.new_tokens < 2:

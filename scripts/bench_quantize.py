@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 import llmstack
-from llmstack.bench import device_name, time_pair
+from llmstack.bench import device_name, quick_defaults, time_pair
 from llmstack.config import resolve_device
 from llmstack.data import DataError, TokenBatches, prepare_tokens
 from llmstack.eval import evaluate
@@ -39,9 +39,7 @@ def main() -> None:
                         help="2 batches, 16 tokens, 2 iterations (a smoke run); flags given explicitly keep "
                              "their value")
     args = parser.parse_args()
-    for name, full, quick in (("batches", 16, 2), ("new_tokens", 128, 16), ("iters", 7, 2)):
-        if getattr(args, name) is None:  # --quick changes only what was not given
-            setattr(args, name, quick if args.quick else full)
+    quick_defaults(args, args.quick, dict(batches=(16, 2), new_tokens=(128, 16), iters=(7, 2)))
     for name in ("batches", "new_tokens", "iters"):
         if getattr(args, name) < 1:
             sys.exit(f"error: --{name.replace('_', '-')} must be an integer >= 1, got {getattr(args, name)}")

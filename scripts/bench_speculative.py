@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 import llmstack
-from llmstack.bench import cpu_name
+from llmstack.bench import cpu_name, quick_defaults
 from llmstack.data import DataError, prepare_tokens
 from llmstack.inference.generate import generate
 from llmstack.inference.speculative import SpeculativeStats, speculative_generate
@@ -61,9 +61,7 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=None, help="timed runs of each method (default 3)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     args = parser.parse_args()
-    for name, full, quick in (("prompts", 8, 2), ("new_tokens", 96, 32), ("iters", 3, 1)):
-        if getattr(args, name) is None:  # --quick changes only what was not given
-            setattr(args, name, quick if args.quick else full)
+    quick_defaults(args, args.quick, dict(prompts=(8, 2), new_tokens=(96, 32), iters=(3, 1)))
     for name in ("prompts", "prompt_len", "new_tokens", "k", "ngram", "iters", "threads"):
         value = getattr(args, name)
         if value is not None and value < 1:
