@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import inspect
+import os
 import re
 import subprocess
 import tempfile
@@ -38,6 +40,14 @@ SHARED_MEMORY_LIMIT = {90: 227 * 1024, 80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1
 
 _TRITON_TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.int8: "i8",
                  torch.uint8: "u8", torch.int32: "i32", torch.int64: "i64"}
+
+
+def toolchain_available() -> bool:
+    """True when this Triton build carries the NVIDIA backend's ptxas and cuobjdump (Linux x86 wheels do)."""
+    try:
+        return all(os.path.exists(tool.path) for tool in (triton.knobs.nvidia.ptxas, triton.knobs.nvidia.cuobjdump))
+    except Exception:  # a build without the NVIDIA backend, or an older Triton without knobs
+        return False
 
 
 @dataclasses.dataclass
@@ -143,7 +153,9 @@ def _source(launch: Launch, config: Optional[triton.Config]):
     values.update(launch.kwargs)
     if config is not None:
         values.update(config.kwargs)
-    constexpr_names = {p.name for p in fn.params if p.is_constexpr}
+    # From the annotations (strings under `from __future__ import annotations`), which
+    # compiled and interpreted kernels both keep.
+    constexpr_names = {p.name for p in inspect.signature(fn.fn).parameters.values() if "constexpr" in str(p.annotation)}
     missing = [n for n in fn.arg_names if n not in values]
     if missing:
         raise ValueError(f"{launch.name}: no value recorded for {missing}")
@@ -223,4 +235,4 @@ def standard_cases(head_dims=(64, 128), dtype: torch.dtype = torch.bfloat16) -> 
 
 
 __all__ = ["Launch", "Report", "SHARED_MEMORY_LIMIT", "attention_launches", "compile_launch", "decode_launches",
-           "matmul_launches", "recording", "standard_cases"]
+           "matmul_launches", "recording", "standard_cases", "toolchain_available"]

@@ -15,6 +15,7 @@ TRITON_INTERPRET unset.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 import time
@@ -23,7 +24,7 @@ from concurrent.futures import ProcessPoolExecutor
 _DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
 
-def _compile_case(name: str, head_dims: list[int], dtype: str, arch: int):
+def _compile_case(name: str, *, head_dims: list[int], dtype: str, arch: int):
     """Worker: compile every config of every launch of one case (runs in its own process)."""
     import warnings
 
@@ -53,18 +54,23 @@ def main() -> int:
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise SystemExit("error: unset TRITON_INTERPRET: interpreted kernels cannot be compiled")
     import torch
+    import triton
     from llmstack.kernels import aot
 
+    if not aot.toolchain_available():
+        raise SystemExit(f"error: this Triton build ({triton.__version__}) has no NVIDIA backend (ptxas, cuobjdump) "
+                         "to compile with")
     names = [n for n, _ in aot.standard_cases(args.head_dims, getattr(torch, _DTYPES[args.dtype]))
              if not args.cases or any(n.startswith(c) for c in args.cases)]
     if not names:
         raise SystemExit(f"error: no case starts with {args.cases}")
     limit = aot.SHARED_MEMORY_LIMIT.get(args.arch)
     print(f"target: sm_{args.arch}, {args.dtype}, shared memory limit "
-          f"{f'{limit // 1024} KiB' if limit else 'unknown'}; triton {__import__('triton').__version__}")
+          f"{f'{limit // 1024} KiB' if limit else 'unknown'}; triton {triton.__version__}")
     start = time.perf_counter()
     with ProcessPoolExecutor(max_workers=max(1, min(args.jobs, len(names)))) as pool:
-        results = list(pool.map(_compile_case, names, *zip(*[(args.head_dims, args.dtype, args.arch)] * len(names))))
+        compile_case = functools.partial(_compile_case, head_dims=args.head_dims, dtype=args.dtype, arch=args.arch)
+        results = list(pool.map(compile_case, names))
     reports = [r for case in results for r in case]
 
     header = f"{'case':<16} {'kernel':<22} {'config':<40} {'regs':>5} {'spill B':>8} {'smem KiB':>9}  status"
