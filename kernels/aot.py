@@ -222,17 +222,27 @@ def compile_launch(launch: Launch, case: str = "", arch: int = 90,
     return reports
 
 
-def standard_cases(head_dims=(64, 128), dtype: torch.dtype = torch.bfloat16) -> list[tuple[str, Callable]]:
-    """(case name, () -> launches) for the shapes the benchmarks run: causal GQA training at 4k tokens,
-    batch-1 decode over an 8k cache (one token, and 4 speculative tokens), and decode-time matmuls."""
+# Training masks: name -> (causal, window).
+MASKS = {"causal": (True, None), "full": (False, None), "window": (True, 1024)}
+
+
+def standard_cases(head_dims=(64, 128), dtype: torch.dtype = torch.bfloat16,
+                   masks=("causal",)) -> list[tuple[str, Callable]]:
+    """(case name, () -> launches) for the shapes the benchmarks run: GQA training at 4k tokens under
+    each of `masks` (MASKS), batch-1 decode over an 8k cache (one token, and 4 speculative tokens),
+    and decode-time matmuls."""
     cases = []
     for d in head_dims:
-        cases.append((f"train d{d}", lambda d=d: attention_launches(head_dim=d, dtype=dtype)))
+        for mask in masks:
+            causal, window = MASKS[mask]
+            cases.append((f"train {mask} d{d}" if mask != "causal" else f"train d{d}",
+                          lambda d=d, causal=causal, window=window: attention_launches(
+                              head_dim=d, dtype=dtype, causal=causal, window=window)))
         cases.append((f"decode q1 d{d}", lambda d=d: decode_launches(head_dim=d, dtype=dtype)))
         cases.append((f"decode q4 d{d}", lambda d=d: decode_launches(head_dim=d, dtype=dtype, q_len=4)))
     cases.append(("matmul m1", lambda: matmul_launches(dtype=dtype)))
     return cases
 
 
-__all__ = ["Launch", "Report", "SHARED_MEMORY_LIMIT", "attention_launches", "compile_launch", "decode_launches",
+__all__ = ["Launch", "MASKS", "Report", "SHARED_MEMORY_LIMIT", "attention_launches", "compile_launch", "decode_launches",
            "matmul_launches", "recording", "standard_cases", "toolchain_available"]

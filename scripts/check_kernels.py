@@ -24,7 +24,7 @@ from concurrent.futures import ProcessPoolExecutor
 _DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
 
-def _compile_case(name: str, *, head_dims: list[int], dtype: str, arch: int):
+def _compile_case(name: str, *, head_dims: list[int], dtype: str, masks: list[str], arch: int):
     """Worker: compile every config of every launch of one case (runs in its own process)."""
     import warnings
 
@@ -35,7 +35,7 @@ def _compile_case(name: str, *, head_dims: list[int], dtype: str, arch: int):
     warnings.filterwarnings("ignore", message="TRITON_DEFAULT_FP_FUSION")
     from llmstack.kernels import aot
 
-    cases = dict(aot.standard_cases(head_dims, getattr(torch, _DTYPES[dtype])))
+    cases = dict(aot.standard_cases(head_dims, getattr(torch, _DTYPES[dtype]), masks))
     return [r for launch in cases[name]() for r in aot.compile_launch(launch, name, arch=arch)]
 
 
@@ -44,6 +44,8 @@ def main() -> int:
     parser.add_argument("--arch", type=int, default=90, help="CUDA compute capability x10 (90: H100/H200, 80: A100)")
     parser.add_argument("--head-dims", type=int, nargs="+", default=[64, 128])
     parser.add_argument("--dtype", choices=sorted(_DTYPES), default="bf16")
+    parser.add_argument("--masks", nargs="+", choices=["causal", "full", "window"], default=["causal"],
+                        help="training masks to compile (window: causal with a 1024-token sliding window)")
     parser.add_argument("--cases", nargs="+", help="only cases whose name starts with one of these (train, decode, "
                         "matmul)")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="compile processes")
@@ -60,7 +62,7 @@ def main() -> int:
     if not aot.toolchain_available():
         raise SystemExit(f"error: this Triton build ({triton.__version__}) has no NVIDIA backend (ptxas, cuobjdump) "
                          "to compile with")
-    names = [n for n, _ in aot.standard_cases(args.head_dims, getattr(torch, _DTYPES[args.dtype]))
+    names = [n for n, _ in aot.standard_cases(args.head_dims, getattr(torch, _DTYPES[args.dtype]), args.masks)
              if not args.cases or any(n.startswith(c) for c in args.cases)]
     if not names:
         raise SystemExit(f"error: no case starts with {args.cases}")
@@ -69,20 +71,21 @@ def main() -> int:
           f"{f'{limit // 1024} KiB' if limit else 'unknown'}; triton {triton.__version__}")
     start = time.perf_counter()
     with ProcessPoolExecutor(max_workers=max(1, min(args.jobs, len(names)))) as pool:
-        compile_case = functools.partial(_compile_case, head_dims=args.head_dims, dtype=args.dtype, arch=args.arch)
+        compile_case = functools.partial(_compile_case, head_dims=args.head_dims, dtype=args.dtype, masks=args.masks,
+                                         arch=args.arch)
         results = list(pool.map(compile_case, names))
     reports = [r for case in results for r in case]
 
-    header = f"{'case':<16} {'kernel':<22} {'config':<40} {'regs':>5} {'spill B':>8} {'smem KiB':>9}  status"
+    header = f"{'case':<18} {'kernel':<22} {'config':<40} {'regs':>5} {'spill B':>8} {'smem KiB':>9}  status"
     print(header + "\n" + "-" * len(header))
     for r in reports:
         if args.problems_only and r.fits:
             continue
         if r.error:
-            print(f"{r.case:<16} {r.kernel:<22} {r.config:<40} {'':>5} {'':>8} {'':>9}  {r.error}")
+            print(f"{r.case:<18} {r.kernel:<22} {r.config:<40} {'':>5} {'':>8} {'':>9}  {r.error}")
             continue
         status = "ok" if r.fits else ("spills" if r.stack_bytes else "over shared limit")
-        print(f"{r.case:<16} {r.kernel:<22} {r.config:<40} {r.registers:>5} {r.stack_bytes:>8} "
+        print(f"{r.case:<18} {r.kernel:<22} {r.config:<40} {r.registers:>5} {r.stack_bytes:>8} "
               f"{r.shared_bytes / 1024:>9.1f}  {status}")
 
     groups: dict[tuple[str, str], list] = {}
