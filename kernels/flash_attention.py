@@ -94,8 +94,7 @@ def _tiered(table: dict) -> tuple[list, Optional[dict]]:
              for tier, rows in table.items()}
 
     def prune(configs, named_args, **kwargs):
-        block_d = kwargs.get("BLOCK_D", named_args.get("BLOCK_D"))
-        return tiers[min(tier for tier in tiers if tier >= block_d)]
+        return tiers[min(tier for tier in tiers if tier >= kwargs["BLOCK_D"])]  # the launchers pass it by name
 
     return [c for rows in tiers.values() for c in rows], {"early_config_prune": prune}
 

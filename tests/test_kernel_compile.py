@@ -71,17 +71,11 @@ def test_compiling_needs_a_process_without_the_interpreter():
 
 def test_auto_backend_keeps_float32_on_sdpa():
     from llmstack.model import resolve_backend
+    from llmstack.model.attention import _triton_available
 
     assert resolve_backend("auto", "cpu", torch.bfloat16) == "sdpa"
     assert resolve_backend("auto", "cuda", torch.float32) == "sdpa"
-    expected = "triton" if _triton_importable() else "sdpa"
+    expected = "triton" if _triton_available() else "sdpa"
     assert resolve_backend("auto", "cuda", torch.bfloat16) == expected
     assert resolve_backend("sdpa", "cuda", torch.bfloat16) == "sdpa"  # a named backend is kept
 
-
-def _triton_importable() -> bool:
-    try:
-        import llmstack.kernels.flash_attention  # noqa: F401  (importable: Triton is usable here)
-    except Exception:
-        return False
-    return True

@@ -15,11 +15,14 @@ lengths; `window` limits each query to its last `window` key slots.
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
+
+from llmstack.kernels import GPU_DTYPES  # the package's __init__ imports torch only
 
 BACKENDS = ("naive", "sdpa", "triton")
 
@@ -29,8 +32,6 @@ def resolve_backend(name: str, device: torch.device | str | None = None, dtype: 
     (float32 included: see llmstack.kernels.GPU_DTYPES)."""
     if name != "auto":
         return name
-    from llmstack.kernels import GPU_DTYPES
-
     device = torch.device(device) if device is not None else None
     if (device is not None and device.type == "cuda" and (dtype is None or dtype in GPU_DTYPES)
             and _triton_available()):
@@ -38,6 +39,7 @@ def resolve_backend(name: str, device: torch.device | str | None = None, dtype: 
     return "sdpa"
 
 
+@functools.lru_cache(maxsize=None)  # asked by every attention layer on every step
 def _triton_available() -> bool:
     try:
         from llmstack.kernels import flash_attention  # noqa: F401
