@@ -69,6 +69,7 @@ class Report:
     stack_bytes: Optional[int] = None  # local memory per thread: register spills
     shared_bytes: Optional[int] = None
     shared_limit: Optional[int] = None
+    mma: Optional[str] = None  # tensor-core instructions in the PTX: "wgmma" (Hopper), "mma" (Ampere's), or "none"
     error: Optional[str] = None  # the compiler's complaint, when it failed
 
     @property
@@ -200,6 +201,15 @@ def _resources(cubin: bytes) -> tuple[int, int]:
     return int(match.group(1)), int(match.group(2))
 
 
+def _mma_kind(ptx: str) -> str:
+    """Which tensor-core instructions a kernel's dots became. On Hopper only warpgroup MMA (wgmma, issued
+    by 4 warps on tiles of at least 64 rows) reaches full throughput; Ampere's per-warp mma.sync cannot
+    reach Hopper's peak. Triton picks wgmma when the tile shape and warp count allow it."""
+    if "wgmma.mma_async" in ptx:
+        return "wgmma"
+    return "mma" if re.search(r"\bmma\.sync", ptx) else "none"
+
+
 def compile_launch(launch: Launch, case: str = "", arch: int = 90,
                    configs: Optional[list] = None) -> list[Report]:
     """Compile every config of a launch for CUDA compute capability `arch` (90: Hopper)."""
@@ -216,6 +226,7 @@ def compile_launch(launch: Launch, case: str = "", arch: int = 90,
             compiled = triton.compile(src, target=target, options=backend.parse_options(options).__dict__)
             report.registers, report.stack_bytes = _resources(compiled.asm["cubin"])
             report.shared_bytes = compiled.metadata.shared
+            report.mma = _mma_kind(compiled.asm["ptx"])
         except Exception as e:  # a compiler error is a finding, reported with the others
             report.error = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
         reports.append(report)

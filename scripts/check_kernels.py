@@ -6,10 +6,12 @@
 For each launch the library makes (FlashAttention forward and backward at 4k
 tokens, split-KV decode of 1 and 4 queries over an 8k cache, the int8/int4
 decode matmuls) and each of its autotuning configs: registers per thread, bytes
-spilled to local memory, shared memory against the architecture's limit. A
+spilled to local memory, shared memory against the architecture's limit, and
+which tensor-core instructions its dots became (wgmma, mma.sync or none). A
 config that spills runs slowly; one over the shared-memory limit cannot launch.
-Exits with 1 when some launch has no config that fits, or a config fails to
-compile (with --strict: when any config does not fit). Run it with
+Exits with 1 when some launch has no config that fits, a training kernel has no
+config that fits and uses wgmma on sm_90, or a config fails to compile (with
+--strict: also when any config does not fit). Run it with
 TRITON_INTERPRET unset.
 """
 from __future__ import annotations
@@ -76,28 +78,36 @@ def main() -> int:
         results = list(pool.map(compile_case, names))
     reports = [r for case in results for r in case]
 
-    header = f"{'case':<18} {'kernel':<22} {'config':<40} {'regs':>5} {'spill B':>8} {'smem KiB':>9}  status"
+    header = f"{'case':<18} {'kernel':<22} {'config':<40} {'regs':>5} {'spill B':>8} {'smem KiB':>9} {'mma':>6}  status"
     print(header + "\n" + "-" * len(header))
     for r in reports:
         if args.problems_only and r.fits:
             continue
         if r.error:
-            print(f"{r.case:<18} {r.kernel:<22} {r.config:<40} {'':>5} {'':>8} {'':>9}  {r.error}")
+            print(f"{r.case:<18} {r.kernel:<22} {r.config:<40} {'':>5} {'':>8} {'':>9} {'':>6}  {r.error}")
             continue
         status = "ok" if r.fits else ("spills" if r.stack_bytes else "over shared limit")
         print(f"{r.case:<18} {r.kernel:<22} {r.config:<40} {r.registers:>5} {r.stack_bytes:>8} "
-              f"{r.shared_bytes / 1024:>9.1f}  {status}")
+              f"{r.shared_bytes / 1024:>9.1f} {r.mma:>6}  {status}")
 
     groups: dict[tuple[str, str], list] = {}
     for r in reports:
         groups.setdefault((r.case, r.kernel), []).append(r)
     hopeless = [key for key, rs in groups.items() if not any(r.fits for r in rs)]
+    # Training kernels are bound by tensor-core throughput, which on Hopper only warpgroup MMA reaches:
+    # at least one config that fits must compile to it. (Decode and one-row matmuls are bound by memory
+    # bandwidth, and their 16-row tiles are below wgmma's 64-row minimum anyway.)
+    no_wgmma = [key for key, rs in groups.items() if args.arch == 90 and key[0].startswith("train")
+                and key not in hopeless and any(r.mma != "none" for r in rs if r.mma)
+                and not any(r.fits and r.mma == "wgmma" for r in rs)]
     failed = [r for r in reports if r.error]
     print(f"\n{sum(r.fits for r in reports)}/{len(reports)} configs fit (compile, no spills, shared memory within "
           f"the limit), in {time.perf_counter() - start:.0f} s")
     for case, kernel in hopeless:
         print(f"no config of {kernel} fits for {case}")
-    return 1 if hopeless or failed or (args.strict and not all(r.fits for r in reports)) else 0
+    for case, kernel in no_wgmma:
+        print(f"no config of {kernel} that fits for {case} uses wgmma (Hopper's tensor-core instruction)")
+    return 1 if hopeless or no_wgmma or failed or (args.strict and not all(r.fits for r in reports)) else 0
 
 
 if __name__ == "__main__":

@@ -15,8 +15,10 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_every_config_compiles_for_hopper_without_spills_at_head_dim_128():
     # Every config the autotuner would time for training at 4k tokens, decode over an 8k
     # cache and the int8/int4 decode matmuls: it compiles for sm_90, uses no local memory
-    # and fits in the 227 KiB of shared memory. A kernel change that makes any of them
-    # spill (or a config added without checking) fails here, long before a GPU sees it.
+    # and fits in the 227 KiB of shared memory; and each training kernel keeps a config that
+    # fits and whose dots became wgmma (Hopper's tensor-core instruction). A kernel change
+    # that makes any config spill, or a training kernel fall back to mma.sync (or a config
+    # added without checking), fails here, long before a GPU sees it.
     aot = pytest.importorskip("llmstack.kernels.aot")
     if not aot.toolchain_available():
         pytest.skip("needs Triton's NVIDIA backend (ptxas, cuobjdump)")
