@@ -33,6 +33,7 @@ import triton
 
 from . import flash_attention as fa
 from . import quant_matmul as qm
+from .launch import candidate_configs
 
 # Shared memory one block may use, by compute capability (CUDA programming guide, table of
 # technical specifications): H100/H200 227 KiB, A100 163 KiB, consumer Ampere/Ada 99 KiB.
@@ -136,17 +137,6 @@ def matmul_launches(m: int = 1, n: int = 4096, k: int = 4096, dtype: torch.dtype
     return launches
 
 
-def _configs(launch: Launch) -> list[Optional[triton.Config]]:
-    """The configs the autotuner would time for this launch (after its pruning); [None], Triton's
-    default warps and stages, for a kernel that is not autotuned."""
-    kernel = launch.kernel
-    if not isinstance(kernel, triton.runtime.Autotuner):
-        return [None]
-    if kernel.early_config_prune is None:
-        return list(kernel.configs)
-    return list(kernel.early_config_prune(kernel.configs, dict(zip(kernel.arg_names, launch.args)), **launch.kwargs))
-
-
 def _source(launch: Launch, config: Optional[triton.Config]):
     """(ASTSource, options) specialised as Triton's runtime would for these arguments."""
     fn = launch.kernel.fn if isinstance(launch.kernel, triton.runtime.Autotuner) else launch.kernel
@@ -212,14 +202,15 @@ def _mma_kind(ptx: str) -> str:
 
 def compile_launch(launch: Launch, case: str = "", arch: int = 90,
                    configs: Optional[list] = None) -> list[Report]:
-    """Compile every config of a launch for CUDA compute capability `arch` (90: Hopper)."""
+    """Compile every config of a launch for CUDA compute capability `arch` (90: Hopper): by default the
+    ones the autotuner would time, in table order (the first is the one deterministic mode pins)."""
     if fa._INTERPRET:
         raise RuntimeError("kernels built under TRITON_INTERPRET=1 are interpreted and cannot be compiled; "
                            "run without it")
     target = triton.backends.compiler.GPUTarget("cuda", arch, 32)
     backend = triton.compiler.make_backend(target)
     reports = []
-    for config in _configs(launch) if configs is None else configs:
+    for config in candidate_configs(launch.kernel, launch.args, launch.kwargs) if configs is None else configs:
         report = Report(case, launch.name, _config_name(config), shared_limit=SHARED_MEMORY_LIMIT.get(arch))
         try:
             src, options = _source(launch, config)
@@ -255,5 +246,5 @@ def standard_cases(head_dims=(64, 128), dtype: torch.dtype = torch.bfloat16,
     return cases
 
 
-__all__ = ["Launch", "MASKS", "Report", "SHARED_MEMORY_LIMIT", "attention_launches", "compile_launch", "decode_launches",
-           "matmul_launches", "recording", "standard_cases", "toolchain_available"]
+__all__ = ["Launch", "MASKS", "Report", "SHARED_MEMORY_LIMIT", "attention_launches", "compile_launch",
+           "decode_launches", "matmul_launches", "recording", "standard_cases", "toolchain_available"]

@@ -39,6 +39,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .launch import launch
+
 # Read once at import: triton.jit itself decides at decoration time whether to
 # build interpreted kernels, so the environment variable must be set before
 # this module (or triton) is imported.
@@ -678,8 +680,8 @@ def _forward(q, k, v, causal: bool, scale: Optional[float], window: Optional[int
     lse = torch.empty((B, H_Q, Q_LEN), dtype=torch.float32, device=q.device)
     grid = lambda meta: (triton.cdiv(Q_LEN, meta["BLOCK_M"]), B * H_Q)  # noqa: E731
     with _device_ctx(q):
-        _attn_fwd[grid](q, k, v, o, lse, *q.stride(), *k.stride(), *v.stride(), *o.stride(),
-                        qk_scale=scale * _LOG2E, Q_LEN_BUCKET=_bucket(Q_LEN), KV_LEN_BUCKET=_bucket(k.shape[2]), **args)
+        launch(_attn_fwd, grid, q, k, v, o, lse, *q.stride(), *k.stride(), *v.stride(), *o.stride(),
+               qk_scale=scale * _LOG2E, Q_LEN_BUCKET=_bucket(Q_LEN), KV_LEN_BUCKET=_bucket(k.shape[2]), **args)
     return o, lse
 
 
@@ -713,8 +715,9 @@ def _decode_forward(q, k, v, causal: bool, scale: Optional[float], window: Optio
     lse = torch.empty((B, H_Q, Q_LEN), dtype=torch.float32, device=q.device)
     seqlens_arg = seqlens if seqlens is not None else lse  # a dummy pointer when unused
     with _device_ctx(q):
-        _attn_decode_split[(splits, B * k.shape[1])](
-            q, k, v, o_part, lse_part, seqlens_arg, *q.stride(), *k.stride(), *v.stride(),
+        launch(
+            _attn_decode_split, (splits, B * k.shape[1]), q, k, v, o_part, lse_part, seqlens_arg,
+            *q.stride(), *k.stride(), *v.stride(),
             qk_scale=scale * _LOG2E, split_size=split_size, NUM_SPLITS=splits, KV_LEN_BUCKET=_bucket(KV_LEN),
             BLOCK_R=max(16, triton.next_power_of_2(rows)), HAS_SEQLENS=seqlens is not None, **args)
         _attn_decode_combine[(B * H_Q * Q_LEN,)](
@@ -745,13 +748,11 @@ def _backward(do, q, k, v, o, lse, causal: bool, scale: Optional[float], window:
             o, do, delta, *o.stride(), *do.stride(), H_Q, Q_LEN,
             HEAD_DIM=D, BLOCK_D=args["BLOCK_D"], BLOCK_M=block_m)
         grid_kv = lambda meta: (triton.cdiv(k.shape[2], meta["BLOCK_N"]), B * k.shape[1])  # noqa: E731
-        _attn_bwd_dkdv[grid_kv](q, k, v, do, dk, dv, lse, delta, *q.stride(), *k.stride(), *v.stride(),
-                                *do.stride(), *dk.stride(), *dv.stride(),
-                                sm_scale=scale, qk_scale=scale * _LOG2E, **buckets, **args)
+        launch(_attn_bwd_dkdv, grid_kv, q, k, v, do, dk, dv, lse, delta, *q.stride(), *k.stride(), *v.stride(),
+               *do.stride(), *dk.stride(), *dv.stride(), sm_scale=scale, qk_scale=scale * _LOG2E, **buckets, **args)
         grid_q = lambda meta: (triton.cdiv(Q_LEN, meta["BLOCK_M"]), B * H_Q)  # noqa: E731
-        _attn_bwd_dq[grid_q](q, k, v, do, dq, lse, delta, *q.stride(), *k.stride(), *v.stride(),
-                             *do.stride(), *dq.stride(),
-                             sm_scale=scale, qk_scale=scale * _LOG2E, **buckets, **args)
+        launch(_attn_bwd_dq, grid_q, q, k, v, do, dq, lse, delta, *q.stride(), *k.stride(), *v.stride(),
+               *do.stride(), *dq.stride(), sm_scale=scale, qk_scale=scale * _LOG2E, **buckets, **args)
     return dq, dk, dv
 
 

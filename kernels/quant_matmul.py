@@ -27,6 +27,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .launch import launch
+
 # Read once at import, as in flash_attention.py: triton.jit decides at decoration
 # time whether to build interpreted kernels.
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -160,8 +162,8 @@ def int8_matmul(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor) -> 
     y = torch.empty((x2.shape[0], N), dtype=x.dtype, device=x.device)
     grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), triton.cdiv(x2.shape[0], meta["BLOCK_M"]))  # noqa: E731
     with _device_ctx(x):
-        _int8_matmul[grid](x2, qweight, scale, y, x2.shape[0], N, K, *x2.stride(), *qweight.stride(), *y.stride(),
-                           **_launch_args(x2))
+        launch(_int8_matmul, grid, x2, qweight, scale, y, x2.shape[0], N, K, *x2.stride(), *qweight.stride(),
+               *y.stride(), **_launch_args(x2))
     return y.reshape(*x.shape[:-1], N)
 
 
@@ -186,6 +188,6 @@ def int4_matmul(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zer
     y = torch.empty((x2.shape[0], N), dtype=x.dtype, device=x.device)
     grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), triton.cdiv(x2.shape[0], meta["BLOCK_M"]))  # noqa: E731
     with _device_ctx(x):
-        _int4_matmul[grid](x2, qweight, scale, zero, y, x2.shape[0], N, K, *x2.stride(), *qweight.stride(),
-                           *scale.stride(), *y.stride(), GROUP_SIZE=group_size, **_launch_args(x2))
+        launch(_int4_matmul, grid, x2, qweight, scale, zero, y, x2.shape[0], N, K, *x2.stride(), *qweight.stride(),
+               *scale.stride(), *y.stride(), GROUP_SIZE=group_size, **_launch_args(x2))
     return y.reshape(*x.shape[:-1], N)

@@ -78,21 +78,26 @@ def main() -> int:
         results = list(pool.map(compile_case, names))
     reports = [r for case in results for r in case]
 
+    groups: dict[tuple[str, str], list] = {}
+    for r in reports:
+        groups.setdefault((r.case, r.kernel), []).append(r)
+    # Under torch.use_deterministic_algorithms(True) a launch takes its first config (kernels/launch.py).
+    pinned = {id(rs[0]) for rs in groups.values() if len(rs) > 1}
+
     header = f"{'case':<18} {'kernel':<22} {'config':<40} {'regs':>5} {'spill B':>8} {'smem KiB':>9} {'mma':>6}  status"
     print(header + "\n" + "-" * len(header))
     for r in reports:
         if args.problems_only and r.fits:
             continue
+        config = r.config + (" *" if id(r) in pinned else "")
         if r.error:
-            print(f"{r.case:<18} {r.kernel:<22} {r.config:<40} {'':>5} {'':>8} {'':>9} {'':>6}  {r.error}")
+            print(f"{r.case:<18} {r.kernel:<22} {config:<40} {'':>5} {'':>8} {'':>9} {'':>6}  {r.error}")
             continue
         status = "ok" if r.fits else ("spills" if r.stack_bytes else "over shared limit")
-        print(f"{r.case:<18} {r.kernel:<22} {r.config:<40} {r.registers:>5} {r.stack_bytes:>8} "
+        print(f"{r.case:<18} {r.kernel:<22} {config:<40} {r.registers:>5} {r.stack_bytes:>8} "
               f"{r.shared_bytes / 1024:>9.1f} {r.mma:>6}  {status}")
-
-    groups: dict[tuple[str, str], list] = {}
-    for r in reports:
-        groups.setdefault((r.case, r.kernel), []).append(r)
+    if not args.problems_only:
+        print("* the config torch.use_deterministic_algorithms(True) pins instead of autotuning")
     hopeless = [key for key, rs in groups.items() if not any(r.fits for r in rs)]
     # Training kernels are bound by tensor-core throughput, which on Hopper only warpgroup MMA reaches:
     # at least one config that fits must compile to it. (Decode and one-row matmuls are bound by memory

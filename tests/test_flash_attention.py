@@ -187,6 +187,65 @@ def test_backward_is_deterministic():
         assert torch.equal(a, b)
 
 
+@pytest.fixture
+def deterministic_algorithms():
+    torch.use_deterministic_algorithms(True)
+    yield
+    torch.use_deterministic_algorithms(False)
+
+
+def test_deterministic_mode_launches_without_the_autotuner(monkeypatch, deterministic_algorithms):
+    # Under torch.use_deterministic_algorithms(True) every autotuned kernel (forward, both
+    # backward kernels, split-KV decode) runs a pinned config: the autotuner is never asked,
+    # and the result is what the autotuned launch gives with that config.
+    q, k, v = make_qkv(2, 4, 2, 37, 50, 32)
+    dout = torch.randn(q.shape)
+    monkeypatch.setattr(fa.triton.runtime.Autotuner, "run", lambda *a, **kw: pytest.fail("autotuner was asked"))
+    out = flash_attention(q, k, v, causal=True)
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+    with torch.no_grad():
+        decoded = flash_decode(q[:, :, -1:], k, v)
+    monkeypatch.undo()
+    torch.use_deterministic_algorithms(False)
+    expected = flash_attention(q, k, v, causal=True)
+    assert torch.equal(out, expected)  # one config under the interpreter: the same bits
+    for a, b in zip(grads, torch.autograd.grad(expected, (q, k, v), dout)):
+        assert torch.equal(a, b)
+    with torch.no_grad():
+        assert torch.equal(decoded, flash_decode(q[:, :, -1:], k, v))
+
+
+def test_pinned_config_is_the_first_of_the_call_tier_that_the_device_can_run(deterministic_algorithms):
+    import triton
+    import triton.language as tl
+    from llmstack.kernels.launch import launch
+
+    @triton.jit
+    def write_block(out, BLOCK: tl.constexpr, TIER: tl.constexpr):
+        tl.store(out + tl.arange(0, 16), tl.full((16,), BLOCK, tl.int32))
+
+    configs = [triton.Config({"BLOCK": b}, num_warps=1, num_stages=1) for b in (1, 2, 3, 4)]
+    tiers = {0: configs[:2], 1: configs[2:]}
+    kernel = triton.autotune(configs, key=["TIER"], prune_configs_by={
+        "early_config_prune": lambda configs, named_args, **kw: tiers[kw["TIER"]]})(write_block)
+    out = torch.zeros(16, dtype=torch.int32)
+    for tier, first in ((0, 1), (1, 3)):
+        launch(kernel, (1,), out, TIER=tier)
+        assert out[0].item() == first
+
+    class OutOfSharedMemory:  # a GPU too small for the first config of tier 1
+        def __getitem__(self, grid):
+            def run(*args, BLOCK, **kwargs):
+                if BLOCK == 3:
+                    raise triton.runtime.errors.OutOfResources(300000, 232448, "shared memory")
+                return write_block[grid](*args, BLOCK=BLOCK, **kwargs)
+            return run
+
+    kernel.fn = OutOfSharedMemory()
+    launch(kernel, (1,), out, TIER=1)
+    assert out[0].item() == 4
+
+
 def test_float16():
     q, k, v = make_qkv(1, 4, 2, 37, 50, 32, dtype=torch.float16)
     check_fwd_bwd(q, k, v, 1e-2, causal=True)
@@ -320,3 +379,28 @@ def test_gpu_backward_is_deterministic():
     second = torch.autograd.grad(out, (q, k, v), dout)
     for a, b in zip(first, second):
         assert torch.equal(a, b)
+
+
+_PINNED_RUN = """
+import torch, hashlib
+from llmstack.kernels.flash_attention import flash_attention
+torch.use_deterministic_algorithms(True)
+torch.manual_seed(0)
+q, k, v = (torch.randn(2, h, 2048, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True) for h in (16, 4, 4))
+out = flash_attention(q, k, v, causal=True)
+grads = torch.autograd.grad(out, (q, k, v), torch.randn_like(out))
+print(hashlib.sha256(b"".join(t.float().cpu().numpy().tobytes() for t in (out, *grads))).hexdigest())
+"""
+
+
+@pytest.mark.gpu
+@gpu
+def test_gpu_deterministic_mode_gives_the_same_bits_in_another_process():
+    # Autotuning may choose different tiles in two processes; the pinned config may not.
+    import subprocess
+    import sys
+
+    runs = [subprocess.run([sys.executable, "-c", _PINNED_RUN], capture_output=True, text=True, timeout=600)
+            for _ in range(2)]
+    assert all(r.returncode == 0 for r in runs), runs[0].stderr[-2000:]
+    assert runs[0].stdout == runs[1].stdout
