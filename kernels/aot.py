@@ -33,7 +33,7 @@ import triton
 
 from . import flash_attention as fa
 from . import quant_matmul as qm
-from .launch import candidate_configs
+from .launch import Autotuned
 
 # Shared memory one block may use, by compute capability (CUDA programming guide, table of
 # technical specifications): H100/H200 227 KiB, A100 163 KiB, consumer Ampere/Ada 99 KiB.
@@ -53,7 +53,7 @@ def toolchain_available() -> bool:
 
 @dataclasses.dataclass
 class Launch:
-    """One kernel launch as a launcher made it: the kernel (an Autotuner or a JITFunction) and its arguments."""
+    """One kernel launch as a launcher made it: the kernel (Autotuned or a JITFunction) and its arguments."""
     name: str
     kernel: object
     args: tuple
@@ -137,9 +137,15 @@ def matmul_launches(m: int = 1, n: int = 4096, k: int = 4096, dtype: torch.dtype
     return launches
 
 
+def _configs(launch: Launch) -> list[Optional[triton.Config]]:
+    """The configs the autotuner would time for this launch, in table order; [None] (Triton's
+    default warps and stages) for a kernel that is not autotuned."""
+    return launch.kernel.candidates(launch.kwargs) if isinstance(launch.kernel, Autotuned) else [None]
+
+
 def _source(launch: Launch, config: Optional[triton.Config]):
     """(ASTSource, options) specialised as Triton's runtime would for these arguments."""
-    fn = launch.kernel.fn if isinstance(launch.kernel, triton.runtime.Autotuner) else launch.kernel
+    fn = launch.kernel.fn if isinstance(launch.kernel, Autotuned) else launch.kernel
     values = dict(zip(fn.arg_names, launch.args))
     values.update(launch.kwargs)
     if config is not None:
@@ -210,7 +216,7 @@ def compile_launch(launch: Launch, case: str = "", arch: int = 90,
     target = triton.backends.compiler.GPUTarget("cuda", arch, 32)
     backend = triton.compiler.make_backend(target)
     reports = []
-    for config in candidate_configs(launch.kernel, launch.args, launch.kwargs) if configs is None else configs:
+    for config in _configs(launch) if configs is None else configs:
         report = Report(case, launch.name, _config_name(config), shared_limit=SHARED_MEMORY_LIMIT.get(arch))
         try:
             src, options = _source(launch, config)

@@ -33,13 +33,13 @@ import functools
 import math
 import numbers
 import os
-from typing import Optional, Union
+from typing import Callable, Optional, Union
 
 import torch
 import triton
 import triton.language as tl
 
-from .launch import launch
+from .launch import autotuned
 
 # Read once at import: triton.jit itself decides at decoration time whether to
 # build interpreted kernels, so the environment variable must be set before
@@ -88,17 +88,17 @@ _BWD_DQ_TABLE = {  # like the forward: BLOCK_M query rows and their dQ stay resi
 }
 
 
-def _tiered(table: dict) -> tuple[list, Optional[dict]]:
-    """(configs, prune_configs_by) for triton.autotune from a table keyed by the largest BLOCK_D of each tier."""
+def _tiered(table: dict) -> tuple[list, Optional[Callable[[dict], list]]]:
+    """(configs, prune) for `autotuned` from a table keyed by the largest BLOCK_D of each tier."""
     if _INTERPRET:
         return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=1, num_stages=1)], None
     tiers = {tier: [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in rows]
              for tier, rows in table.items()}
 
-    def prune(configs, named_args, **kwargs):
+    def prune(kwargs):
         return tiers[min(tier for tier in tiers if tier >= kwargs["BLOCK_D"])]  # the launchers pass it by name
 
-    return [c for rows in tiers.values() for c in rows], {"early_config_prune": prune}
+    return [c for rows in tiers.values() for c in rows], prune
 
 
 _FWD_CONFIGS, _FWD_PRUNE = _tiered(_FWD_TABLE)
@@ -250,7 +250,7 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, s_kn, s_kd, s_vn, s_vd,
     return acc, l_i, m_i
 
 
-@triton.autotune(configs=_FWD_CONFIGS, key=_FWD_KEY, prune_configs_by=_FWD_PRUNE)
+@autotuned(_FWD_CONFIGS, _FWD_KEY, _FWD_PRUNE)
 @triton.jit
 def _attn_fwd(Q, K, V, O, LSE,
               s_qb, s_qh, s_qm, s_qd, s_kb, s_kh, s_kn, s_kd,
@@ -361,7 +361,7 @@ def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, s_qm, s
     return dk, dv
 
 
-@triton.autotune(configs=_BWD_DKDV_CONFIGS, key=_FWD_KEY, prune_configs_by=_BWD_DKDV_PRUNE)
+@autotuned(_BWD_DKDV_CONFIGS, _FWD_KEY, _BWD_DKDV_PRUNE)
 @triton.jit
 def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, Delta,
                    s_qb, s_qh, s_qm, s_qd, s_kb, s_kh, s_kn, s_kd, s_vb, s_vh, s_vn, s_vd,
@@ -433,7 +433,7 @@ def _bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, s_kn, s_kd, s_vn, s_vd,
     return dq
 
 
-@triton.autotune(configs=_BWD_DQ_CONFIGS, key=_FWD_KEY, prune_configs_by=_BWD_DQ_PRUNE)
+@autotuned(_BWD_DQ_CONFIGS, _FWD_KEY, _BWD_DQ_PRUNE)
 @triton.jit
 def _attn_bwd_dq(Q, K, V, DO, DQ, LSE, Delta,
                  s_qb, s_qh, s_qm, s_qd, s_kb, s_kh, s_kn, s_kd, s_vb, s_vh, s_vn, s_vd,
@@ -488,7 +488,7 @@ def _attn_bwd_dq(Q, K, V, DO, DQ, LSE, Delta,
 # KV head, so each K/V byte is read once per KV head, which is what bounds decode.
 
 
-@triton.autotune(configs=_decode_configs(), key=["KV_LEN_BUCKET", "HEAD_DIM", "BLOCK_R", "CAUSAL", "HAS_WINDOW"])
+@autotuned(_decode_configs(), ["KV_LEN_BUCKET", "HEAD_DIM", "BLOCK_R", "CAUSAL", "HAS_WINDOW"])
 @triton.jit
 def _attn_decode_split(Q, K, V, O_part, LSE_part, Seqlens,
                        s_qb, s_qh, s_qm, s_qd, s_kb, s_kh, s_kn, s_kd, s_vb, s_vh, s_vn, s_vd,
@@ -680,8 +680,8 @@ def _forward(q, k, v, causal: bool, scale: Optional[float], window: Optional[int
     lse = torch.empty((B, H_Q, Q_LEN), dtype=torch.float32, device=q.device)
     grid = lambda meta: (triton.cdiv(Q_LEN, meta["BLOCK_M"]), B * H_Q)  # noqa: E731
     with _device_ctx(q):
-        launch(_attn_fwd, grid, q, k, v, o, lse, *q.stride(), *k.stride(), *v.stride(), *o.stride(),
-               qk_scale=scale * _LOG2E, Q_LEN_BUCKET=_bucket(Q_LEN), KV_LEN_BUCKET=_bucket(k.shape[2]), **args)
+        _attn_fwd[grid](q, k, v, o, lse, *q.stride(), *k.stride(), *v.stride(), *o.stride(),
+                        qk_scale=scale * _LOG2E, Q_LEN_BUCKET=_bucket(Q_LEN), KV_LEN_BUCKET=_bucket(k.shape[2]), **args)
     return o, lse
 
 
@@ -715,9 +715,8 @@ def _decode_forward(q, k, v, causal: bool, scale: Optional[float], window: Optio
     lse = torch.empty((B, H_Q, Q_LEN), dtype=torch.float32, device=q.device)
     seqlens_arg = seqlens if seqlens is not None else lse  # a dummy pointer when unused
     with _device_ctx(q):
-        launch(
-            _attn_decode_split, (splits, B * k.shape[1]), q, k, v, o_part, lse_part, seqlens_arg,
-            *q.stride(), *k.stride(), *v.stride(),
+        _attn_decode_split[(splits, B * k.shape[1])](
+            q, k, v, o_part, lse_part, seqlens_arg, *q.stride(), *k.stride(), *v.stride(),
             qk_scale=scale * _LOG2E, split_size=split_size, NUM_SPLITS=splits, KV_LEN_BUCKET=_bucket(KV_LEN),
             BLOCK_R=max(16, triton.next_power_of_2(rows)), HAS_SEQLENS=seqlens is not None, **args)
         _attn_decode_combine[(B * H_Q * Q_LEN,)](
@@ -748,11 +747,13 @@ def _backward(do, q, k, v, o, lse, causal: bool, scale: Optional[float], window:
             o, do, delta, *o.stride(), *do.stride(), H_Q, Q_LEN,
             HEAD_DIM=D, BLOCK_D=args["BLOCK_D"], BLOCK_M=block_m)
         grid_kv = lambda meta: (triton.cdiv(k.shape[2], meta["BLOCK_N"]), B * k.shape[1])  # noqa: E731
-        launch(_attn_bwd_dkdv, grid_kv, q, k, v, do, dk, dv, lse, delta, *q.stride(), *k.stride(), *v.stride(),
-               *do.stride(), *dk.stride(), *dv.stride(), sm_scale=scale, qk_scale=scale * _LOG2E, **buckets, **args)
+        _attn_bwd_dkdv[grid_kv](q, k, v, do, dk, dv, lse, delta, *q.stride(), *k.stride(), *v.stride(),
+                                *do.stride(), *dk.stride(), *dv.stride(),
+                                sm_scale=scale, qk_scale=scale * _LOG2E, **buckets, **args)
         grid_q = lambda meta: (triton.cdiv(Q_LEN, meta["BLOCK_M"]), B * H_Q)  # noqa: E731
-        launch(_attn_bwd_dq, grid_q, q, k, v, do, dq, lse, delta, *q.stride(), *k.stride(), *v.stride(),
-               *do.stride(), *dq.stride(), sm_scale=scale, qk_scale=scale * _LOG2E, **buckets, **args)
+        _attn_bwd_dq[grid_q](q, k, v, do, dq, lse, delta, *q.stride(), *k.stride(), *v.stride(),
+                             *do.stride(), *dq.stride(),
+                             sm_scale=scale, qk_scale=scale * _LOG2E, **buckets, **args)
     return dq, dk, dv
 
 

@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import launch
+from .launch import autotuned
 
 # Read once at import, as in flash_attention.py: triton.jit decides at decoration
 # time whether to build interpreted kernels.
@@ -64,7 +64,7 @@ _KEY = ["M_BUCKET", "N", "K"]
 # ---------------------------------------------------------------------------
 
 
-@triton.autotune(configs=_configs(), key=_KEY)
+@autotuned(_configs(), _KEY)
 @triton.jit
 def _int8_matmul(X, W, S, Y, M, N, K,
                  s_xm, s_xk, s_wn, s_wk, s_ym, s_yn, M_BUCKET,
@@ -88,7 +88,7 @@ def _int8_matmul(X, W, S, Y, M, N, K,
              mask=m_ok[:, None] & n_ok[None, :])
 
 
-@triton.autotune(configs=_configs(), key=_KEY + ["GROUP_SIZE"])
+@autotuned(_configs(), _KEY + ["GROUP_SIZE"])
 @triton.jit
 def _int4_matmul(X, W, S, Z, Y, M, N, K,
                  s_xm, s_xk, s_wn, s_wk, s_sn, s_sg, s_ym, s_yn, M_BUCKET,
@@ -162,8 +162,8 @@ def int8_matmul(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor) -> 
     y = torch.empty((x2.shape[0], N), dtype=x.dtype, device=x.device)
     grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), triton.cdiv(x2.shape[0], meta["BLOCK_M"]))  # noqa: E731
     with _device_ctx(x):
-        launch(_int8_matmul, grid, x2, qweight, scale, y, x2.shape[0], N, K, *x2.stride(), *qweight.stride(),
-               *y.stride(), **_launch_args(x2))
+        _int8_matmul[grid](x2, qweight, scale, y, x2.shape[0], N, K, *x2.stride(), *qweight.stride(),
+                           *y.stride(), **_launch_args(x2))
     return y.reshape(*x.shape[:-1], N)
 
 
@@ -188,6 +188,6 @@ def int4_matmul(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zer
     y = torch.empty((x2.shape[0], N), dtype=x.dtype, device=x.device)
     grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), triton.cdiv(x2.shape[0], meta["BLOCK_M"]))  # noqa: E731
     with _device_ctx(x):
-        launch(_int4_matmul, grid, x2, qweight, scale, zero, y, x2.shape[0], N, K, *x2.stride(), *qweight.stride(),
-               *scale.stride(), *y.stride(), GROUP_SIZE=group_size, **_launch_args(x2))
+        _int4_matmul[grid](x2, qweight, scale, zero, y, x2.shape[0], N, K, *x2.stride(), *qweight.stride(),
+                           *scale.stride(), *y.stride(), GROUP_SIZE=group_size, **_launch_args(x2))
     return y.reshape(*x.shape[:-1], N)

@@ -218,31 +218,33 @@ def test_deterministic_mode_launches_without_the_autotuner(monkeypatch, determin
 def test_pinned_config_is_the_first_of_the_call_tier_that_the_device_can_run(deterministic_algorithms):
     import triton
     import triton.language as tl
-    from llmstack.kernels.launch import launch
+    from llmstack.kernels.launch import autotuned
 
+    configs = [triton.Config({"BLOCK": b}, num_warps=1, num_stages=1) for b in (1, 2, 3, 4)]
+    tiers = {0: configs[:2], 1: configs[2:]}
+
+    @autotuned(configs, key=["TIER"], prune=lambda kwargs: tiers[kwargs["TIER"]])
     @triton.jit
     def write_block(out, BLOCK: tl.constexpr, TIER: tl.constexpr):
         tl.store(out + tl.arange(0, 16), tl.full((16,), BLOCK, tl.int32))
 
-    configs = [triton.Config({"BLOCK": b}, num_warps=1, num_stages=1) for b in (1, 2, 3, 4)]
-    tiers = {0: configs[:2], 1: configs[2:]}
-    kernel = triton.autotune(configs, key=["TIER"], prune_configs_by={
-        "early_config_prune": lambda configs, named_args, **kw: tiers[kw["TIER"]]})(write_block)
     out = torch.zeros(16, dtype=torch.int32)
     for tier, first in ((0, 1), (1, 3)):
-        launch(kernel, (1,), out, TIER=tier)
+        write_block[(1,)](out, TIER=tier)
         assert out[0].item() == first
+
+    jit_fn = write_block.fn
 
     class OutOfSharedMemory:  # a GPU too small for the first config of tier 1
         def __getitem__(self, grid):
             def run(*args, BLOCK, **kwargs):
                 if BLOCK == 3:
                     raise triton.runtime.errors.OutOfResources(300000, 232448, "shared memory")
-                return write_block[grid](*args, BLOCK=BLOCK, **kwargs)
+                return jit_fn[grid](*args, BLOCK=BLOCK, **kwargs)
             return run
 
-    kernel.fn = OutOfSharedMemory()
-    launch(kernel, (1,), out, TIER=1)
+    write_block.fn = OutOfSharedMemory()
+    write_block[(1,)](out, TIER=1)
     assert out[0].item() == 4
 
 
@@ -404,3 +406,22 @@ def test_gpu_deterministic_mode_gives_the_same_bits_in_another_process():
             for _ in range(2)]
     assert all(r.returncode == 0 for r in runs), runs[0].stderr[-2000:]
     assert runs[0].stdout == runs[1].stdout
+
+
+@pytest.mark.gpu
+@gpu
+def test_gpu_flash_attention_compiles_into_one_graph():
+    # Training with `train.compile: true` and the triton backend: torch.compile must trace the
+    # autograd.Function and its autotuned launches without a graph break, and agree with eager.
+    q, k, v = make_qkv(2, 8, 2, 1024, 1024, 128, dtype=torch.bfloat16, device="cuda")
+    dout = torch.randn_like(q)
+
+    def attend(q, k, v):
+        return flash_attention(q, k, v, causal=True)
+
+    eager = attend(q, k, v)
+    eager_grads = torch.autograd.grad(eager, (q, k, v), dout)
+    compiled = torch.compile(attend, fullgraph=True)(q, k, v)
+    compiled_grads = torch.autograd.grad(compiled, (q, k, v), dout)
+    for ours, theirs in zip((compiled, *compiled_grads), (eager, *eager_grads)):
+        assert rel_err(ours, theirs) <= GPU_TOL[torch.bfloat16]

@@ -81,3 +81,88 @@ def test_auto_backend_keeps_float32_on_sdpa():
     assert resolve_backend("auto", "cuda", torch.bfloat16) == expected
     assert resolve_backend("sdpa", "cuda", torch.bfloat16) == "sdpa"  # a named backend is kept
 
+
+
+_TRACE = """
+import json, torch
+import torch.utils._triton
+# torch.compile treats Triton kernels as kernels only where it finds a GPU; nothing runs here,
+# so tell it there is one and trace on meta tensors.
+torch.utils._triton.has_triton = lambda: True
+from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table
+from llmstack.kernels.flash_attention import flash_attention, flash_decode
+from llmstack.kernels.quant_matmul import int8_matmul
+
+class Traced(Exception):
+    pass
+
+def capture(gm, example_inputs):  # reached only when the whole function became one graph
+    raise Traced
+
+def attend(q, k, v):
+    return flash_attention(q, k, v, causal=True)
+
+def attend_and_grad(q, k, v):
+    out = flash_attention(q, k, v, causal=True)
+    return torch.autograd.grad(out.float().sum(), (q, k, v))
+
+def meta(*shape, dtype=torch.bfloat16, grad=False):
+    return torch.empty(*shape, dtype=dtype, device="meta", requires_grad=grad)
+
+cases = {
+    "attention": (attend, (meta(2, 8, 300, 128, grad=True), meta(2, 2, 300, 128, grad=True),
+                           meta(2, 2, 300, 128, grad=True))),
+    "decode": (lambda q, k, v: flash_decode(q, k, v), (meta(1, 8, 1, 128), meta(1, 2, 4096, 128),
+                                                       meta(1, 2, 4096, 128))),
+    "int8 matmul": (int8_matmul, (meta(1, 512), meta(256, 512, dtype=torch.int8), meta(256, dtype=torch.float32))),
+}
+# The whole training forward (norms, RoPE, SwiGLU, the fused loss, our attention) on CPU tensors:
+# the model's autocast regions need a real device type. The launchers' guard refuses CPU tensors
+# outside the interpreter; nothing is launched here, so it is bypassed.
+from llmstack.config import model_preset
+from llmstack.kernels import flash_attention as fa
+from llmstack.model import Transformer
+fa._check = lambda *args: None
+cfg = model_preset("tiny")
+cfg.attn_backend = "triton"
+model = Transformer(cfg).to(torch.bfloat16)
+ids = torch.zeros(2, 64, dtype=torch.long)
+cases["model"] = (lambda ids: model(ids, targets=ids), (ids,))
+for deterministic in (False, True):
+    torch.use_deterministic_algorithms(deterministic)
+    for name, (fn, args) in cases.items():
+        torch._dynamo.reset()
+        kernel_side_table.reset_table()
+        try:
+            torch.compile(fn, fullgraph=True, backend=capture)(*args)
+            error = "not traced"
+        except Exception as e:
+            error = None if "Traced" in repr(e) else repr(e)[:2000]
+        configs = [len(getattr(k, "configs", [None])) for k in kernel_side_table.id_to_kernel.values()]
+        print(json.dumps(dict(case=name, deterministic=deterministic, error=error, configs=configs)))
+"""
+
+
+@pytest.mark.slow
+def test_kernels_trace_into_one_torch_compile_graph():
+    # `train.compile: true` with the triton backend: torch.compile must take the autograd.Function
+    # and every launch into its graph with no break, for the kernels alone and inside the model's
+    # training forward, and under deterministic algorithms launch single configs (so inductor has
+    # nothing to tune). Traced only: the capturing backend stops before anything is compiled.
+    import json
+
+    pytest.importorskip("torch._higher_order_ops.triton_kernel_wrap")
+    if not hasattr(pytest.importorskip("torch.utils._triton"), "has_triton"):
+        pytest.skip("this torch decides Triton support elsewhere")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", _TRACE], capture_output=True, text=True, env=env, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    results = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+    assert len(results) == 8, out.stdout + out.stderr[-3000:]
+    for r in results:
+        assert r["error"] is None, r
+        assert r["configs"], r  # the launches were recorded as Triton kernels
+        if r["deterministic"]:
+            assert set(r["configs"]) == {1}, r
+    tuned = {r["case"]: max(r["configs"]) for r in results if not r["deterministic"]}
+    assert tuned["attention"] > 1 and tuned["int8 matmul"] > 1  # the autotuned path keeps its choice
