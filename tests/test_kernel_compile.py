@@ -82,6 +82,14 @@ def test_auto_backend_keeps_float32_on_sdpa():
     assert resolve_backend("sdpa", "cuda", torch.bfloat16) == "sdpa"  # a named backend is kept
 
 
+def test_kernel_availability():
+    from llmstack import kernels
+    from llmstack.kernels import flash_attention as fa
+
+    assert kernels.available("flash_attention") is fa.is_available()
+    assert kernels.available("no_such_kernel") is False  # an import error is an answer, not a crash
+
+
 
 _TRACE = """
 import json, torch

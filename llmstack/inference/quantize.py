@@ -44,7 +44,6 @@ is most of a quantized checkpoint's size.)
 """
 from __future__ import annotations
 
-import functools
 import os
 from pathlib import Path
 from typing import Optional, Sequence
@@ -53,6 +52,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from llmstack import kernels
 from llmstack.kernels import GPU_DTYPES
 
 SCHEMES = ("int8", "int4")
@@ -222,13 +222,8 @@ class QuantizedLinear(nn.Module):
                 f"bias={self.bias is not None}")
 
 
-@functools.lru_cache(maxsize=None)
 def _kernel_available() -> bool:
-    try:
-        from llmstack.kernels import quant_matmul
-    except Exception:  # triton missing or unsupported platform
-        return False
-    return quant_matmul.is_available()
+    return kernels.available("quant_matmul")
 
 
 # ---------------------------------------------------------------------------

@@ -15,14 +15,14 @@ lengths; `window` limits each query to its last `window` key slots.
 """
 from __future__ import annotations
 
-import functools
 import math
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
-from llmstack.kernels import GPU_DTYPES  # the package's __init__ imports torch only
+from llmstack import kernels  # its __init__ imports torch only
+from llmstack.kernels import GPU_DTYPES
 
 BACKENDS = ("naive", "sdpa", "triton")
 
@@ -39,13 +39,8 @@ def resolve_backend(name: str, device: torch.device | str | None = None, dtype: 
     return "sdpa"
 
 
-@functools.lru_cache(maxsize=None)  # asked by every attention layer on every step
 def _triton_available() -> bool:
-    try:
-        from llmstack.kernels import flash_attention  # noqa: F401
-    except Exception:  # triton missing or unsupported platform
-        return False
-    return True
+    return kernels.available("flash_attention")
 
 
 def build_mask(tq: int, tk: int, *, causal: bool, window: Optional[int], key_mask: Optional[torch.Tensor],
