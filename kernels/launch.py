@@ -36,7 +36,8 @@ class Autotuned:
 
     def __init__(self, fn, configs: list, key: list[str], prune: Optional[Callable[[dict], list]] = None):
         self.fn, self.configs, self._prune = fn, list(configs), prune
-        prune_by = None if prune is None else {"early_config_prune": lambda configs, named_args, **kwargs: prune(kwargs)}
+        prune_by = None if prune is None else {
+            "early_config_prune": lambda configs, named_args, **kwargs: prune(kwargs)}
         self.autotuner = triton.autotune(configs=self.configs, key=key, prune_configs_by=prune_by)(fn)
 
     def candidates(self, kwargs: dict) -> list:

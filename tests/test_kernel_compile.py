@@ -90,7 +90,6 @@ def test_kernel_availability():
     assert kernels.available("no_such_kernel") is False  # an import error is an answer, not a crash
 
 
-
 _TRACE = """
 import json, torch
 import torch.utils._triton
@@ -107,12 +106,8 @@ class Traced(Exception):
 def capture(gm, example_inputs):  # reached only when the whole function became one graph
     raise Traced
 
-def attend(q, k, v):
+def attend(q, k, v):  # inputs that need gradients: dynamo traces the backward kernels too
     return flash_attention(q, k, v, causal=True)
-
-def attend_and_grad(q, k, v):
-    out = flash_attention(q, k, v, causal=True)
-    return torch.autograd.grad(out.float().sum(), (q, k, v))
 
 def meta(*shape, dtype=torch.bfloat16, grad=False):
     return torch.empty(*shape, dtype=dtype, device="meta", requires_grad=grad)

@@ -107,7 +107,8 @@ def apply_penalties(logits: torch.Tensor, history: TokenHistory, params: Samplin
     return logits
 
 
-def process_logits(logits: torch.Tensor, params: SamplingParams, history: Optional[TokenHistory] = None) -> torch.Tensor:
+def process_logits(logits: torch.Tensor, params: SamplingParams,
+                   history: Optional[TokenHistory] = None) -> torch.Tensor:
     """The logits (B, V), float32, of the distribution `sample` draws from: removed tokens are
     -inf. At temperature 0 that distribution is one-hot at the argmax of the penalised logits."""
     logits = logits.float()
