@@ -21,7 +21,7 @@ import functools
 import os
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, as_completed
 
 _DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
@@ -75,8 +75,14 @@ def main() -> int:
     with ProcessPoolExecutor(max_workers=max(1, min(args.jobs, len(names)))) as pool:
         compile_case = functools.partial(_compile_case, head_dims=args.head_dims, dtype=args.dtype, masks=args.masks,
                                          arch=args.arch)
-        results = list(pool.map(compile_case, names))
-    reports = [r for case in results for r in case]
+        futures = {pool.submit(compile_case, name): name for name in names}
+        results = {}
+        for done, future in enumerate(as_completed(futures), 1):  # progress: compiling takes minutes cold
+            name = futures[future]
+            results[name] = future.result()
+            print(f"[{done}/{len(names)}] {name}: {len(results[name])} configs compiled, "
+                  f"{time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
+    reports = [r for name in names for r in results[name]]
 
     groups: dict[tuple[str, str], list] = {}
     for r in reports:
