@@ -162,8 +162,8 @@ def int8_matmul(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor) -> 
     y = torch.empty((x2.shape[0], N), dtype=x.dtype, device=x.device)
     grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), triton.cdiv(x2.shape[0], meta["BLOCK_M"]))  # noqa: E731
     with _device_ctx(x):
-        _int8_matmul[grid](x2, qweight, scale, y, x2.shape[0], N, K, *x2.stride(), *qweight.stride(),
-                           *y.stride(), **_launch_args(x2))
+        _int8_matmul[grid](x2, qweight, scale, y, x2.shape[0], N, K, *x2.stride(), *qweight.stride(), *y.stride(),
+                           **_launch_args(x2))
     return y.reshape(*x.shape[:-1], N)
 
 

@@ -24,6 +24,11 @@ from typing import Any, Literal, Optional, Union
 import yaml
 
 
+def is_int(value) -> bool:
+    """An int, and not a bool (which Python counts as one): what integer arguments are checked with."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 class ConfigError(ValueError):
     """A config that cannot be used; the message names the key and what to do."""
 
@@ -305,7 +310,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if isinstance(value, bool):
             return value
     elif tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
+        if is_int(value):
             return value
         if isinstance(value, float) and value.is_integer():
             return int(value)
@@ -392,6 +397,15 @@ def save_config(cfg: Any, path: str | os.PathLike) -> None:
 
 def dump_config(cfg: Any) -> str:
     return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def require_positive(args, *names: str) -> None:
+    """Exit with one error line when a command-line flag is below 1 (`args.new_tokens` is
+    `--new-tokens`; None means not given)."""
+    for name in names:
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise SystemExit(f"error: --{name.replace('_', '-')} must be an integer >= 1, got {value}")
 
 
 def parse_cli(cls: type, argv: Optional[list[str]] = None, *, description: str = "", extra_args=None) -> tuple[Any, Any]:

@@ -18,7 +18,7 @@ import torch
 
 import llmstack
 from llmstack.bench import device_name, quick_defaults, time_pair
-from llmstack.config import resolve_device
+from llmstack.config import require_positive, resolve_device
 from llmstack.data import DataError, TokenBatches, prepare_tokens
 from llmstack.eval import evaluate
 from llmstack.inference.quantize import check_group_size, quantization_of, quantize_, save_quantized
@@ -40,9 +40,7 @@ def main() -> None:
                              "their value")
     args = parser.parse_args()
     quick_defaults(args, args.quick, dict(batches=(16, 2), new_tokens=(128, 16), iters=(7, 2)))
-    for name in ("batches", "new_tokens", "iters"):
-        if getattr(args, name) < 1:
-            sys.exit(f"error: --{name.replace('_', '-')} must be an integer >= 1, got {getattr(args, name)}")
+    require_positive(args, "batches", "new_tokens", "iters")
     if any(g < 2 or g % 2 for g in args.group_sizes):
         sys.exit(f"error: --group-sizes must be even numbers >= 2, got {' '.join(map(str, args.group_sizes))}")
     n_batches, new_tokens, iters = args.batches, args.new_tokens, args.iters

@@ -27,6 +27,7 @@ import torch
 
 import llmstack
 from llmstack.bench import cpu_name, quick_defaults
+from llmstack.config import require_positive
 from llmstack.data import DataError, prepare_tokens
 from llmstack.inference.generate import generate
 from llmstack.inference.speculative import SpeculativeStats, speculative_generate
@@ -62,10 +63,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     args = parser.parse_args()
     quick_defaults(args, args.quick, dict(prompts=(8, 2), new_tokens=(96, 32), iters=(3, 1)))
-    for name in ("prompts", "prompt_len", "new_tokens", "k", "ngram", "iters", "threads"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            sys.exit(f"error: --{name.replace('_', '-')} must be an integer >= 1, got {value}")
+    require_positive(args, "prompts", "prompt_len", "new_tokens", "k", "ngram", "iters", "threads")
     if args.threads:
         torch.set_num_threads(args.threads)
     n_prompts, new_tokens, iters = args.prompts, args.new_tokens, args.iters

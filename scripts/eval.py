@@ -7,6 +7,7 @@ import argparse
 import sys
 
 import llmstack
+from llmstack.config import require_positive
 from llmstack.data import DataError, TokenBatches, prepare_tokens, token_stats
 from llmstack.eval import evaluate
 from llmstack.interop import load_tokenizer, resolve_checkpoint
@@ -21,10 +22,7 @@ def main() -> None:
     parser.add_argument("--batches", type=int, default=None, help="at most this many batches (default: all)")
     parser.add_argument("--batch-size", type=int, default=8, help="windows per batch (default 8)")
     args = parser.parse_args()
-    for name in ("batches", "batch_size"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            sys.exit(f"error: --{name.replace('_', '-')} must be an integer >= 1, got {value}")
+    require_positive(args, "batches", "batch_size")
     try:
         ckpt = resolve_checkpoint(args.checkpoint)
         cfg = load_run_config(ckpt)

@@ -16,6 +16,7 @@ from typing import Optional
 
 import torch
 
+from llmstack.config import is_int
 from llmstack.inference.decode_layout import use_decode_layout
 from llmstack.inference.generate import check_max_new_tokens, check_prompts, prompt_rows
 from llmstack.model import KVCache
@@ -36,10 +37,9 @@ def _check(model, prompt: torch.Tensor, max_new_tokens, num_beams, length_penalt
     check_prompts([prompt], V, model.config.max_seq_len, max_new_tokens)
     steps = max(0, min(max_new_tokens, model.config.max_seq_len - len(prompt)))
     # A width past the vocabulary is a mistake in practice, and each beam costs a KV-cache row.
-    if isinstance(num_beams, bool) or not isinstance(num_beams, int) or not 1 <= num_beams <= V:
+    if not is_int(num_beams) or not 1 <= num_beams <= V:
         raise ValueError(f"num_beams must be an integer in [1, {V}] (the vocabulary size), got {num_beams}")
-    if isinstance(num_return_sequences, bool) or not isinstance(num_return_sequences, int) \
-            or not 1 <= num_return_sequences <= num_beams:
+    if not is_int(num_return_sequences) or not 1 <= num_return_sequences <= num_beams:
         raise ValueError(f"num_return_sequences must be an integer in [1, num_beams={num_beams}], "
                          f"got {num_return_sequences}")
     if not math.isfinite(length_penalty):

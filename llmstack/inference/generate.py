@@ -10,6 +10,7 @@ from typing import Callable, Iterator, Optional, Sequence
 
 import torch
 
+from llmstack.config import is_int
 from llmstack.inference.decode_layout import use_decode_layout
 from llmstack.inference.sampling import SamplingParams, TokenHistory, sample, sample_next  # noqa: F401
 from llmstack.model import KVCache
@@ -105,7 +106,7 @@ def check_token_ids(ids: torch.Tensor, vocab_size: int) -> None:
 
 
 def check_max_new_tokens(max_new_tokens) -> None:
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+    if not is_int(max_new_tokens) or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens}")
 
 

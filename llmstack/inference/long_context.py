@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llmstack.config import RopeScaling
+from llmstack.config import RopeScaling, is_int
 from llmstack.model.rope import rope_frequencies
 
 SCALINGS = ("linear", "ntk", "yarn", "llama3")
@@ -50,7 +50,7 @@ def extend_context(model: nn.Module, new_max_seq_len: int, scaling: Optional[str
     trained = trained_context(model)
     if scaling is not None and scaling not in SCALINGS:
         raise ValueError(f"scaling must be one of {', '.join(SCALINGS)} or None, got {scaling!r}")
-    if isinstance(new_max_seq_len, bool) or not isinstance(new_max_seq_len, int) or new_max_seq_len < trained:
+    if not is_int(new_max_seq_len) or new_max_seq_len < trained:
         raise ValueError(f"new_max_seq_len must be an integer >= the trained context ({trained}), "
                          f"got {new_max_seq_len!r}")
     if scaling is not None and cfg.pos != "rope":

@@ -16,6 +16,8 @@ from typing import Optional, Sequence
 
 import torch
 
+from llmstack.config import is_int
+
 Generators = Optional[torch.Generator | Sequence[torch.Generator]]
 
 
@@ -49,8 +51,7 @@ class SamplingParams:
             raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {self.temperature}")
         if self.top_k is not None:
             high = vocab_size if vocab_size is not None else "vocab_size"
-            if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 1 \
-                    or (vocab_size is not None and self.top_k > vocab_size):
+            if not is_int(self.top_k) or self.top_k < 1 or (vocab_size is not None and self.top_k > vocab_size):
                 raise ValueError(f"top_k must be an integer in [1, {high}], got {self.top_k}")
         if self.top_p is not None and not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
@@ -61,7 +62,7 @@ class SamplingParams:
         for name in ("frequency_penalty", "presence_penalty"):
             if not math.isfinite(getattr(self, name)):
                 raise ValueError(f"{name} must be a finite number (0 = off), got {getattr(self, name)}")
-        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0):
+        if self.seed is not None and (not is_int(self.seed) or self.seed < 0):
             raise ValueError(f"seed must be an integer >= 0, got {self.seed}")
         return self
 

@@ -25,6 +25,7 @@ from typing import Optional, Sequence
 
 import torch
 
+from llmstack.config import is_int
 from llmstack.inference.decode_layout import use_decode_layout
 from llmstack.inference.generate import check_max_new_tokens, check_prompts, prompt_rows
 from llmstack.inference.sampling import SamplingParams, process_logits
@@ -186,7 +187,7 @@ def speculative_generate(target: torch.nn.Module, input_ids, max_new_tokens: int
     check_max_new_tokens(max_new_tokens)
     check_prompts(rows, V, target.config.max_seq_len, max_new_tokens)
     for name, value in (("k", k), ("ngram", ngram)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        if not is_int(value) or value < 1:
             what = " (tokens proposed per round)" if name == "k" else ""
             raise ValueError(f"{name} must be an integer >= 1{what}, got {value!r}")
     # The same rules as generate.

@@ -21,6 +21,8 @@ from typing import Optional
 import torch
 from torch import nn
 
+from llmstack.config import is_int
+
 
 class _SlotBuffers(nn.Module):
     """What every cache shares: k and v buffers of shape (layers, B, Hkv, slots, D), allocated
@@ -74,7 +76,7 @@ class KVCache(_SlotBuffers):
 
     def truncate(self, n: int) -> None:
         """Forget every slot from n on; their stale contents are overwritten by later updates."""
-        if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= self.seq_len:
+        if not is_int(n) or not 0 <= n <= self.seq_len:
             raise ValueError(f"cannot truncate a cache holding {self.seq_len} tokens to {n}")
         self.seq_len = n
 
@@ -154,7 +156,7 @@ class RollingKVCache(_SlotBuffers):
         the ring: n >= seq_len - 1 - extra_slots, or anywhere before the ring first wrapped."""
         oldest_kept = max(0, self.seq_len - self.slots)
         lowest = oldest_kept + self.window - 1 if oldest_kept else 0
-        if isinstance(n, bool) or not isinstance(n, int) or not lowest <= n <= self.seq_len:
+        if not is_int(n) or not lowest <= n <= self.seq_len:
             raise ValueError(f"cannot truncate a rolling cache of {self.seq_len} tokens to {n}: n must be in "
                              f"[{lowest}, {self.seq_len}] (older tokens left the ring; keep more with extra_slots)")
         self.seq_len = n
