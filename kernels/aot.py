@@ -115,12 +115,15 @@ def attention_launches(batch: int = 2, q_heads: int = 16, kv_heads: int = 4, seq
 
 
 def decode_launches(batch: int = 1, q_heads: int = 32, kv_heads: int = 8, q_len: int = 1, kv_len: int = 8192,
-                    head_dim: int = 128, dtype: torch.dtype = torch.bfloat16, num_splits: int = 16) -> list[Launch]:
-    """The launches of one flash_decode call (split-KV: partial outputs, then the combine)."""
+                    head_dim: int = 128, dtype: torch.dtype = torch.bfloat16, num_splits: int = 16,
+                    padded: bool = False) -> list[Launch]:
+    """The launches of one flash_decode call (split-KV: partial outputs, then the combine);
+    padded: with the key mask of a left-padded batch."""
     q = torch.empty(batch, q_heads, q_len, head_dim, dtype=dtype, device="meta")
     k = torch.empty(batch, kv_heads, kv_len, head_dim, dtype=dtype, device="meta")
+    key_mask = torch.empty(batch, kv_len, dtype=torch.uint8, device="meta") if padded else None
     with recording(fa, ["_attn_decode_split", "_attn_decode_combine"]) as launches:
-        fa._decode_forward(q, k, k, True, None, None, num_splits=num_splits)
+        fa._decode_forward(q, k, k, True, None, None, num_splits=num_splits, key_mask=key_mask)
     return launches
 
 
@@ -238,7 +241,7 @@ def standard_cases(head_dims=(64, 128), dtype: torch.dtype = torch.bfloat16,
                    masks=("causal",)) -> list[tuple[str, Callable]]:
     """(case name, () -> launches) for the shapes the benchmarks run: GQA training at 4k tokens under
     each of `masks` (MASKS), batch-1 decode over an 8k cache (one token, and 4 speculative tokens),
-    and decode-time matmuls."""
+    one token for each row of a left-padded batch of 8, and decode-time matmuls."""
     cases = []
     for d in head_dims:
         for mask in masks:
@@ -248,6 +251,8 @@ def standard_cases(head_dims=(64, 128), dtype: torch.dtype = torch.bfloat16,
                               head_dim=d, dtype=dtype, causal=causal, window=window)))
         cases.append((f"decode q1 d{d}", lambda d=d: decode_launches(head_dim=d, dtype=dtype)))
         cases.append((f"decode q4 d{d}", lambda d=d: decode_launches(head_dim=d, dtype=dtype, q_len=4)))
+        cases.append((f"decode padded d{d}", lambda d=d: decode_launches(batch=8, head_dim=d, dtype=dtype,
+                                                                         num_splits=4, padded=True)))
     cases.append(("matmul m1", lambda: matmul_launches(dtype=dtype)))
     return cases
 

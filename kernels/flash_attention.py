@@ -488,14 +488,14 @@ def _attn_bwd_dq(Q, K, V, DO, DQ, LSE, Delta,
 # KV head, so each K/V byte is read once per KV head, which is what bounds decode.
 
 
-@autotuned(_decode_configs(), ["KV_LEN_BUCKET", "HEAD_DIM", "BLOCK_R", "CAUSAL", "HAS_WINDOW"])
+@autotuned(_decode_configs(), ["KV_LEN_BUCKET", "HEAD_DIM", "BLOCK_R", "CAUSAL", "HAS_WINDOW", "HAS_KEY_MASK"])
 @triton.jit
-def _attn_decode_split(Q, K, V, O_part, LSE_part, Seqlens,
-                       s_qb, s_qh, s_qm, s_qd, s_kb, s_kh, s_kn, s_kd, s_vb, s_vh, s_vn, s_vd,
+def _attn_decode_split(Q, K, V, O_part, LSE_part, Seqlens, KeyMask,
+                       s_qb, s_qh, s_qm, s_qd, s_kb, s_kh, s_kn, s_kd, s_vb, s_vh, s_vn, s_vd, s_mb, s_mn,
                        H_Q, GROUP, Q_LEN, KV_LEN, qk_scale, window, split_size, NUM_SPLITS, KV_LEN_BUCKET,
                        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
                        CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SEQLENS: tl.constexpr,
-                       DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr):
+                       HAS_KEY_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr):
     split = tl.program_id(0)
     off_bh = tl.program_id(1)  # (batch, KV head)
     H_KV = H_Q // GROUP
@@ -536,6 +536,9 @@ def _attn_decode_split(Q, K, V, O_part, LSE_part, Seqlens,
                      mask=n_ok[None, :] & d_ok[:, None], other=0.0)
         qk = tl.dot(q, kT, input_precision=DOT_PRECISION) * qk_scale
         vis = _visible(q_pos[:, None], offs_n[None, :], end, window, CAUSAL, HAS_WINDOW)
+        if HAS_KEY_MASK:  # padding slots of a left-padded batch (one byte per key, beside its K and V rows)
+            real = tl.load(KeyMask + b * s_mb + offs_n * s_mn, mask=n_ok, other=0)
+            vis = vis & (real != 0)[None, :]
         qk = tl.where(vis, qk, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1))
         m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -699,8 +702,9 @@ def _num_splits(batch_kv_heads: int, kv_len: int, device: torch.device) -> tuple
 
 @_chunk_batch
 def _decode_forward(q, k, v, causal: bool, scale: Optional[float], window: Optional[int],
-                    seqlens: Optional[torch.Tensor] = None, num_splits: Optional[int] = None):
-    """Split-KV forward. Returns (out, lse) exactly like _forward."""
+                    seqlens: Optional[torch.Tensor] = None, num_splits: Optional[int] = None,
+                    key_mask: Optional[torch.Tensor] = None):
+    """Split-KV forward. Returns (out, lse) exactly like _forward. key_mask: (B, KV_LEN) uint8."""
     B, H_Q, Q_LEN, D = q.shape
     args, scale = _common(q, k, scale, causal, window)
     KV_LEN = k.shape[2]
@@ -713,12 +717,16 @@ def _decode_forward(q, k, v, causal: bool, scale: Optional[float], window: Optio
     lse_part = torch.empty((B, H_Q, Q_LEN, splits), dtype=torch.float32, device=q.device)
     o = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty((B, H_Q, Q_LEN), dtype=torch.float32, device=q.device)
-    seqlens_arg = seqlens if seqlens is not None else lse  # a dummy pointer when unused
+    # Dummy pointers when unused.
+    seqlens_arg = seqlens if seqlens is not None else lse
+    mask_arg = key_mask if key_mask is not None else lse
+    mask_strides = key_mask.stride() if key_mask is not None else (0, 0)
     with _device_ctx(q):
         _attn_decode_split[(splits, B * k.shape[1])](
-            q, k, v, o_part, lse_part, seqlens_arg, *q.stride(), *k.stride(), *v.stride(),
+            q, k, v, o_part, lse_part, seqlens_arg, mask_arg, *q.stride(), *k.stride(), *v.stride(), *mask_strides,
             qk_scale=scale * _LOG2E, split_size=split_size, NUM_SPLITS=splits, KV_LEN_BUCKET=_bucket(KV_LEN),
-            BLOCK_R=max(16, triton.next_power_of_2(rows)), HAS_SEQLENS=seqlens is not None, **args)
+            BLOCK_R=max(16, triton.next_power_of_2(rows)), HAS_SEQLENS=seqlens is not None,
+            HAS_KEY_MASK=key_mask is not None, **args)
         _attn_decode_combine[(B * H_Q * Q_LEN,)](
             o_part, lse_part, o, lse, *o.stride(), H_Q, Q_LEN, splits,
             HEAD_DIM=D, BLOCK_D=args["BLOCK_D"], BLOCK_S=triton.next_power_of_2(splits))
@@ -728,6 +736,12 @@ def _decode_forward(q, k, v, causal: bool, scale: Optional[float], window: Optio
 def _use_split_kv(q_len: int, kv_len: int, group: int) -> bool:
     """Few queries over many keys: the tiled forward would leave most of the GPU idle."""
     return q_len <= _DECODE_MAX_Q_LEN and group * q_len <= _DECODE_MAX_ROWS and kv_len >= 4 * q_len
+
+
+def is_decode(q: torch.Tensor, k: torch.Tensor) -> bool:
+    """Whether flash_attention takes the split-KV decode path for these shapes (and flash_decode
+    accepts them): a few queries per KV head over a longer key sequence."""
+    return _use_split_kv(q.shape[2], k.shape[2], q.shape[1] // max(k.shape[1], 1))
 
 
 @_chunk_batch
@@ -762,7 +776,7 @@ class _FlashAttention(torch.autograd.Function):
     def forward(ctx, q, k, v, causal, scale, window):
         if q.shape[2] == 0:  # no queries: nothing to launch, and no gradient to give
             o, lse = q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=torch.float32)
-        elif _use_split_kv(q.shape[2], k.shape[2], q.shape[1] // k.shape[1]):
+        elif is_decode(q, k):
             o, lse = _decode_forward(q, k, v, causal, scale, window)
         else:
             o, lse = _forward(q, k, v, causal, scale, window)
@@ -797,7 +811,8 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
 
 def flash_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: Optional[float] = None,
                  kv_len: Union[int, torch.Tensor, None] = None, causal: bool = True,
-                 window: Optional[int] = None, num_splits: Optional[int] = None) -> torch.Tensor:
+                 window: Optional[int] = None, key_mask: Optional[torch.Tensor] = None,
+                 num_splits: Optional[int] = None) -> torch.Tensor:
     """Split-KV attention for a few new queries over a (preallocated) KV cache. Inference only.
 
     q: (B, Hq, Tq, D), Tq small (1 for plain decoding, a few for speculative
@@ -808,6 +823,8 @@ def flash_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: Op
     must lie in [0, capacity]; larger ones are read as capacity.
     The Tq queries are the last Tq valid slots of their row, so with causal
     query t sees keys j <= t + kv_len[b] - Tq.
+    key_mask: optional (B, capacity) bool, True for real tokens: the padding slots of a
+    left-padded batch (any pattern) are ignored. A row that sees no key gives zeros.
     num_splits: number of KV chunks; chosen to fill the device when None.
     Not differentiable: use flash_attention for training.
     """
@@ -821,6 +838,14 @@ def flash_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: Op
     if num_splits is not None and (isinstance(num_splits, bool) or not isinstance(num_splits, numbers.Integral)
                                    or num_splits < 1):
         raise ValueError(f"num_splits must be an integer >= 1 (or None: chosen for the device), got {num_splits!r}")
+    if key_mask is not None:
+        if key_mask.shape != (q.shape[0], k.shape[2]):
+            raise ValueError(f"key_mask must have shape (batch, capacity) = ({q.shape[0]}, {k.shape[2]}), "
+                             f"got {tuple(key_mask.shape)}")
+        if key_mask.dtype.is_floating_point:
+            raise ValueError(f"key_mask must hold booleans (True = a real token), got {key_mask.dtype}")
+        # One byte per key for the kernel; a bool tensor is reinterpreted, not copied.
+        key_mask = key_mask.to(device=q.device, dtype=torch.bool).view(torch.uint8)
     seqlens = None
     if isinstance(kv_len, torch.Tensor):
         if kv_len.dtype.is_floating_point or kv_len.dtype == torch.bool:
@@ -832,7 +857,9 @@ def flash_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: Op
         if not 0 <= kv_len <= k.shape[2]:
             raise ValueError(f"kv_len {kv_len} outside [0, {k.shape[2]}]")
         k, v = k[:, :, :kv_len], v[:, :, :kv_len]  # a view: strides carry over, nothing is copied
+        key_mask = key_mask[:, :kv_len] if key_mask is not None else None
     if q.shape[2] == 0:
         return q.new_empty(q.shape)
-    o, _ = _decode_forward(q, k, v, causal, scale, window, seqlens=seqlens, num_splits=num_splits)
+    o, _ = _decode_forward(q, k, v, causal, scale, window, seqlens=seqlens, num_splits=num_splits,
+                           key_mask=key_mask)
     return o

@@ -23,10 +23,11 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 FP32_TOL = 1e-3  # relative error: ||ours - ref|| / ||ref||
 
 
-def reference(q, k, v, *, causal=False, scale=None, window=None, kv_len=None):
+def reference(q, k, v, *, causal=False, scale=None, window=None, kv_len=None, key_mask=None):
     """softmax(QK^T * scale + mask) V in float64, GQA by repeat_interleave.
 
     kv_len: optional (B,) valid key lengths (queries are the last Tq of them).
+    key_mask: optional (B, Tk) bool, False for keys nobody sees.
     Rows that see no key give 0 (the kernel's convention; softmax would give NaN).
     """
     q, k, v = q.double(), k.double(), v.double()
@@ -44,6 +45,8 @@ def reference(q, k, v, *, causal=False, scale=None, window=None, kv_len=None):
         mask = mask & (j <= pos)
     if window is not None:
         mask = mask & (j > pos - window)
+    if key_mask is not None:
+        mask = mask & key_mask.cpu()[:, None, None, :]
     mask = mask.to(q.device)
     probs = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1)
     probs = torch.where(mask.any(-1, keepdim=True), probs, 0.0)
@@ -156,6 +159,58 @@ def test_flash_decode_with_cache_seqlens(Tq, group, window):
         out = flash_decode(q, k, v, kv_len=lengths, window=window, num_splits=num_splits)
         ref = reference(q, k.nan_to_num(), v.nan_to_num(), causal=True, window=window, kv_len=lengths)
         assert rel_err(out, ref) <= FP32_TOL, num_splits
+
+
+@pytest.mark.parametrize("Tq,group,window", [(1, 1, None), (1, 4, None), (3, 2, None), (2, 2, 9)], ids=str)
+def test_flash_decode_with_key_mask(Tq, group, window):
+    # Left-padded rows (generate's batches of unequal prompts) and an arbitrary pattern, with and
+    # without per-row lengths; a row whose mask hides every key gives zeros.
+    B, Hkv, D, capacity = 4, 2, 32, 80
+    q, k, v = make_qkv(B, Hkv * group, Hkv, Tq, capacity, D, requires_grad=False)
+    slots = torch.arange(capacity, device=DEVICE)
+    key_mask = slots[None, :] >= torch.tensor([0, 13, 41, 0], device=DEVICE)[:, None]
+    key_mask[3] = torch.rand(capacity, device=DEVICE) < 0.5
+    key_mask[3, -Tq:] = True
+    key_mask[2, :] = False
+    lengths = torch.tensor([80, 60, 70, 80], dtype=torch.int32, device=DEVICE)
+    for kv_len in (None, lengths):
+        for num_splits in (None, 1, 5):
+            out = flash_decode(q, k, v, kv_len=kv_len, window=window, key_mask=key_mask, num_splits=num_splits)
+            ref = reference(q, k, v, causal=True, window=window, kv_len=kv_len, key_mask=key_mask)
+            assert rel_err(out, ref) <= FP32_TOL, (kv_len, num_splits)
+            assert torch.all(out[2] == 0)
+    out = flash_decode(q, k, v, kv_len=50, key_mask=key_mask)  # an int length cuts the mask too
+    assert rel_err(out, reference(q, k[:, :, :50], v[:, :, :50], causal=True, key_mask=key_mask[:, :50])) <= FP32_TOL
+
+
+def test_left_padded_generation_decodes_through_split_kv(monkeypatch):
+    """The model's `triton` backend serves the decode steps of a batch of unequal prompts with the
+    split-KV kernel and its key mask (prefill, with many queries, falls back to SDPA), and
+    generates the tokens SDPA generates."""
+    from llmstack.config import ModelConfig
+    from llmstack.inference import generate
+    from llmstack.model import Transformer
+
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=96, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=64))
+    model.init_weights()
+    prompts = [torch.randint(0, 96, (n,)).tolist() for n in (9, 3, 6)]
+    masked_calls = []
+    decode_forward = fa._decode_forward
+
+    def spy(*args, key_mask=None, **kwargs):
+        masked_calls.append(key_mask is not None)
+        return decode_forward(*args, key_mask=key_mask, **kwargs)
+
+    monkeypatch.setattr(fa, "_decode_forward", spy)
+    out = {}
+    for backend in ("sdpa", "triton"):
+        model.config.attn_backend = backend
+        out[backend] = generate(model, prompts, 8, temperature=0)
+    assert masked_calls and all(masked_calls)
+    assert len(masked_calls) == 7 * model.config.n_layers  # every decode step after the prefill, every layer
+    assert len(out["triton"]) == len(prompts)
+    assert all(torch.equal(a, b) for a, b in zip(out["triton"], out["sdpa"]))
 
 
 def test_flash_decode_int_length_and_empty_rows():
@@ -369,6 +424,10 @@ def test_gpu_decode_vs_reference(dtype):
     out = flash_decode(q, k, v, kv_len=lengths)
     ref = reference(q, k, v, causal=True, kv_len=lengths)
     assert rel_err(out, ref) <= GPU_TOL[dtype]
+    # A left-padded batch, as generate decodes unequal prompts.
+    key_mask = torch.arange(8192, device="cuda")[None, :] >= torch.tensor([0, 100, 4000, 8191], device="cuda")[:, None]
+    out = flash_decode(q, k, v, key_mask=key_mask)
+    assert rel_err(out, reference(q, k, v, causal=True, key_mask=key_mask)) <= GPU_TOL[dtype]
 
 
 @pytest.mark.gpu

@@ -97,12 +97,20 @@ def sdpa_attention(q, k, v, *, causal=True, key_mask=None, window=None, dropout_
 
 
 def triton_attention(q, k, v, *, causal=True, key_mask=None, window=None, dropout_p=0.0, scale=None):
-    """Our FlashAttention kernel; padding masks and attention dropout fall back to SDPA."""
+    """Our FlashAttention kernel. A padding mask is read by the split-KV decode kernel when
+    decoding a left-padded batch (a few queries, no gradient); a padding mask anywhere else, and
+    attention dropout, fall back to SDPA."""
+    from llmstack.kernels import flash_attention as fa
+
+    if key_mask is not None and dropout_p == 0.0 and fa.is_decode(q, k) and not _needs_grad(q, k, v):
+        return fa.flash_decode(q, k, v, causal=causal, scale=scale, window=window, key_mask=key_mask)
     if key_mask is not None or dropout_p > 0.0:
         return sdpa_attention(q, k, v, causal=causal, key_mask=key_mask, window=window, dropout_p=dropout_p, scale=scale)
-    from llmstack.kernels.flash_attention import flash_attention
+    return fa.flash_attention(q, k, v, causal=causal, scale=scale, window=window)
 
-    return flash_attention(q, k, v, causal=causal, scale=scale, window=window)
+
+def _needs_grad(*tensors: torch.Tensor) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
 _IMPLS = {"naive": naive_attention, "sdpa": sdpa_attention, "triton": triton_attention}
