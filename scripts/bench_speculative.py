@@ -30,7 +30,7 @@ from llmstack.bench import cpu_name, quick_defaults
 from llmstack.config import require_positive
 from llmstack.data import DataError, prepare_tokens
 from llmstack.inference.generate import generate
-from llmstack.inference.speculative import SpeculativeStats, speculative_generate
+from llmstack.inference.speculative import SpeculativeStats, load_draft, speculative_generate
 from llmstack.interop import load_tokenizer, resolve_checkpoint
 from llmstack.train import load_run_config
 
@@ -70,17 +70,13 @@ def main() -> None:
     try:
         ckpt = resolve_checkpoint(args.target)
         target = llmstack.from_pretrained(ckpt).float().eval()
-        draft_ckpt = resolve_checkpoint(args.draft)
-        draft = llmstack.from_pretrained(draft_ckpt).float().eval()
+        draft = load_draft(ckpt, args.draft).float().eval()
         context = args.prompt_len + new_tokens
         for name, model in (("target", target), ("draft", draft)):
             if context > model.config.max_seq_len:
                 raise ValueError(f"--prompt-len + --new-tokens = {args.prompt_len} + {new_tokens} = {context} is "
                                  f"past the {name}'s context ({getattr(args, name)}: max_seq_len "
                                  f"{model.config.max_seq_len}); lower them")
-        if load_tokenizer(ckpt).fingerprint() != load_tokenizer(draft_ckpt).fingerprint():
-            raise ValueError(f"the draft's tokenizer ({draft_ckpt / 'tokenizer.json'}) differs from the target's "
-                             f"({ckpt / 'tokenizer.json'}); speculative decoding needs one tokenizer")
         prompts = validation_prompts(Path(ckpt), n_prompts, args.prompt_len)
     except (ValueError, FileNotFoundError, DataError) as e:
         sys.exit(f"error: {e}")

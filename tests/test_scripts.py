@@ -4,6 +4,7 @@ and quantize.py never replaces the source checkpoint or a directory of other fil
 Each script runs as a subprocess on tiny checkpoints made here (runs/ is not needed). Starting one
 costs seconds (importing torch), so only the early checks run, several subprocesses at a time."""
 import ast
+import json
 import shutil
 import subprocess
 import sys
@@ -22,9 +23,10 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def tiny_checkpoint(directory: Path, tokenizer: Tokenizer, *, max_seq_len: int = 64, quantized: bool = False) -> Path:
-    """A run directory (`latest` -> checkpoints/step_000001) holding a random two-layer model."""
+    """A run directory (`latest` -> checkpoints/step_000001) holding a random two-layer model
+    with the tokenizer's vocabulary."""
     torch.manual_seed(0)
-    model = Transformer(ModelConfig(vocab_size=320, dim=32, n_layers=2, n_heads=4, n_kv_heads=2,
+    model = Transformer(ModelConfig(vocab_size=tokenizer.vocab_size, dim=32, n_layers=2, n_heads=4, n_kv_heads=2,
                                     max_seq_len=max_seq_len))
     model.init_weights()
     ckpt = directory / "checkpoints" / "step_000001"
@@ -114,20 +116,49 @@ def test_generate_help_shows_the_docstring_escapes_and_the_defaults():
 
 
 def test_generate_and_bench_speculative_reject_bad_arguments(runs):
-    beams, lone, device, zero, target_ctx, tokenizer = run(
-        ("generate.py", "--checkpoint", runs["target"], "--num-beams", "2", "--temperature", "0.5", "--seed", "1"),
-        ("generate.py", "--checkpoint", runs["target"], "--num-return-sequences", "2"),
-        ("generate.py", "--checkpoint", runs["target"], "--device", "cuda:99"),
+    target = runs["target"]
+    (beams, lone, device, stopping, both, penalty, ngram, foreign, zero, target_ctx, tokenizer) = run(
+        ("generate.py", "--checkpoint", target, "--num-beams", "2", "--temperature", "0.5", "--seed", "1"),
+        ("generate.py", "--checkpoint", target, "--num-return-sequences", "2"),
+        ("generate.py", "--checkpoint", target, "--device", "cuda:99"),
+        ("generate.py", "--checkpoint", target, "--early-stopping", "true"),
+        ("generate.py", "--checkpoint", target, "--draft", target, "--prompt-lookup"),
+        ("generate.py", "--checkpoint", target, "--prompt-lookup", "--repetition-penalty", "1.2"),
+        ("generate.py", "--checkpoint", target, "--draft", target, "--ngram", "2"),
+        ("generate.py", "--checkpoint", target, "--draft", runs["other_tokenizer"]),
         ("bench_speculative.py", "--prompts", "0", "--quick"),  # --quick does not override a given value
-        ("bench_speculative.py", "--target", runs["target"], "--draft", runs["short"], "--prompt-len", "100"),
-        ("bench_speculative.py", "--target", runs["target"], "--draft", runs["other_tokenizer"], "--prompt-len", "8",
+        ("bench_speculative.py", "--target", target, "--draft", runs["short"], "--prompt-len", "100"),
+        ("bench_speculative.py", "--target", target, "--draft", runs["other_tokenizer"], "--prompt-len", "8",
          "--new-tokens", "8"))
     assert_error(beams, "--num-beams", "does not sample", "--temperature", "--seed")
     assert_error(lone, "--num-return-sequences needs --num-beams")
     assert_error(device, "'cuda:99'", "not available")
+    assert_error(stopping, "--early-stopping needs --num-beams")
+    assert_error(both, "--draft and --prompt-lookup", "choose one")
+    assert_error(penalty, "--temperature, --top-k, --top-p and --seed only", "--repetition-penalty")
+    assert_error(ngram, "--ngram needs --prompt-lookup")
+    assert_error(foreign, "the draft's tokenizer", "speculative decoding needs one tokenizer")
     assert_error(zero, "--prompts must be an integer >= 1, got 0")
     assert_error(target_ctx, "past the target's context", "max_seq_len 64")  # not the draft's (16), checked after
     assert_error(tokenizer, "the draft's tokenizer", "speculative decoding needs one tokenizer")
+
+
+def test_generate_speculative_and_beam_flags_run(runs):
+    """Greedy speculative decoding prints what greedy decoding prints (the target's own output),
+    with its acceptance figures; --early-stopping reaches beam search."""
+    target = runs["target"]
+    common = ("--checkpoint", target, "--prompt", "def add(a, b):", "--max-new-tokens", "12")
+    plain, lookup, draft, beams = run(
+        ("generate.py", *common, "--temperature", "0"),
+        ("generate.py", *common, "--temperature", "0", "--prompt-lookup", "--k", "3", "--ngram", "2"),
+        ("generate.py", *common, "--temperature", "0", "--draft", runs["int8"]),  # its own int8 copy
+        ("generate.py", *common, "--num-beams", "3", "--early-stopping", "never", "--num-return-sequences", "2"))
+    for result in (plain, lookup, draft, beams):
+        assert result.returncode == 0, result.stderr
+    assert lookup.stdout == plain.stdout and draft.stdout == plain.stdout
+    assert "speculative decoding (prompt lookup): 12 tokens in" in lookup.stderr
+    assert "speculative decoding (draft model): 12 tokens in" in draft.stderr
+    assert beams.stdout.count("--- ") == 2
 
 
 def test_benchmarks_reject_bad_values(runs):
@@ -138,3 +169,24 @@ def test_benchmarks_reject_bad_values(runs):
     assert_error(batches, "--batch-sizes must be >= 1", "[0]")
     assert_error(quantized, "quantized checkpoint", "needs a float checkpoint")
     assert_error(decode, "'foo'", "not a device name")
+
+
+def test_bench_attention_runs_end_to_end(tmp_path):
+    """The attention benchmark on this machine (our kernel through Triton's interpreter): every
+    SDPA backend is timed or reported unavailable, each row has our ratio to the best of them,
+    and the decode section its bandwidth against the copy bandwidth."""
+    pytest.importorskip("triton")
+    out = tmp_path / "attn.json"
+    (result,) = run(("bench_attention.py", "--quick", "--seqlens", "32", "--causal", "true", "--modes", "fwd_bwd",
+                     "--decode-batches", "1", "--decode-kv-lens", "64", "--cpu-reps", "1", "--json", out))
+    assert result.returncode == 0, result.stderr
+    report = json.loads(out.read_text())
+    assert report["device"] and report["copy_GBs"] > 0
+    assert [(row["heads"], row["mode"]) for row in report["rows"]] == [("2/2", "fwd_bwd"), ("2/1", "fwd_bwd")]
+    for row in report["rows"]:
+        timed = [row[name] for name in ("sdpa_flash", "sdpa_efficient", "sdpa_cudnn", "sdpa_math")
+                 if not isinstance(row[name], str)]
+        assert timed and row["ours"] > 0
+        assert row["ours/best_sdpa"] == pytest.approx(row["ours"] / max(timed))
+    (decode,) = report["decode"]
+    assert decode["of_copy_bw"] == pytest.approx(decode["ours_GB/s"] / report["copy_GBs"])

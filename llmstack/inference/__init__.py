@@ -6,11 +6,11 @@ from llmstack.inference.generate import StopText, generate, generate_text, sampl
 from llmstack.inference.long_context import extend_context, loss_by_position
 from llmstack.inference.quantize import QuantizedLinear, load_quantized, quantize_, save_quantized
 from llmstack.inference.sampling import SamplingParams, process_logits, sample
-from llmstack.inference.speculative import SpeculativeOutput, lookup_continuation, speculative_generate
+from llmstack.inference.speculative import SpeculativeOutput, load_draft, lookup_continuation, speculative_generate
 
 __all__ = [
     "CompiledDecoder", "DecodeLinear", "Hypothesis", "QuantizedLinear", "SamplingParams", "SpeculativeOutput",
-    "StopText", "beam_search", "extend_context", "generate", "generate_text", "load_quantized", "lookup_continuation",
+    "StopText", "beam_search", "extend_context", "generate", "generate_text", "load_draft", "load_quantized", "lookup_continuation",
     "loss_by_position", "process_logits", "quantize_", "sample", "sample_next", "save_quantized",
     "speculative_generate", "stream_generate", "use_decode_layout",
 ]

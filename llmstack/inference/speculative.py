@@ -162,6 +162,21 @@ def lookup_continuation(tokens: Sequence[int], k: int, ngram: int = 3) -> list[i
     return []
 
 
+def load_draft(target_checkpoint, draft_checkpoint, *, device=None, dtype=None) -> torch.nn.Module:
+    """The draft model of `draft_checkpoint` (a run or checkpoint directory), after checking that it
+    was saved with `target_checkpoint`'s tokenizer: the same merges, not only the same vocabulary
+    size, which is all `speculative_generate` can see. A draft with other token ids would still give
+    the target's output, but with almost every proposal rejected."""
+    from llmstack.interop import from_pretrained, load_tokenizer, resolve_checkpoint
+
+    target_dir, draft_dir = resolve_checkpoint(target_checkpoint), resolve_checkpoint(draft_checkpoint)
+    draft = from_pretrained(draft_dir, device=device, dtype=dtype)  # first: its errors name a missing directory
+    if load_tokenizer(target_dir).fingerprint() != load_tokenizer(draft_dir).fingerprint():
+        raise ValueError(f"the draft's tokenizer ({draft_dir / 'tokenizer.json'}) differs from the target's "
+                         f"({target_dir / 'tokenizer.json'}); speculative decoding needs one tokenizer")
+    return draft
+
+
 def speculative_generate(target: torch.nn.Module, input_ids, max_new_tokens: int, *,
                          draft: Optional[torch.nn.Module] = None, k: int = 4, ngram: int = 3,
                          temperature: float = 0.0, top_k: Optional[int] = None, top_p: Optional[float] = None,
@@ -169,8 +184,8 @@ def speculative_generate(target: torch.nn.Module, input_ids, max_new_tokens: int
                          cache: Optional[KVCache] = None) -> SpeculativeOutput:
     """Generate like `generate(target, ...)` for one prompt, several tokens per target pass.
 
-    draft: a smaller model with the target's vocabulary; None drafts by prompt lookup
-           (`ngram`-gram matches in the prompt and the text generated so far).
+    draft: a smaller model with the target's tokenizer (`load_draft` checks that); None drafts
+           by prompt lookup (`ngram`-gram matches in the prompt and the text generated so far).
     k:     tokens proposed per round (fewer near the end of `max_new_tokens`).
     Greedy output (temperature 0) is the target's own greedy output; with sampling the
     output follows the target's distribution exactly (same temperature, top_k, top_p).
