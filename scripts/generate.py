@@ -87,9 +87,10 @@ def main() -> None:
         if unsupported:
             sys.exit(f"error: speculative decoding samples with --temperature, --top-k, --top-p and --seed only; "
                      f"{', '.join(unsupported)} cannot be used with it")
-    for name, needs in (("k", "--draft or --prompt-lookup"), ("ngram", "--prompt-lookup")):
-        if getattr(args, name) is not None and not (args.prompt_lookup if name == "ngram" else speculative):
-            sys.exit(f"error: --{name} needs {needs}")
+    if args.k is not None and not speculative:
+        sys.exit("error: --k needs --draft or --prompt-lookup")
+    if args.ngram is not None and not args.prompt_lookup:
+        sys.exit("error: --ngram needs --prompt-lookup")
     for name, default in SAMPLING_DEFAULTS.items():
         if getattr(args, name) is None:
             setattr(args, name, default)
@@ -156,12 +157,16 @@ def print_beams(model, tok, args, ids, stops) -> None:
                        early_stopping=EARLY_STOPPING[args.early_stopping or "false"], eos_token_id=tok.eos_id,
                        num_return_sequences=args.num_return_sequences or args.num_beams)
     for rank, hyp in enumerate(hyps, 1):
-        continuation = hyp.tokens[len(ids):].tolist()
-        n_new = len(continuation)
-        if continuation and continuation[-1] == tok.eos_id:
-            continuation = continuation[:-1]
-        print(f"--- {rank}: score {hyp.score:.4f} (log-prob {hyp.log_prob:.3f} over {n_new} tokens)")
-        print(args.prompt + cut_at_stop(tok.decode(continuation), stops))
+        print(f"--- {rank}: score {hyp.score:.4f} (log-prob {hyp.log_prob:.3f} over {len(hyp.tokens) - len(ids)} "
+              f"tokens)")
+        print(args.prompt + continuation_text(tok, hyp.tokens[len(ids):].tolist(), stops))
+
+
+def continuation_text(tok, continuation: list[int], stops) -> str:
+    """The text of new tokens that end at EOS or the token limit, cut before the first stop string."""
+    if continuation and continuation[-1] == tok.eos_id:
+        continuation = continuation[:-1]
+    return cut_at_stop(tok.decode(continuation), stops)
 
 
 def print_speculative(model, draft, tok, args, ids, stops) -> None:
@@ -169,10 +174,7 @@ def print_speculative(model, draft, tok, args, ids, stops) -> None:
     out = speculative_generate(model, ids, args.max_new_tokens, draft=draft, k=4 if args.k is None else args.k,
                                ngram=3 if args.ngram is None else args.ngram, temperature=args.temperature,
                                top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop_tokens=[tok.eos_id])
-    continuation = out.ids[len(ids):].tolist()
-    if continuation and continuation[-1] == tok.eos_id:
-        continuation = continuation[:-1]
-    print(args.prompt + cut_at_stop(tok.decode(continuation), stops))
+    print(args.prompt + continuation_text(tok, out.ids[len(ids):].tolist(), stops))
     s = out.stats
     print(f"speculative decoding ({'draft model' if draft is not None else 'prompt lookup'}): {s.new_tokens} "
           f"tokens in {s.target_passes} target passes ({s.tokens_per_pass:.2f} per pass), "
