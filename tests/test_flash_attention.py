@@ -425,7 +425,8 @@ def test_gpu_decode_vs_reference(dtype):
     ref = reference(q, k, v, causal=True, kv_len=lengths)
     assert rel_err(out, ref) <= GPU_TOL[dtype]
     # A left-padded batch, as generate decodes unequal prompts.
-    key_mask = torch.arange(8192, device="cuda")[None, :] >= torch.tensor([0, 100, 4000, 8191], device="cuda")[:, None]
+    pad = torch.tensor([0, 100, 4000, 8191], device="cuda")
+    key_mask = torch.arange(8192, device="cuda")[None, :] >= pad[:, None]
     out = flash_decode(q, k, v, key_mask=key_mask)
     assert rel_err(out, reference(q, k, v, causal=True, key_mask=key_mask)) <= GPU_TOL[dtype]
 

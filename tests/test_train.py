@@ -273,9 +273,9 @@ def test_mixed_precision_trains_close_to_fp32(tmp_path, precision):
     assert math.isfinite(low.train_loss) and low.bad_steps == 0 and ref.bad_steps == 0
 
 
-def test_triton_backend_trains_like_sdpa(tmp_path):
-    """The model's `triton` backend (our FlashAttention kernel; the interpreter on a CPU) gives the
-    same training losses as SDPA within float tolerance."""
+def losses_by_backend(model_cfg, tokens_batches, tmp_path, **train_kw) -> dict:
+    """{backend: {step: loss}} for the same model, data and seed trained with SDPA and with our kernel
+    (Triton's interpreter on a CPU); skips where the kernel cannot run."""
     pytest.importorskip("triton")
     from llmstack.model.attention import _triton_available
 
@@ -284,10 +284,18 @@ def test_triton_backend_trains_like_sdpa(tmp_path):
     losses = {}
     for backend in ("sdpa", "triton"):
         torch.manual_seed(0)
-        model = build_model(dataclasses.replace(TINY, dropout=0.0, attn_backend=backend))
+        model = build_model(dataclasses.replace(model_cfg, attn_backend=backend))
         model.init_weights()
-        train(model, run_cfg(tmp_path / backend, max_steps=3), batches(), run_dir=tmp_path / backend, progress=False)
+        train(model, run_cfg(tmp_path / backend, max_steps=3, **train_kw), tokens_batches(),
+              run_dir=tmp_path / backend, progress=False)
         losses[backend] = losses_of(tmp_path / backend)
+    return losses
+
+
+def test_triton_backend_trains_like_sdpa(tmp_path):
+    """The model's `triton` backend (our FlashAttention kernel; the interpreter on a CPU) gives the
+    same training losses as SDPA within float tolerance."""
+    losses = losses_by_backend(dataclasses.replace(TINY, dropout=0.0), batches, tmp_path)
     for step in (1, 2, 3):
         assert losses["triton"][step] == pytest.approx(losses["sdpa"][step], rel=1e-4)
 
@@ -295,22 +303,11 @@ def test_triton_backend_trains_like_sdpa(tmp_path):
 @pytest.mark.slow
 def test_triton_backend_trains_the_quickstart_model_like_sdpa(tmp_path):
     """The quickstart job's own model (configs/pretrain/quickstart.yaml: 4 layers, 6/2 heads of 32,
-    vocab 4096) on shorter windows, so that Triton's interpreter takes seconds: the same losses
+    vocab 4096) on 32-token windows, so that Triton's interpreter takes seconds: the same losses
     with our kernel as with SDPA, step by step."""
-    pytest.importorskip("triton")
-    from llmstack.model.attention import _triton_available
-
-    if not _triton_available():
-        pytest.skip("triton kernel unavailable")
     job = load_config(PretrainConfig, Path(__file__).resolve().parent.parent / "configs/pretrain/quickstart.yaml")
     tokens = np.random.default_rng(0).integers(0, job.model.vocab_size, 20000).astype(np.uint16)
-    losses = {}
-    for backend in ("sdpa", "triton"):
-        torch.manual_seed(0)
-        model = build_model(dataclasses.replace(job.model, attn_backend=backend))
-        model.init_weights()
-        cfg = run_cfg(tmp_path / backend, max_steps=3, lr=job.train.lr, warmup_steps=1)
-        train(model, cfg, TokenBatches(tokens, 2, 32, seed=0), run_dir=tmp_path / backend, progress=False)
-        losses[backend] = losses_of(tmp_path / backend)
+    losses = losses_by_backend(job.model, lambda: TokenBatches(tokens, 2, 32, seed=0), tmp_path, lr=job.train.lr,
+                               warmup_steps=1)
     for step in (1, 2, 3):
         assert losses["triton"][step] == pytest.approx(losses["sdpa"][step], rel=1e-4)

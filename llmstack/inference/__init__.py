@@ -10,7 +10,7 @@ from llmstack.inference.speculative import SpeculativeOutput, load_draft, lookup
 
 __all__ = [
     "CompiledDecoder", "DecodeLinear", "Hypothesis", "QuantizedLinear", "SamplingParams", "SpeculativeOutput",
-    "StopText", "beam_search", "extend_context", "generate", "generate_text", "load_draft", "load_quantized", "lookup_continuation",
-    "loss_by_position", "process_logits", "quantize_", "sample", "sample_next", "save_quantized",
-    "speculative_generate", "stream_generate", "use_decode_layout",
+    "StopText", "beam_search", "extend_context", "generate", "generate_text", "load_draft", "load_quantized",
+    "lookup_continuation", "loss_by_position", "process_logits", "quantize_", "sample", "sample_next",
+    "save_quantized", "speculative_generate", "stream_generate", "use_decode_layout",
 ]
