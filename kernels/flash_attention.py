@@ -1,57 +1,33 @@
-"""FlashAttention in Triton: forward, backward and split-KV decode.
+"""FlashAttention in Triton: the tiled forward and backward, differentiable.
 
     out = softmax(Q K^T * scale + mask) V
 
-q is (batch, q_heads, q_len, head_dim); k and v are (batch, kv_heads, kv_len,
-head_dim) with q_heads a multiple of kv_heads (MHA, GQA, MQA). The queries are
-the *last* q_len of the kv_len key slots, so the causal mask is aligned
-bottom-right: query i sits at absolute position p = i + kv_len - q_len and sees
-keys j <= p. A sliding `window` further limits it to keys j > p - window.
+Conventions (shapes, bottom-right causal alignment, base-2 scores and LSE, rows
+that see no key) are those of `attention_utils.py`; a few queries over a long
+key sequence (decode) take the split-KV kernels of `flash_decode.py`.
 
 Layout of this file, as in Triton's fused-attention tutorial:
-  1. small @triton.jit helpers (masks, block ranges, masked loads)
+  1. small @triton.jit helpers (block ranges, masked loads)
   2. forward kernel (tiled, online softmax in base 2, saves log-sum-exp)
   3. backward kernels (delta = rowsum(dO * O), dK/dV, dQ); deterministic
-  4. split-KV decode kernels (flash-decoding) for a few queries over a long cache
-  5. launchers, the autograd.Function, and the public functions
+  4. launchers, the autograd.Function, and the public function
 
-Conventions every kernel shares:
-  * Scores are kept in base 2: qk_scale = scale * log2(e), so exp(x) becomes
-    exp2(x * log2 e), which is one MUFU instruction on NVIDIA GPUs.
-  * The log-sum-exp saved for backward (LSE) is also in base 2, fp32,
-    shape (batch, q_heads, q_len), contiguous.
-  * A query row that sees no key at all (causal with q_len > kv_len, or an
-    empty cache) gets output 0 and LSE = +inf, so its backward terms are 0
-    instead of NaN. (torch's SDPA returns NaN for such rows.)
-  * Blocks that need no mask take an unmasked code path (MASK=False); only the
-    blocks on the diagonal, the window edge or a ragged tail pay for masking.
+Blocks that need no mask take an unmasked code path (MASK=False); only the
+blocks on the diagonal, the window edge or a ragged tail pay for masking.
 """
 from __future__ import annotations
 
-import contextlib
-import functools
-import math
-import numbers
-import os
-from typing import Callable, Optional, Union
+from typing import Callable, Optional
 
 import torch
 import triton
 import triton.language as tl
 
+from .attention_utils import (_INTERPRET, _LOG2E, _bucket, _check, _chunk_batch, _common, _device_ctx,
+                              _visible)
+from .attention_utils import is_available  # noqa: F401  (what llmstack.kernels.available asks)
+from .flash_decode import _decode_forward, is_decode
 from .launch import autotuned
-
-# Read once at import: triton.jit itself decides at decoration time whether to
-# build interpreted kernels, so the environment variable must be set before
-# this module (or triton) is imported.
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-
-_MAX_HEAD_DIM = 256
-
-
-def is_available() -> bool:
-    """True when the kernels can run here: on a CUDA/ROCm GPU, or on the CPU under TRITON_INTERPRET=1."""
-    return torch.cuda.is_available() or _INTERPRET
 
 
 # ---------------------------------------------------------------------------
@@ -106,15 +82,6 @@ _BWD_DKDV_CONFIGS, _BWD_DKDV_PRUNE = _tiered(_BWD_DKDV_TABLE)
 _BWD_DQ_CONFIGS, _BWD_DQ_PRUNE = _tiered(_BWD_DQ_TABLE)
 
 
-def _decode_configs():
-    if _INTERPRET:
-        return [triton.Config({"BLOCK_N": 16}, num_warps=1, num_stages=1)]
-    return [
-        triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=s)
-        for bn, w, s in [(64, 4, 2), (64, 4, 3), (128, 4, 2), (128, 4, 3), (128, 8, 3), (64, 4, 4)]
-    ]
-
-
 # Lengths enter the autotuning key rounded to a power of two (the *_BUCKET
 # arguments, unused inside the kernels): keyed on exact lengths, every new
 # prompt length would re-run the whole benchmark sweep.
@@ -124,17 +91,6 @@ _FWD_KEY = ["Q_LEN_BUCKET", "KV_LEN_BUCKET", "HEAD_DIM", "CAUSAL", "HAS_WINDOW"]
 # ---------------------------------------------------------------------------
 # 1. Helpers
 # ---------------------------------------------------------------------------
-
-
-@triton.jit
-def _visible(q_pos, k_idx, kv_len, window, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr):
-    """Which (query, key) pairs may attend; q_pos is the query's absolute position."""
-    vis = k_idx < kv_len
-    if CAUSAL:
-        vis = vis & (k_idx <= q_pos)
-    if HAS_WINDOW:
-        vis = vis & (k_idx > q_pos - window)
-    return vis
 
 
 @triton.jit
@@ -478,201 +434,8 @@ def _attn_bwd_dq(Q, K, V, DO, DQ, LSE, Delta,
 
 
 # ---------------------------------------------------------------------------
-# 4. Split-KV decode (flash-decoding)
+# 4. Launchers, autograd.Function, public API
 # ---------------------------------------------------------------------------
-# With one query per head the tiled forward launches only batch * heads
-# programs, each walking the whole cache alone, and most of the GPU idles.
-# Here the cache is cut into `num_splits` chunks, one program per (chunk,
-# batch, KV head), each writing a partial output and its LSE; a second kernel
-# merges the partials. One program serves all GROUP * q_len query rows of its
-# KV head, so each K/V byte is read once per KV head, which is what bounds decode.
-
-
-@autotuned(_decode_configs(), ["KV_LEN_BUCKET", "HEAD_DIM", "BLOCK_R", "CAUSAL", "HAS_WINDOW", "HAS_KEY_MASK"])
-@triton.jit
-def _attn_decode_split(Q, K, V, O_part, LSE_part, Seqlens, KeyMask,
-                       s_qb, s_qh, s_qm, s_qd, s_kb, s_kh, s_kn, s_kd, s_vb, s_vh, s_vn, s_vd, s_mb, s_mn,
-                       H_Q, GROUP, Q_LEN, KV_LEN, qk_scale, window, split_size, NUM_SPLITS, KV_LEN_BUCKET,
-                       HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
-                       CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SEQLENS: tl.constexpr,
-                       HAS_KEY_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr):
-    split = tl.program_id(0)
-    off_bh = tl.program_id(1)  # (batch, KV head)
-    H_KV = H_Q // GROUP
-    b = (off_bh // H_KV).to(tl.int64)
-    kv_h = (off_bh % H_KV).to(tl.int64)
-    if HAS_SEQLENS:  # per-row valid length of a preallocated cache; slots beyond it are ignored
-        kv_len = tl.minimum(tl.load(Seqlens + b).to(tl.int32), KV_LEN)
-    else:
-        kv_len = KV_LEN
-
-    # Rows are (query head in the group, query token) pairs: r = g * Q_LEN + t.
-    rows = tl.arange(0, BLOCK_R)
-    r_ok = rows < GROUP * Q_LEN
-    g = rows // Q_LEN
-    t = rows % Q_LEN
-    h = kv_h * GROUP + g
-    offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < HEAD_DIM
-    q = tl.load(Q + b * s_qb + h[:, None] * s_qh + t[:, None] * s_qm + offs_d[None, :] * s_qd,
-                mask=r_ok[:, None] & d_ok[None, :], other=0.0)
-    q_pos = t + kv_len - Q_LEN  # bottom-right causal alignment against this row's own length
-
-    start = split * split_size
-    end = tl.minimum(start + split_size, kv_len)
-    if HAS_WINDOW:
-        start = tl.maximum(start, kv_len - Q_LEN - window + 1)  # oldest key any row's window reaches
-    k_base = K + b * s_kb + kv_h * s_kh
-    v_base = V + b * s_vb + kv_h * s_vh
-
-    m_i = tl.full([BLOCK_R], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_R], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)
-    # Every block is masked: decode is bound by memory, not by the mask's few ALU ops.
-    for start_n in tl.range(start, end, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        n_ok = offs_n < end
-        kT = tl.load(k_base + offs_n[None, :] * s_kn + offs_d[:, None] * s_kd,
-                     mask=n_ok[None, :] & d_ok[:, None], other=0.0)
-        qk = tl.dot(q, kT, input_precision=DOT_PRECISION) * qk_scale
-        vis = _visible(q_pos[:, None], offs_n[None, :], end, window, CAUSAL, HAS_WINDOW)
-        if HAS_KEY_MASK:  # padding slots of a left-padded batch (one byte per key, beside its K and V rows)
-            real = tl.load(KeyMask + b * s_mb + offs_n * s_mn, mask=n_ok, other=0)
-            vis = vis & (real != 0)[None, :]
-        qk = tl.where(vis, qk, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.math.exp2(qk - m_sub[:, None])
-        alpha = tl.math.exp2(m_i - m_sub)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_base + offs_n[:, None] * s_vn + offs_d[None, :] * s_vd,
-                    mask=n_ok[:, None] & d_ok[None, :], other=0.0)
-        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
-        m_i = m_new
-
-    empty = l_i == 0.0  # an empty chunk (past this row's length) contributes weight 0
-    l_safe = tl.where(empty, 1.0, l_i)
-    acc = acc / l_safe[:, None]
-    lse = tl.where(empty, float("-inf"), m_i + tl.math.log2(l_safe))
-    part = (b * H_Q + h) * Q_LEN + t  # row of the (batch, q_head, q_len) output
-    tl.store(LSE_part + part * NUM_SPLITS + split, lse, mask=r_ok)
-    tl.store(O_part + (part * NUM_SPLITS + split)[:, None] * BLOCK_D + offs_d[None, :], acc, mask=r_ok[:, None])
-
-
-@triton.jit
-def _attn_decode_combine(O_part, LSE_part, O, LSE, s_ob, s_oh, s_om, s_od, H_Q, Q_LEN, NUM_SPLITS,
-                         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)  # over batch * q_heads * q_len
-    b = row // (H_Q * Q_LEN)
-    h = (row // Q_LEN) % H_Q
-    t = row % Q_LEN
-    offs_s = tl.arange(0, BLOCK_S)
-    offs_d = tl.arange(0, BLOCK_D)
-    s_ok = offs_s < NUM_SPLITS
-    lse = tl.load(LSE_part + row * NUM_SPLITS + offs_s, mask=s_ok, other=float("-inf"))
-    m = tl.max(lse, 0)
-    m = tl.where(m == float("-inf"), 0.0, m)
-    w = tl.math.exp2(lse - m)  # each chunk's share of the softmax denominator
-    o = tl.load(O_part + (row * NUM_SPLITS + offs_s)[:, None] * BLOCK_D + offs_d[None, :],
-                mask=s_ok[:, None], other=0.0)
-    total = tl.sum(w, 0)
-    total_safe = tl.where(total == 0.0, 1.0, total)  # 0: no key anywhere -> output 0, LSE +inf
-    out = tl.sum(w[:, None] * o, 0) / total_safe
-    tl.store(LSE + row, tl.where(total == 0.0, float("inf"), m + tl.math.log2(total_safe)))
-    tl.store(O + b * s_ob + h * s_oh + t * s_om + offs_d * s_od, out.to(O.dtype.element_ty), mask=offs_d < HEAD_DIM)
-
-
-# ---------------------------------------------------------------------------
-# 5. Launchers, autograd.Function, public API
-# ---------------------------------------------------------------------------
-
-_LOG2E = 1.4426950408889634
-
-# flash_attention switches to split-KV for at most this many queries per head...
-_DECODE_MAX_Q_LEN = 16
-# ...as long as one program can hold all GROUP * q_len rows of a KV head.
-_DECODE_MAX_ROWS = 64
-# flash_decode itself accepts up to this many (more rows spill registers).
-_DECODE_MAX_ROWS_EXPLICIT = 128
-
-
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
-
-def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: Optional[int]) -> None:
-    if q.dim() != 4 or k.dim() != 4 or v.shape != k.shape:
-        raise ValueError(f"expected q (B, Hq, Tq, D) and k, v (B, Hkv, Tk, D); got {tuple(q.shape)}, "
-                         f"{tuple(k.shape)}, {tuple(v.shape)}")
-    if q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3]:
-        raise ValueError(f"q and k disagree on batch or head_dim: {tuple(q.shape)} vs {tuple(k.shape)}")
-    if k.shape[1] == 0 or q.shape[1] % k.shape[1] != 0:
-        raise ValueError(f"q_heads ({q.shape[1]}) must be a multiple of kv_heads ({k.shape[1]}), kv_heads >= 1")
-    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in _DTYPES:
-        raise ValueError(f"q, k, v must share one dtype of float16, bfloat16, float32; got {q.dtype}, {k.dtype}, "
-                         f"{v.dtype}")
-    if _INTERPRET and q.dtype == torch.bfloat16:
-        raise ValueError("bfloat16 is computed wrongly by Triton's interpreter (TRITON_INTERPRET=1); use float32 "
-                         "or float16 on the CPU")
-    if not (q.device == k.device == v.device):
-        raise ValueError(f"q, k, v must be on one device; got {q.device}, {k.device}, {v.device}")
-    if q.shape[3] > _MAX_HEAD_DIM:
-        raise ValueError(f"head_dim {q.shape[3]} > {_MAX_HEAD_DIM} is not supported")
-    if window is not None and (isinstance(window, bool) or not isinstance(window, numbers.Integral) or window < 1):
-        raise ValueError(f"window must be an integer >= 1, got {window!r}")
-    if q.device.type == "cpu" and not _INTERPRET:
-        raise RuntimeError("Triton kernels need a GPU; on the CPU set TRITON_INTERPRET=1 before importing triton")
-
-
-def _common(q: torch.Tensor, k: torch.Tensor, scale: Optional[float], causal: bool,
-            window: Optional[int]) -> tuple[dict, float]:
-    """(arguments shared by every kernel, the resolved softmax scale)."""
-    head_dim = q.shape[3]
-    scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
-    return dict(
-        H_Q=q.shape[1], GROUP=q.shape[1] // k.shape[1], Q_LEN=q.shape[2], KV_LEN=k.shape[2],
-        window=window or 0,
-        # The tensor cores take whole powers of two (and at least 16) along head_dim;
-        # dims like 80 or 96 are padded and masked.
-        HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
-        CAUSAL=causal, HAS_WINDOW=window is not None,
-        # fp32 inputs: exact fp32 dots (tf32 would cost ~1e-3 relative error). Half inputs:
-        # the backend's default (naming "tf32" would not compile where it is not offered, e.g. ROCm).
-        DOT_PRECISION="ieee" if q.dtype == torch.float32 else None,
-    ), scale
-
-
-def _bucket(n: int) -> int:
-    return triton.next_power_of_2(max(n, 1))
-
-
-def _device_ctx(t: torch.Tensor):
-    # Triton launches on the current CUDA device; make it the tensors' device.
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
-
-
-# CUDA's limit on a grid's second axis, where every kernel here puts batch * heads.
-_MAX_GRID_Y = 65535
-
-
-def _chunk_batch(fn):
-    """Run a launcher on slices of the batch when batch * heads would pass the grid's limit.
-    Every tensor argument and result of the launchers has the batch first; the first argument
-    has the most heads."""
-    @functools.wraps(fn)
-    def run(*args, **kwargs):
-        B, H = args[0].shape[:2]
-        if B * H <= _MAX_GRID_Y:
-            return fn(*args, **kwargs)
-        step = _MAX_GRID_Y // H
-
-        def cut(x, rows):
-            return x[rows] if isinstance(x, torch.Tensor) else x
-
-        parts = [fn(*(cut(a, rows) for a in args), **{key: cut(a, rows) for key, a in kwargs.items()})
-                 for rows in (slice(i, i + step) for i in range(0, B, step))]
-        return tuple(torch.cat(outs) for outs in zip(*parts))
-    return run
-
 
 @_chunk_batch
 def _forward(q, k, v, causal: bool, scale: Optional[float], window: Optional[int]):
@@ -686,62 +449,6 @@ def _forward(q, k, v, causal: bool, scale: Optional[float], window: Optional[int
         _attn_fwd[grid](q, k, v, o, lse, *q.stride(), *k.stride(), *v.stride(), *o.stride(),
                         qk_scale=scale * _LOG2E, Q_LEN_BUCKET=_bucket(Q_LEN), KV_LEN_BUCKET=_bucket(k.shape[2]), **args)
     return o, lse
-
-
-def _num_splits(batch_kv_heads: int, kv_len: int, device: torch.device) -> tuple[int, int]:
-    """(num_splits, split_size): enough programs to fill the GPU, chunks not too short."""
-    if device.type != "cuda":
-        align, target_programs, min_chunk = 16, 4, 32  # interpreter: a few splits, to exercise the merge
-    else:
-        sms = torch.cuda.get_device_properties(device).multi_processor_count
-        align, target_programs, min_chunk = 128, 2 * sms, 256
-    splits = max(1, min(triton.cdiv(target_programs, batch_kv_heads), triton.cdiv(kv_len, min_chunk), 128))
-    split_size = triton.cdiv(triton.cdiv(max(kv_len, 1), splits), align) * align
-    return triton.cdiv(max(kv_len, 1), split_size), split_size
-
-
-@_chunk_batch
-def _decode_forward(q, k, v, causal: bool, scale: Optional[float], window: Optional[int],
-                    seqlens: Optional[torch.Tensor] = None, num_splits: Optional[int] = None,
-                    key_mask: Optional[torch.Tensor] = None):
-    """Split-KV forward. Returns (out, lse) exactly like _forward. key_mask: (B, KV_LEN) uint8."""
-    B, H_Q, Q_LEN, D = q.shape
-    args, scale = _common(q, k, scale, causal, window)
-    KV_LEN = k.shape[2]
-    rows = args["GROUP"] * Q_LEN
-    splits, split_size = _num_splits(B * k.shape[1], KV_LEN, q.device)
-    if num_splits is not None:  # explicit override (tests, tuning)
-        split_size = triton.cdiv(max(KV_LEN, 1), num_splits)
-        splits = triton.cdiv(max(KV_LEN, 1), split_size)
-    o_part = torch.empty((B, H_Q, Q_LEN, splits, args["BLOCK_D"]), dtype=torch.float32, device=q.device)
-    lse_part = torch.empty((B, H_Q, Q_LEN, splits), dtype=torch.float32, device=q.device)
-    o = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    lse = torch.empty((B, H_Q, Q_LEN), dtype=torch.float32, device=q.device)
-    # Dummy pointers when unused.
-    seqlens_arg = seqlens if seqlens is not None else lse
-    mask_arg = key_mask if key_mask is not None else lse
-    mask_strides = key_mask.stride() if key_mask is not None else (0, 0)
-    with _device_ctx(q):
-        _attn_decode_split[(splits, B * k.shape[1])](
-            q, k, v, o_part, lse_part, seqlens_arg, mask_arg, *q.stride(), *k.stride(), *v.stride(), *mask_strides,
-            qk_scale=scale * _LOG2E, split_size=split_size, NUM_SPLITS=splits, KV_LEN_BUCKET=_bucket(KV_LEN),
-            BLOCK_R=max(16, triton.next_power_of_2(rows)), HAS_SEQLENS=seqlens is not None,
-            HAS_KEY_MASK=key_mask is not None, **args)
-        _attn_decode_combine[(B * H_Q * Q_LEN,)](
-            o_part, lse_part, o, lse, *o.stride(), H_Q, Q_LEN, splits,
-            HEAD_DIM=D, BLOCK_D=args["BLOCK_D"], BLOCK_S=triton.next_power_of_2(splits))
-    return o, lse
-
-
-def _use_split_kv(q_len: int, kv_len: int, group: int) -> bool:
-    """Few queries over many keys: the tiled forward would leave most of the GPU idle."""
-    return q_len <= _DECODE_MAX_Q_LEN and group * q_len <= _DECODE_MAX_ROWS and kv_len >= 4 * q_len
-
-
-def is_decode(q: torch.Tensor, k: torch.Tensor) -> bool:
-    """Whether flash_attention takes the split-KV decode path for these shapes (and flash_decode
-    accepts them): a few queries per KV head over a longer key sequence."""
-    return _use_split_kv(q.shape[2], k.shape[2], q.shape[1] // max(k.shape[1], 1))
 
 
 @_chunk_batch
@@ -809,57 +516,3 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
     return _FlashAttention.apply(q, k, v, causal, scale, window)
 
 
-def flash_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: Optional[float] = None,
-                 kv_len: Union[int, torch.Tensor, None] = None, causal: bool = True,
-                 window: Optional[int] = None, key_mask: Optional[torch.Tensor] = None,
-                 num_splits: Optional[int] = None) -> torch.Tensor:
-    """Split-KV attention for a few new queries over a (preallocated) KV cache. Inference only.
-
-    q: (B, Hq, Tq, D), Tq small (1 for plain decoding, a few for speculative
-    verification); k, v: (B, Hkv, capacity, D).
-    kv_len: valid cache length, an int or a (B,) integer tensor (flash-attn's
-    `cache_seqlens`); slots at or beyond it are ignored. Defaults to capacity.
-    A tensor's values are not checked (that would wait for the device): each
-    must lie in [0, capacity]; larger ones are read as capacity.
-    The Tq queries are the last Tq valid slots of their row, so with causal
-    query t sees keys j <= t + kv_len[b] - Tq.
-    key_mask: optional (B, capacity) bool, True for real tokens: the padding slots of a
-    left-padded batch (any pattern) are ignored. A row that sees no key gives zeros.
-    num_splits: number of KV chunks; chosen to fill the device when None.
-    Not differentiable: use flash_attention for training.
-    """
-    _check(q, k, v, window)
-    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
-        raise RuntimeError("flash_decode is inference-only; use flash_attention when gradients are needed")
-    if q.shape[1] // k.shape[1] * q.shape[2] > _DECODE_MAX_ROWS_EXPLICIT:
-        # One program holds all GROUP * q_len rows of a KV head in registers.
-        raise ValueError(f"flash_decode takes at most {_DECODE_MAX_ROWS_EXPLICIT} query rows per KV head "
-                         f"(q_heads / kv_heads * q_len); use flash_attention for longer q_len")
-    if num_splits is not None and (isinstance(num_splits, bool) or not isinstance(num_splits, numbers.Integral)
-                                   or num_splits < 1):
-        raise ValueError(f"num_splits must be an integer >= 1 (or None: chosen for the device), got {num_splits!r}")
-    if key_mask is not None:
-        if key_mask.shape != (q.shape[0], k.shape[2]):
-            raise ValueError(f"key_mask must have shape (batch, capacity) = ({q.shape[0]}, {k.shape[2]}), "
-                             f"got {tuple(key_mask.shape)}")
-        if key_mask.dtype.is_floating_point:
-            raise ValueError(f"key_mask must hold booleans (True = a real token), got {key_mask.dtype}")
-        # One byte per key for the kernel; a bool tensor is reinterpreted, not copied.
-        key_mask = key_mask.to(device=q.device, dtype=torch.bool).view(torch.uint8)
-    seqlens = None
-    if isinstance(kv_len, torch.Tensor):
-        if kv_len.dtype.is_floating_point or kv_len.dtype == torch.bool:
-            raise ValueError(f"kv_len tensor must hold integers, got {kv_len.dtype}")
-        if kv_len.shape != (q.shape[0],):
-            raise ValueError(f"kv_len tensor must have shape ({q.shape[0]},), got {tuple(kv_len.shape)}")
-        seqlens = kv_len.to(device=q.device, dtype=torch.int32).contiguous()
-    elif kv_len is not None:
-        if not 0 <= kv_len <= k.shape[2]:
-            raise ValueError(f"kv_len {kv_len} outside [0, {k.shape[2]}]")
-        k, v = k[:, :, :kv_len], v[:, :, :kv_len]  # a view: strides carry over, nothing is copied
-        key_mask = key_mask[:, :kv_len] if key_mask is not None else None
-    if q.shape[2] == 0:
-        return q.new_empty(q.shape)
-    o, _ = _decode_forward(q, k, v, causal, scale, window, seqlens=seqlens, num_splits=num_splits,
-                           key_mask=key_mask)
-    return o

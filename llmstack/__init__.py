@@ -2,19 +2,32 @@
 
     >>> import llmstack
     >>> model = llmstack.from_pretrained("runs/quickstart")
-    >>> ids = llmstack.generate(model, prompt_ids, max_new_tokens=50, temperature=0.8, top_p=0.95)
+    >>> tok = llmstack.load_tokenizer("runs/quickstart")
+    >>> ids = llmstack.generate(model, tok.encode("def fib(n):"), max_new_tokens=50, temperature=0.8, top_p=0.95)
+
+Every name below is imported on first use, so `import llmstack` (and `import
+llmstack.config`, `import llmstack.data`, ...) loads only what is asked for.
 """
-from llmstack.config import ConfigError, ModelConfig, MoEConfig, RopeScaling, load_config, model_preset
-from llmstack.model import KVCache, Transformer
+import importlib
 
 __version__ = "0.1.0"
 
-# Heavier entry points load on first use, so `import llmstack` stays quick.
 _LAZY = {
-    "from_pretrained": "llmstack.interop",
+    "ConfigError": "llmstack.config",
+    "load_config": "llmstack.config",
+    "ModelConfig": "llmstack.model",
+    "MoEConfig": "llmstack.model",
+    "RopeScaling": "llmstack.model",
+    "Transformer": "llmstack.model",
+    "KVCache": "llmstack.model",
+    "build_model": "llmstack.model",
+    "model_preset": "llmstack.model",
+    "from_pretrained": "llmstack.inference.loading",
     "save_pretrained": "llmstack.interop",
+    "save_hf": "llmstack.interop",
     "load_tokenizer": "llmstack.interop",
     "generate": "llmstack.inference",
+    "generate_text": "llmstack.inference",
     "beam_search": "llmstack.inference",
     "speculative_generate": "llmstack.inference",
     "quantize_": "llmstack.inference",
@@ -24,11 +37,14 @@ _LAZY = {
 
 def __getattr__(name):
     if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(_LAZY[name]), name)
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value  # the next lookup is a plain attribute
+        return value
     raise AttributeError(f"module 'llmstack' has no attribute {name!r}")
 
 
-__all__ = ["ConfigError", "KVCache", "ModelConfig", "MoEConfig", "RopeScaling", "Transformer", "load_config",
-           "model_preset", *_LAZY]
+def __dir__():
+    return sorted([*globals(), *_LAZY])
+
+
+__all__ = sorted(_LAZY)

@@ -29,7 +29,7 @@ import time  # noqa: E402
 
 import torch.nn.functional as F  # noqa: E402
 
-from llmstack.bench import copy_bandwidth_gbs, device_name, quick_defaults  # noqa: E402
+from benchlib import copy_bandwidth_gbs, device_name, quick_defaults  # noqa: E402
 
 try:
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -37,7 +37,8 @@ except ImportError:  # torch < 2.3
     SDPBackend = sdpa_kernel = None
 
 try:
-    from llmstack.kernels.flash_attention import flash_attention, flash_decode, is_available
+    from llmstack.kernels.flash_attention import flash_attention, is_available
+    from llmstack.kernels.flash_decode import flash_decode
 except Exception as exc:  # triton missing: still benchmark the SDPA backends
     flash_attention = flash_decode = None
     _TRITON_ERROR = f"{type(exc).__name__}: {exc}"

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 import llmstack
-from llmstack.bench import cpu_name, hf_twin, quick_defaults, random_llama, time_pair
+from benchlib import cpu_name, hf_twin, quick_defaults, random_llama, time_pair
 
 
 def logits_loss(forward):

@@ -27,9 +27,11 @@ import sys
 import torch
 
 import llmstack
-from llmstack.bench import (copy_bandwidth_gbs, decode_bytes_per_token, device_name, first_difference,
+from benchlib import (copy_bandwidth_gbs, decode_bytes_per_token, device_name, first_difference,
                             quick_defaults, time_compiled_generate, time_llmstack_generate)
-from llmstack.config import ConfigError, model_preset, resolve_device
+from llmstack.config import ConfigError
+from llmstack.model import model_preset
+from llmstack.runtime import resolve_device
 from llmstack.inference import quantize_
 from llmstack.inference.compiled import CompiledDecoder
 from llmstack.interop import resolve_checkpoint

@@ -29,9 +29,10 @@ from pathlib import Path
 import torch
 
 import llmstack
-from llmstack.bench import (alternate, device_name, first_difference, hf_twin, quick_defaults, random_llama,
+from benchlib import (alternate, device_name, first_difference, hf_twin, quick_defaults, random_llama,
                             time_hf_generate, time_llmstack_generate)
-from llmstack.config import ConfigError, resolve_device
+from llmstack.config import ConfigError
+from llmstack.runtime import resolve_device
 from llmstack.inference.quantize import quantization_of
 from llmstack.interop import resolve_checkpoint
 

@@ -17,8 +17,9 @@ from pathlib import Path
 import torch
 
 import llmstack
-from llmstack.bench import device_name, quick_defaults, time_pair
-from llmstack.config import require_positive, resolve_device
+from benchlib import device_name, quick_defaults, time_pair
+from llmstack.cli import require_positive
+from llmstack.runtime import resolve_device
 from llmstack.data import DataError, TokenBatches, prepare_tokens
 from llmstack.eval import evaluate
 from llmstack.inference.quantize import check_group_size, quantization_of, quantize_, save_quantized

@@ -26,8 +26,8 @@ from pathlib import Path
 import torch
 
 import llmstack
-from llmstack.bench import cpu_name, quick_defaults
-from llmstack.config import require_positive
+from benchlib import cpu_name, quick_defaults
+from llmstack.cli import require_positive
 from llmstack.data import DataError, prepare_tokens
 from llmstack.inference.generate import generate
 from llmstack.inference.speculative import SpeculativeStats, load_draft, speculative_generate

@@ -35,7 +35,7 @@ def _compile_case(name: str, *, head_dims: list[int], dtype: str, masks: list[st
     # Triton 3.9 asks for an explicit float-fusion default; the check compiles with the same
     # default the runtime uses, so the question is noise here.
     warnings.filterwarnings("ignore", message="TRITON_DEFAULT_FP_FUSION")
-    from llmstack.kernels import aot
+    import kernel_aot as aot
 
     cases = dict(aot.standard_cases(head_dims, getattr(torch, _DTYPES[dtype]), masks))
     return [r for launch in cases[name]() for r in aot.compile_launch(launch, name, arch=arch)]
@@ -59,7 +59,7 @@ def main() -> int:
         raise SystemExit("error: unset TRITON_INTERPRET: interpreted kernels cannot be compiled")
     import torch
     import triton
-    from llmstack.kernels import aot
+    import kernel_aot as aot
 
     if not aot.toolchain_available():
         raise SystemExit(f"error: this Triton build ({triton.__version__}) has no NVIDIA backend (ptxas, cuobjdump) "

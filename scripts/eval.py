@@ -7,7 +7,7 @@ import argparse
 import sys
 
 import llmstack
-from llmstack.config import require_positive
+from llmstack.cli import require_positive
 from llmstack.data import DataError, TokenBatches, prepare_tokens, token_stats
 from llmstack.eval import evaluate
 from llmstack.interop import load_tokenizer, resolve_checkpoint

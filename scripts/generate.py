@@ -13,7 +13,7 @@ import sys
 import warnings
 
 import llmstack
-from llmstack.config import resolve_device
+from llmstack.runtime import resolve_device
 from llmstack.inference.beam import beam_search
 from llmstack.inference.generate import StopText, cut_at_stop, stream_generate
 from llmstack.inference.sampling import SamplingParams

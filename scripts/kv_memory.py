@@ -13,7 +13,7 @@ import sys
 
 import torch
 
-from llmstack.config import list_presets, model_preset
+from llmstack.model import list_presets, model_preset
 from llmstack.model import KVCache
 
 PRESETS = ("llama-3-8b", "mistral-7b", "mixtral-8x7b", "llama-3.2-1b", "qwen2.5-0.5b", "gpt2-124m", "quickstart")

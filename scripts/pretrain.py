@@ -7,7 +7,9 @@
 import math
 import sys
 
-from llmstack.config import ConfigError, PretrainConfig, parse_cli
+from llmstack.cli import parse_cli
+from llmstack.config import ConfigError
+from llmstack.train import PretrainConfig
 from llmstack.data import DataError
 from llmstack.train import TrainingError, pretrain
 

@@ -1,4 +1,6 @@
 import os
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -6,6 +8,14 @@ import torch
 # Triton kernels run on the CPU through the interpreter when there is no GPU.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# One thread unless LLMSTACK_TEST_THREADS says otherwise: with torch's default (one per core), a
+# test on a 2-core machine that another process keeps busy runs many times slower (one MoE test
+# took 80 s instead of 3), and timing-free tests gain nothing from a second thread at these sizes.
+torch.set_num_threads(int(os.environ.get("LLMSTACK_TEST_THREADS", "1")))
+
+# The benchmark and kernel-tooling helpers live beside the scripts, not in the package.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
 
 
 def pytest_collection_modifyitems(config, items):

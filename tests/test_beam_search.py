@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from llmstack.config import ModelConfig
+from llmstack.model import ModelConfig
 from llmstack.inference.beam import beam_search
 from llmstack.inference.generate import generate
 from llmstack.model import Transformer

@@ -4,9 +4,9 @@ decode step reads are counted from the configuration."""
 import pytest
 import torch
 
-from llmstack.bench import GenerationTiming, alternate, decode_bytes_per_token, first_difference, hf_twin, \
+from benchlib import GenerationTiming, alternate, decode_bytes_per_token, first_difference, hf_twin, \
     time_compiled_generate, time_hf_generate, time_llmstack_generate
-from llmstack.config import ModelConfig, MoEConfig
+from llmstack.model import MoEConfig, ModelConfig
 from llmstack.inference.compiled import CompiledDecoder
 from llmstack.inference.quantize import quantize_
 from llmstack.inference.generate import generate

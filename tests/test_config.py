@@ -2,8 +2,10 @@
 import pytest
 import yaml
 
-from llmstack.config import (ConfigError, ModelConfig, PretrainConfig, apply_overrides, from_dict, list_presets,
-                             load_config, model_preset, parse_cli)
+from llmstack.cli import parse_cli
+from llmstack.config import ConfigError, apply_overrides, from_dict, load_config
+from llmstack.model import ModelConfig, list_presets, model_preset
+from llmstack.train import PretrainConfig
 
 
 def test_unknown_key_names_key_and_nearest(tmp_path):

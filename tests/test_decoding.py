@@ -3,7 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from llmstack.config import ModelConfig
+from llmstack.model import ModelConfig
 from llmstack.inference import generate, sample_next, stream_generate
 from llmstack.model import Transformer
 
@@ -350,80 +350,64 @@ def test_one_stop_token_may_be_given_as_an_int(model):
     assert torch.equal(generate(model, [[1, 2, 3]], 12, temperature=0, stop_tokens=stop)[0], full[:end])
 
 
-# ---------------------------------------------------------------- the CPU decode layout
+# ---------------------------------------------------------------- library calls leave the model alone
 
-from llmstack.inference import DecodeLinear, use_decode_layout  # noqa: E402
+
+def _snapshot(model):
+    """What a library call must not change: module types, each parameter's identity, storage,
+    strides and values, and every module's train/eval mode."""
+    return ([type(m) for m in model.modules()],
+            [(id(p), p.data_ptr(), p.stride(), p.detach().clone()) for p in model.parameters()],
+            [m.training for m in model.modules()])
+
+
+def _same(before, after):
+    types_a, params_a, modes_a = before
+    types_b, params_b, modes_b = after
+    assert types_a == types_b
+    assert modes_a == modes_b
+    for (ia, pa, sa, va), (ib, pb, sb, vb) in zip(params_a, params_b, strict=True):
+        assert (ia, pa, sa) == (ib, pb, sb) and torch.equal(va, vb)
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_inference_calls_leave_the_callers_model_as_it_was(training):
+    """generate, stream_generate, beam_search, speculative_generate (with a draft model) and
+    CompiledDecoder run in eval mode and give the model back with the same module types,
+    parameter storage and train/eval mode (on the CPU too, where decoding has its own fast path)."""
+    from llmstack.inference import CompiledDecoder, beam_search, speculative_generate
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=48, dropout=0.1)
+    model, draft = Transformer(cfg), Transformer(ModelConfig(**{**cfg.__dict__, "n_layers": 1}))
+    model.init_weights(), draft.init_weights()
+    model.train(training), draft.train(training)
+    model.layers[0].eval()  # a mixed state must come back mixed
+    before, draft_before = _snapshot(model), _snapshot(draft)
+    greedy = generate(model, [1, 2, 3], 8, temperature=0)
+    list(stream_generate(model, [[1, 2], [3, 4, 5]], 4, temperature=0.7, seed=0))
+    beam_search(model, [1, 2, 3], 6, num_beams=3)
+    assert torch.equal(speculative_generate(model, [1, 2, 3], 8, draft=draft).ids, greedy)  # dropout off
+    decoder = CompiledDecoder(model, 1, 24, backend="eager")
+    assert torch.equal(decoder.generate([1, 2, 3], 8, temperature=0), greedy)
+    _same(before, _snapshot(model))
+    _same(draft_before, _snapshot(draft))
 
 
 @pytest.mark.parametrize("bias", [False, True])
-@pytest.mark.parametrize("threads", [1, 2, 3])
-def test_decode_linear_equals_linear_for_every_row_count(bias, threads):
-    """Split or not (rows up to max_rows and beyond, thread counts that do and do not divide the
-    input width), DecodeLinear computes F.linear up to float summation order."""
+def test_split_rows_equals_linear(bias):
+    """The compiled CPU step's matrix-vector products, split by output rows into one batched
+    product, equal F.linear for every row count it takes; more rows, or an output width the split
+    does not divide, go to F.linear untouched."""
+    from llmstack.inference.compiled import _SplitRows
+
     torch.manual_seed(0)
-    layer = torch.nn.Linear(96, 40, bias=bias)
-    ref = torch.nn.Linear(96, 40, bias=bias)
-    ref.load_state_dict(layer.state_dict())
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        use_decode_layout(layer)
-        assert type(layer) is DecodeLinear and layer.weight.t().is_contiguous()
-        assert layer.splits == {1: 1, 2: 2, 3: 3}[threads]
+    weight, b = torch.randn(40, 96), torch.randn(40) if bias else None
+    for splits in (2, 4, 3):
         for shape in [(96,), (1, 1, 96), (3, 1, 96), (1, 16, 96), (2, 9, 96), (4, 5, 96)]:
             x = torch.randn(*shape)
-            got, expected = layer(x), ref(x)
+            expected = F.linear(x, weight, b)
+            with _SplitRows(splits):
+                got = F.linear(x, weight, b)
             assert got.shape == expected.shape
             torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
-    finally:
-        torch.set_num_threads(before)
-
-
-def test_decode_linear_follows_weight_updates_and_replacements():
-    """The weight view DecodeLinear keeps between no-grad calls sees in-place updates (an
-    optimizer step, load_state_dict), is rebuilt when the weight is replaced (.data =, a new
-    dtype), and is not used when gradients are recorded (the weight still gets its gradient)."""
-    torch.manual_seed(0)
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        layer = use_decode_layout(torch.nn.Linear(96, 40))
-        x = torch.randn(1, 96)
-        with torch.no_grad():
-            layer(x)  # keeps the view
-            layer.weight.add_(1.0)  # in place
-            torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias), rtol=1e-5, atol=1e-5)
-            layer.load_state_dict({"weight": torch.randn(40, 96), "bias": torch.randn(40)})
-            torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias), rtol=1e-5, atol=1e-5)
-            layer.weight.data = torch.randn(96, 40).t()  # replaced, still (in, out)-contiguous
-            torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias), rtol=1e-5, atol=1e-5)
-            layer.weight.data = torch.randn(40, 96)  # replaced by the usual layout: plain F.linear
-            torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias), rtol=1e-5, atol=1e-5)
-        layer = use_decode_layout(layer)
-        with torch.no_grad():
-            layer(x)
-        layer.to(torch.float64)
-        assert layer._parts is None  # the float32 weight is not kept alive
-        with torch.no_grad():
-            torch.testing.assert_close(layer(x.double()), F.linear(x.double(), layer.weight, layer.bias))
-        layer(x.double()).sum().backward()
-        torch.testing.assert_close(layer.weight.grad, x.double().expand(40, 96))
-    finally:
-        torch.set_num_threads(before)
-
-
-def test_decode_layout_keeps_parameters_and_is_idempotent():
-    model = Transformer(ModelConfig(vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=32))
-    model.init_weights()
-    params = list(model.parameters())
-    state = {k: v.clone() for k, v in model.state_dict().items()}
-    ids = torch.randint(0, 64, (2, 7))
-    with torch.no_grad():
-        before = model(ids)
-    use_decode_layout(use_decode_layout(model))
-    assert all(a is b for a, b in zip(model.parameters(), params))  # an optimizer's references stay valid
-    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
-    assert sum(isinstance(m, DecodeLinear) for m in model.modules()) == 2 * 5 + 1  # qkv, o, gate, up, down; head
-    with torch.no_grad():
-        torch.testing.assert_close(model(ids), before, rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(model(ids[:1, :1]), before[:1, :1], rtol=1e-5, atol=1e-6)

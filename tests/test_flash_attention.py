@@ -17,7 +17,9 @@ import math  # noqa: E402
 import pytest  # noqa: E402
 
 fa = pytest.importorskip("llmstack.kernels.flash_attention")
-from llmstack.kernels.flash_attention import flash_attention, flash_decode  # noqa: E402
+from llmstack.kernels import attention_utils, flash_decode as fd  # noqa: E402
+from llmstack.kernels.flash_attention import flash_attention  # noqa: E402
+from llmstack.kernels.flash_decode import flash_decode  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 FP32_TOL = 1e-3  # relative error: ||ours - ref|| / ||ref||
@@ -135,16 +137,16 @@ def test_sliding_window(Tq, Tk, window, causal):
 def test_both_forward_paths_for_few_queries(monkeypatch, Tq, split_kv):
     # flash_attention routes a few queries over many keys to the split-KV kernels;
     # both paths must agree with the reference, and the backward serves either.
-    monkeypatch.setattr(fa, "_use_split_kv", lambda *a: split_kv)
+    monkeypatch.setattr(fd, "_use_split_kv", lambda *a: split_kv)
     q, k, v = make_qkv(2, 4, 2, Tq, 100, 32)
     check_fwd_bwd(q, k, v, FP32_TOL, causal=True)
 
 
 def test_routing_heuristic():
-    assert fa._use_split_kv(1, 4096, 8)
-    assert fa._use_split_kv(4, 1024, 4)
-    assert not fa._use_split_kv(512, 512, 1)
-    assert not fa._use_split_kv(16, 4096, 8)  # 128 rows: too many for one decode program
+    assert fd._use_split_kv(1, 4096, 8)
+    assert fd._use_split_kv(4, 1024, 4)
+    assert not fd._use_split_kv(512, 512, 1)
+    assert not fd._use_split_kv(16, 4096, 8)  # 128 rows: too many for one decode program
 
 
 @pytest.mark.parametrize("Tq,group,window", [(1, 1, None), (1, 4, None), (4, 2, None), (2, 2, 9)], ids=str)
@@ -187,22 +189,21 @@ def test_left_padded_generation_decodes_through_split_kv(monkeypatch):
     """The model's `triton` backend serves the decode steps of a batch of unequal prompts with the
     split-KV kernel and its key mask (prefill, with many queries, falls back to SDPA), and
     generates the tokens SDPA generates."""
-    from llmstack.config import ModelConfig
     from llmstack.inference import generate
-    from llmstack.model import Transformer
+    from llmstack.model import ModelConfig, Transformer
 
     torch.manual_seed(0)
     model = Transformer(ModelConfig(vocab_size=96, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=64))
     model.init_weights()
     prompts = [torch.randint(0, 96, (n,)).tolist() for n in (9, 3, 6)]
     masked_calls = []
-    decode_forward = fa._decode_forward
+    decode_forward = fd._decode_forward
 
     def spy(*args, key_mask=None, **kwargs):
         masked_calls.append(key_mask is not None)
         return decode_forward(*args, key_mask=key_mask, **kwargs)
 
-    monkeypatch.setattr(fa, "_decode_forward", spy)
+    monkeypatch.setattr(fd, "_decode_forward", spy)
     out = {}
     for backend in ("sdpa", "triton"):
         model.config.attn_backend = backend
@@ -349,7 +350,7 @@ def test_batch_beyond_the_grid_limit_runs_in_slices(monkeypatch):
     out = flash_attention(q, k, v, causal=True)
     grads = torch.autograd.grad(out.square().sum(), (q, k, v))
     decoded = flash_decode(q[:, :, -2:].detach(), k.detach(), v.detach(), kv_len=kv_len)
-    monkeypatch.setattr(fa, "_MAX_GRID_Y", 9)  # 9 // 4 heads: two rows of the batch a launch
+    monkeypatch.setattr(attention_utils, "_MAX_GRID_Y", 9)  # 9 // 4 heads: two rows of the batch a launch
     sliced = flash_attention(q, k, v, causal=True)
     assert torch.equal(sliced, out)
     for got, expected in zip(torch.autograd.grad(sliced.square().sum(), (q, k, v)), grads):

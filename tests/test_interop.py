@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import llmstack
-from llmstack.config import ModelConfig, MoEConfig
+from llmstack.model import MoEConfig, ModelConfig
 from llmstack.interop import load_weights, save_hf, save_weights
 from llmstack.interop.hf import fuse_projections, split_projections
 from llmstack.model import Transformer

@@ -19,7 +19,7 @@ def test_every_config_compiles_for_hopper_without_spills_at_head_dim_128():
     # fits and whose dots became wgmma (Hopper's tensor-core instruction). A kernel change
     # that makes any config spill, or a training kernel fall back to mma.sync (or a config
     # added without checking), fails here, long before a GPU sees it.
-    aot = pytest.importorskip("llmstack.kernels.aot")
+    aot = pytest.importorskip("kernel_aot")
     if not aot.toolchain_available():
         pytest.skip("needs Triton's NVIDIA backend (ptxas, cuobjdump)")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
@@ -33,7 +33,8 @@ def test_recorded_launches_specialise_like_the_runtime():
     # The launchers, run on meta tensors with the kernels swapped for recorders, give the
     # arguments a real launch would, and they are specialised as Triton's runtime does:
     # a stride of 1 becomes a constant, multiples of 16 get a divisibility hint.
-    from llmstack.kernels import aot, flash_attention as fa
+    import kernel_aot as aot
+    from llmstack.kernels import flash_attention as fa
 
     original = fa._attn_fwd
     launches = aot.attention_launches(batch=1, q_heads=4, kv_heads=2, seqlen=100, head_dim=80,
@@ -62,7 +63,8 @@ def test_recorded_launches_specialise_like_the_runtime():
 
 
 def test_compiling_needs_a_process_without_the_interpreter():
-    from llmstack.kernels import aot, flash_attention as fa
+    import kernel_aot as aot
+    from llmstack.kernels import flash_attention as fa
 
     if not fa._INTERPRET:
         pytest.skip("this process builds compiled kernels")
@@ -97,7 +99,8 @@ import torch.utils._triton
 # so tell it there is one and trace on meta tensors.
 torch.utils._triton.has_triton = lambda: True
 from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table
-from llmstack.kernels.flash_attention import flash_attention, flash_decode
+from llmstack.kernels.flash_attention import flash_attention
+from llmstack.kernels.flash_decode import flash_decode
 from llmstack.kernels.quant_matmul import int8_matmul
 
 class Traced(Exception):
@@ -122,10 +125,9 @@ cases = {
 # The whole training forward (norms, RoPE, SwiGLU, the fused loss, our attention) on CPU tensors:
 # the model's autocast regions need a real device type. The launchers' guard refuses CPU tensors
 # outside the interpreter; nothing is launched here, so it is bypassed.
-from llmstack.config import model_preset
-from llmstack.kernels import flash_attention as fa
-from llmstack.model import Transformer
-fa._check = lambda *args: None
+from llmstack.model import Transformer, model_preset
+from llmstack.kernels import flash_attention as fa, flash_decode as fd
+fa._check = fd._check = lambda *args: None
 cfg = model_preset("tiny")
 cfg.attn_backend = "triton"
 model = Transformer(cfg).to(torch.bfloat16)

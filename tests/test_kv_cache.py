@@ -4,7 +4,7 @@ Every cache is checked against the uncached full forward, which needs no cache a
 import pytest
 import torch
 
-from llmstack.config import ModelConfig
+from llmstack.model import ModelConfig
 from llmstack.model import KVCache, Transformer
 from llmstack.model.kv_cache import RollingKVCache
 

@@ -6,7 +6,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from llmstack.config import ModelConfig
+from llmstack.model import ModelConfig
 from llmstack.eval.perplexity import evaluate
 from llmstack.inference import generate
 from llmstack.inference.long_context import SCALINGS, extend_context, loss_by_position, trained_context

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from llmstack.config import ModelConfig, MoEConfig, RopeScaling, model_preset
+from llmstack.model import MoEConfig, ModelConfig, RopeScaling, model_preset
 from llmstack.model import (KVCache, MoE, RMSNorm, Transformer, apply_rope, attention, count_params, flops_per_token,
                             rope_cos_sin, rope_frequencies)
 from llmstack.interop.hf import fuse_projections, split_projections
@@ -463,3 +463,176 @@ def test_dropout_only_in_training():
         model.train()
         a, b = model(x), model(x)
     assert not torch.allclose(a, b)
+
+
+# ----------------------------------------------------------------------------- hooks for what is applied from outside
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("window", [None, 3])
+def test_backends_agree_with_per_row_kv_lengths(backend, window):
+    """kv_lengths: row b attends over its first kv_lengths[b] key slots only, its queries being the
+    last Tq of those; equal to each row run on its own slots, against float64."""
+    torch.manual_seed(0)
+    tq, tk = 2, 12
+    q, k, v = torch.randn(3, 4, tq, 16), torch.randn(3, 2, tk, 16), torch.randn(3, 2, tk, 16)
+    lengths = torch.tensor([12, 5, 2])
+    k[1, :, 5:] = v[1, :, 5:] = 1e4  # slots past a row's length hold stale values that must not leak in
+    out = attention(q, k, v, backend=backend, kv_lengths=lengths, window=window)
+    for b, n in enumerate(lengths.tolist()):
+        ref = reference_attention(q[b:b + 1], k[b:b + 1, :, :n], v[b:b + 1, :, :n], window=window)
+        assert rel_err(out[b:b + 1], ref) < 1e-5, (backend, b)
+
+
+def _right_padded_prefill(model, prompts, cache):
+    """Prefill prompts of different lengths as one right-padded batch, then give each row of the
+    cache its own length; returns the logits of each prompt's last token (B, V)."""
+    T = max(len(p) for p in prompts)
+    batch = torch.tensor([p + [0] * (T - len(p)) for p in prompts])
+    logits = model(batch, cache=cache)  # padding sits after each prompt: causal attention never sees it
+    cache.set_lengths([len(p) for p in prompts])
+    return logits[torch.arange(len(prompts)), torch.tensor([len(p) for p in prompts]) - 1]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_cache_rows_at_their_own_lengths_decode_like_each_row_alone(backend):
+    """A KVCache whose rows hold different lengths (no left padding, each row at its own
+    positions): every decode step's logits equal those of the row decoded alone."""
+    torch.manual_seed(0)
+    model = build(tiny(attn_backend=backend))
+    prompts = [torch.randint(0, 97, (n,)).tolist() for n in (9, 3, 6)]
+    steps = torch.randint(0, 97, (len(prompts), 4))
+    with torch.no_grad():
+        cache = KVCache.for_model(model, len(prompts), 20)
+        batched = [_right_padded_prefill(model, prompts, cache)]
+        for i in range(steps.shape[1]):
+            batched.append(model(steps[:, i:i + 1], cache=cache)[:, -1])
+        assert cache.lengths.tolist() == [len(p) + steps.shape[1] for p in prompts]
+        for b, prompt in enumerate(prompts):
+            alone = model(torch.tensor([prompt + steps[b].tolist()]))[0]  # (T, V)
+            expected = alone[len(prompt) - 1:]
+            got = torch.stack([step[b] for step in batched])
+            assert rel_err(got, expected) < 1e-5, (backend, b)
+
+
+class PagedCache:
+    """The smallest paged cache: per layer one pool of fixed-size blocks, a block table per row
+    (blocks deliberately out of order), per-row lengths; `update` returns the pools."""
+
+    def __init__(self, model, batch_size, n_blocks, block_size, blocks_per_row):
+        cfg = model.config
+        self.pools = [(torch.zeros(n_blocks, cfg.n_kv_heads, block_size, cfg.head_dim),
+                       torch.zeros(n_blocks, cfg.n_kv_heads, block_size, cfg.head_dim)) for _ in range(cfg.n_layers)]
+        self.block_size = block_size
+        self.block_table = torch.randperm(n_blocks)[:batch_size * blocks_per_row].view(batch_size, blocks_per_row)
+        self.lengths = torch.zeros(batch_size, dtype=torch.long)
+        self.seq_len = 0
+
+    def update(self, layer, k, v):
+        T = k.shape[2]
+        slots = self.lengths[:, None] + torch.arange(T)  # (B, T)
+        blocks = self.block_table.gather(1, slots // self.block_size)
+        k_pool, v_pool = self.pools[layer]
+        k_pool[blocks, :, slots % self.block_size] = k.transpose(1, 2)  # (B, T, Hkv, D) into the pools
+        v_pool[blocks, :, slots % self.block_size] = v.transpose(1, 2)
+        return k_pool, v_pool
+
+    def advance(self, n):
+        self.lengths += n
+        self.seq_len += n
+
+    def set_lengths(self, lengths):
+        self.lengths = torch.tensor(lengths)
+        self.seq_len = max(lengths)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_paged_cache_hands_its_block_table_to_the_attention_backend(backend):
+    """The cache interface admits a paged cache: its block table and per-row lengths reach the
+    attention backend, and decoding through it gives the contiguous cache's logits."""
+    torch.manual_seed(0)
+    model = build(tiny(attn_backend=backend))
+    prompts = [torch.randint(0, 97, (n,)).tolist() for n in (7, 2, 5)]
+    steps = torch.randint(0, 97, (3, 5))
+    out = {}
+    with torch.no_grad():
+        for name, cache in (("contiguous", KVCache.for_model(model, 3, 16)),
+                            ("paged", PagedCache(model, 3, n_blocks=20, block_size=4, blocks_per_row=4))):
+            logits = [_right_padded_prefill(model, prompts, cache)]
+            logits += [model(steps[:, i:i + 1], cache=cache)[:, -1] for i in range(steps.shape[1])]
+            out[name] = torch.stack(logits, 1)
+    assert rel_err(out["paged"], out["contiguous"]) < 1e-5
+
+
+def test_attention_runs_on_a_tensor_parallel_shard_of_its_heads():
+    """Attention reads head counts from its tensors: a shard holding half of the KV groups (their
+    q, k and v rows of qkv_proj and their columns of o_proj) computes its part of the output, and
+    the shards' parts add up to the whole layer's (what tensor parallelism sums across ranks)."""
+    torch.manual_seed(0)
+    cfg = tiny(n_heads=8, n_kv_heads=4, dim=64, qkv_bias=True)
+    attn = build(cfg).layers[0].attn
+    H, Hkv, D, G = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.n_heads // cfg.n_kv_heads
+    x = torch.randn(2, 9, 64)
+    rope = rope_cos_sin(torch.arange(9), build(cfg).rope_inv_freq)
+    with torch.no_grad():
+        full = attn(x, rope)
+        parts = []
+        for shard in range(2):
+            kv = torch.arange(shard * Hkv // 2, (shard + 1) * Hkv // 2)  # this shard's KV heads
+            q_heads = (kv[:, None] * G + torch.arange(G)).flatten()  # and the query heads they serve
+            heads = torch.cat([q_heads, H + kv, H + Hkv + kv])
+            rows = (heads[:, None] * D + torch.arange(D)).flatten()
+            part = type(attn)(cfg, 0)
+            part.qkv_proj = torch.nn.Linear(64, len(rows), bias=True)
+            part.o_proj = torch.nn.Linear(len(q_heads) * D, 64, bias=False)
+            part.qkv_proj.weight.copy_(attn.qkv_proj.weight[rows])
+            part.qkv_proj.bias.copy_(attn.qkv_proj.bias[rows])
+            part.o_proj.weight.copy_(attn.o_proj.weight[:, (q_heads[:, None] * D + torch.arange(D)).flatten()])
+            parts.append(part(x, rope))
+    assert rel_err(parts[0] + parts[1], full) < 1e-5
+
+
+def test_return_hidden_gives_what_the_head_and_the_loss_read():
+    """forward(..., return_hidden=True) is the final normed hidden state: the head of it is the
+    logits, and the loss from targets is the cross-entropy of those logits."""
+    model = build(tiny(tie_embeddings=True))
+    x, y = torch.randint(0, 97, (2, 11)), torch.randint(0, 97, (2, 11))
+    with torch.no_grad():
+        hidden = model(x, return_hidden=True)
+        assert hidden.shape == (2, 11, 64)
+        torch.testing.assert_close(model.head(hidden), model(x))
+        expected = torch.nn.functional.cross_entropy(model.head(hidden).flatten(0, 1), y.flatten(), reduction="sum")
+        torch.testing.assert_close(model(x, targets=y), expected, rtol=1e-5, atol=1e-4)
+        last = model(x, return_hidden=True, logits_to_keep=1)
+        torch.testing.assert_close(last, hidden[:, -1:])
+    with pytest.raises(ValueError, match="return_hidden and targets"):
+        model(x, targets=y, return_hidden=True)
+
+
+def test_each_module_initialises_itself():
+    """init_weights asks every block's modules for their own rules: a module swapped in from
+    outside brings its own `init_weights`, and the model's rules hold for the rest."""
+    class Doubling(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.scale = torch.nn.Parameter(torch.empty(()))
+
+        def forward(self, x):
+            return 2 * self.scale * x
+
+        def init_weights(self, std, residual_std):
+            self.scale.fill_(residual_std / std)
+
+    model = Transformer(tiny(n_layers=8, bias=True, qk_norm=True))
+    model.layers[3].mlp = Doubling()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.fill_(float("nan"))
+    model.init_weights()
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert model.layers[3].mlp.scale.item() == pytest.approx(1 / math.sqrt(16))
+    for name, p in model.named_parameters():
+        if name.endswith("bias"):
+            assert torch.all(p == 0), name
+        elif "norm" in name:
+            assert torch.all(p == 1), name

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import llmstack
-from llmstack.config import ModelConfig
+from llmstack.model import ModelConfig
 from llmstack.inference.quantize import (QuantizedLinear, dequantize_int4, dequantize_int8, load_quantized,
                                          pack_int4, quantize_, quantize_int4, quantize_int8, save_quantized,
                                          unpack_int4)

@@ -4,7 +4,10 @@ import re
 import typing
 from pathlib import Path
 
-from llmstack.config import DataConfig, ModelConfig, MoEConfig, RopeScaling, TokenizerConfig, TrainConfig
+from llmstack.data import DataConfig
+from llmstack.model import MoEConfig, ModelConfig, RopeScaling
+from llmstack.tokenizer import TokenizerConfig
+from llmstack.train import TrainConfig
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 

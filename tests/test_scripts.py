@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from llmstack.config import ModelConfig
+from llmstack.model import ModelConfig
 from llmstack.inference.quantize import quantize_, save_quantized
 from llmstack.interop import save_pretrained
 from llmstack.model import Transformer

@@ -5,8 +5,9 @@ import copy
 import pytest
 import torch
 
-from llmstack.config import ModelConfig
-from llmstack.inference.generate import generate, sample_next
+from llmstack.model import ModelConfig
+from llmstack.inference.generate import generate
+from llmstack.inference.sampling import sample_next
 from llmstack.inference.speculative import accept_draft, lookup_continuation, sampling_probs, speculative_generate
 from llmstack.model import KVCache, Transformer
 

@@ -9,9 +9,11 @@ import pytest
 import torch
 
 import llmstack
-from llmstack.config import ConfigError, ModelConfig, PretrainConfig, TrainConfig, load_config
+from llmstack.config import ConfigError, load_config
+from llmstack.model import ModelConfig
+from llmstack.train import PretrainConfig, TrainConfig
 from llmstack.data import TokenBatches
-from llmstack.interop import build_model
+from llmstack.model import build_model
 from llmstack.train import (TrainingError, latest_checkpoint, load_checkpoint, lr_multiplier, next_token_loss,
                             param_groups, pretrain, save_checkpoint, train)
 

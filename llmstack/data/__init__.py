@@ -1,7 +1,8 @@
 """Corpora, tokenized memory-mapped caches and deterministic batches (no model import)."""
+from llmstack.data.config import DataConfig
 from llmstack.data.corpus import DataError, corpus_fingerprint, iter_texts, load_corpus, stdlib_files
 from llmstack.data.loader import TokenBatches
 from llmstack.data.tokens import default_cache_dir, prepare_tokens, token_stats
 
-__all__ = ["DataError", "TokenBatches", "corpus_fingerprint", "default_cache_dir", "iter_texts", "load_corpus",
+__all__ = ["DataConfig", "DataError", "TokenBatches", "corpus_fingerprint", "default_cache_dir", "iter_texts", "load_corpus",
            "prepare_tokens", "stdlib_files", "token_stats"]

@@ -1,16 +1,16 @@
 """Generation, sampling, beam search, KV caches, quantization, speculative decoding and long context."""
 from llmstack.inference.beam import Hypothesis, beam_search
 from llmstack.inference.compiled import CompiledDecoder
-from llmstack.inference.decode_layout import DecodeLinear, use_decode_layout
-from llmstack.inference.generate import StopText, generate, generate_text, sample_next, stream_generate
+from llmstack.inference.generate import StopText, generate, generate_text, stream_generate
+from llmstack.inference.loading import from_pretrained
 from llmstack.inference.long_context import extend_context, loss_by_position
 from llmstack.inference.quantize import QuantizedLinear, load_quantized, quantize_, save_quantized
-from llmstack.inference.sampling import SamplingParams, process_logits, sample
+from llmstack.inference.sampling import SamplingParams, process_logits, sample, sample_next
 from llmstack.inference.speculative import SpeculativeOutput, load_draft, lookup_continuation, speculative_generate
 
 __all__ = [
-    "CompiledDecoder", "DecodeLinear", "Hypothesis", "QuantizedLinear", "SamplingParams", "SpeculativeOutput",
-    "StopText", "beam_search", "extend_context", "generate", "generate_text", "load_draft", "load_quantized",
+    "CompiledDecoder", "Hypothesis", "QuantizedLinear", "SamplingParams", "SpeculativeOutput", "StopText",
+    "beam_search", "extend_context", "from_pretrained", "generate", "generate_text", "load_draft", "load_quantized",
     "lookup_continuation", "loss_by_position", "process_logits", "quantize_", "sample", "sample_next",
-    "save_quantized", "speculative_generate", "stream_generate", "use_decode_layout",
+    "save_quantized", "speculative_generate", "stream_generate",
 ]

@@ -17,8 +17,7 @@ from typing import Optional
 import torch
 
 from llmstack.config import is_int
-from llmstack.inference.decode_layout import use_decode_layout
-from llmstack.inference.generate import check_max_new_tokens, check_prompts, prompt_rows
+from llmstack.inference.generate import check_max_new_tokens, check_prompts, evaluating, prompt_rows
 from llmstack.model import KVCache
 
 
@@ -65,8 +64,6 @@ def beam_search(model: torch.nn.Module, input_ids, max_new_tokens: int, *, num_b
     Fewer hypotheses come back only when fewer distinct ones exist.
     """
     device = next(model.parameters()).device
-    if device.type == "cpu":
-        use_decode_layout(model)
     rows, _ = prompt_rows(input_ids, device)
     if len(rows) != 1:
         raise ValueError(f"beam_search takes one prompt (T,) or (1, T), got {len(rows)}")
@@ -82,49 +79,44 @@ def beam_search(model: torch.nn.Module, input_ids, max_new_tokens: int, *, num_b
     running = torch.zeros(W, 0, dtype=torch.long, device=device)  # (W, n) continuations so far
     running_scores = torch.full((W,), neg_inf, device=device)
     running_scores[0] = 0.0  # only one real beam at the start: the others would repeat it
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.inference_mode():
-            # Prefill once, then copy the prompt's keys/values into every beam's row.
-            prompt_cache = KVCache.for_model(model, 1, T)
-            logits = model(prompt[None], cache=prompt_cache, logits_to_keep=1)[:, -1]  # (1, V)
-            cache = KVCache.for_model(model, W, T + steps)
-            cache.k[:, :, :, :T] = prompt_cache.k
-            cache.v[:, :, :, :T] = prompt_cache.v
-            cache.advance(T)
-            for step in range(steps):
-                n = step + 1  # new tokens in each candidate, its own included
-                candidates = running_scores[:, None] + torch.log_softmax(logits.float(), dim=-1)  # (W, V)
-                top_scores, top_index = candidates.flatten().topk(K)  # (K,) best first
-                origin, token = top_index // V, top_index % V
-                last = step + 1 == steps
-                finishing = torch.ones_like(token, dtype=torch.bool) if last else \
-                    (token == eos_token_id if eos_token_id is not None else torch.zeros_like(token, dtype=torch.bool))
-                # Only the best W candidates may finish; the rest are there to keep W beams running.
-                for r in finishing[:W].nonzero().flatten().tolist():
-                    if top_scores[r] > neg_inf:
-                        continuation = torch.cat([running[origin[r]], token[r:r + 1]])
-                        finished.append((float(top_scores[r]) / n**length_penalty, float(top_scores[r]),
-                                         continuation))
-                finished = sorted(finished, key=lambda h: h[0], reverse=True)[:W]
-                if last:
+    with evaluating(model), torch.inference_mode():
+        # Prefill once, then copy the prompt's keys/values into every beam's row.
+        prompt_cache = KVCache.for_model(model, 1, T)
+        logits = model(prompt[None], cache=prompt_cache, logits_to_keep=1)[:, -1]  # (1, V)
+        cache = KVCache.for_model(model, W, T + steps)
+        cache.k[:, :, :, :T] = prompt_cache.k
+        cache.v[:, :, :, :T] = prompt_cache.v
+        cache.advance(T)
+        for step in range(steps):
+            n = step + 1  # new tokens in each candidate, its own included
+            candidates = running_scores[:, None] + torch.log_softmax(logits.float(), dim=-1)  # (W, V)
+            top_scores, top_index = candidates.flatten().topk(K)  # (K,) best first
+            origin, token = top_index // V, top_index % V
+            last = step + 1 == steps
+            finishing = torch.ones_like(token, dtype=torch.bool) if last else \
+                (token == eos_token_id if eos_token_id is not None else torch.zeros_like(token, dtype=torch.bool))
+            # Only the best W candidates may finish; the rest are there to keep W beams running.
+            for r in finishing[:W].nonzero().flatten().tolist():
+                if top_scores[r] > neg_inf:
+                    continuation = torch.cat([running[origin[r]], token[r:r + 1]])
+                    finished.append((float(top_scores[r]) / n**length_penalty, float(top_scores[r]),
+                                     continuation))
+            finished = sorted(finished, key=lambda h: h[0], reverse=True)[:W]
+            if last:
+                break
+            keep = top_scores.masked_fill(finishing, neg_inf).topk(W).indices  # (W,) best first
+            running_scores, beam_origin = top_scores[keep], origin[keep]
+            running = torch.cat([running[beam_origin], token[keep][:, None]], dim=1)
+            if running_scores[0] == neg_inf:
+                break  # every possible continuation has finished
+            if len(finished) == W:
+                if early_stopping is True:
                     break
-                keep = top_scores.masked_fill(finishing, neg_inf).topk(W).indices  # (W,) best first
-                running_scores, beam_origin = top_scores[keep], origin[keep]
-                running = torch.cat([running[beam_origin], token[keep][:, None]], dim=1)
-                if running_scores[0] == neg_inf:
-                    break  # every possible continuation has finished
-                if len(finished) == W:
-                    if early_stopping is True:
-                        break
-                    best_len = steps if early_stopping == "never" and length_penalty > 0 else n
-                    if float(running_scores[0]) / best_len**length_penalty <= finished[-1][0]:
-                        break  # the best running beam cannot beat the worst finished hypothesis
-                _reorder_rows(cache, beam_origin)
-                logits = model(token[keep][:, None], cache=cache)[:, -1]  # (W, V)
-    finally:
-        model.train(was_training)
+                best_len = steps if early_stopping == "never" and length_penalty > 0 else n
+                if float(running_scores[0]) / best_len**length_penalty <= finished[-1][0]:
+                    break  # the best running beam cannot beat the worst finished hypothesis
+            _reorder_rows(cache, beam_origin)
+            logits = model(token[keep][:, None], cache=cache)[:, -1]  # (W, V)
     return [Hypothesis(torch.cat([prompt, cont]), score, log_prob)
             for score, log_prob, cont in finished[:num_return_sequences] if math.isfinite(score)]
 

@@ -6,13 +6,13 @@ at 0), so a row produces exactly what it would produce alone.
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Callable, Iterator, Optional, Sequence
 
 import torch
 
 from llmstack.config import is_int
-from llmstack.inference.decode_layout import use_decode_layout
-from llmstack.inference.sampling import SamplingParams, TokenHistory, sample, sample_next  # noqa: F401
+from llmstack.inference.sampling import SamplingParams, TokenHistory, sample
 from llmstack.model import KVCache
 from llmstack.model.kv_cache import RollingKVCache
 
@@ -57,6 +57,20 @@ class StopText:
         new = self.text[self._shown:end] if end > self._shown else ""
         self._shown = max(self._shown, end)
         return new
+
+
+@contextlib.contextmanager
+def evaluating(*models: torch.nn.Module) -> Iterator[None]:
+    """Run the block with `models` in eval mode (no dropout), then put every module back in the
+    mode it was in. Models already wholly in eval mode are not touched."""
+    training = [m for model in models if model is not None for m in model.modules() if m.training]
+    for m in training:
+        m.training = False
+    try:
+        yield
+    finally:
+        for m in training:
+            m.training = True
 
 
 def cut_at_stop(text: str, stop_strings: Sequence[str]) -> str:
@@ -170,47 +184,40 @@ def _decode_steps(model: torch.nn.Module, rows: list[torch.Tensor], max_new_toke
         cache = RollingKVCache.for_model(model, B)  # memory of one window, however long the text
     else:
         cache = KVCache.for_model(model, B, T + steps)
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.inference_mode():
-            mask = key_mask[:, :T] if ragged else None
-            logits = model(ids, cache=cache, positions=positions, attn_mask=mask, logits_to_keep=1)[:, -1]  # (B, V)
-            for i in range(steps):
-                nxt = sample(logits, params, history=history, generator=generator)  # (B,)
-                if not track:
-                    yield nxt, None
-                else:
-                    yield nxt, live.clone()
-                    ended = i + 1 >= limits
-                    if len(stop):
-                        ended |= torch.isin(nxt, stop)
-                    if watchers is not None:
-                        for row in live.nonzero().flatten().tolist():
-                            watchers[row].push(int(nxt[row]))
-                        ended |= torch.tensor([w.stopped for w in watchers], device=device)
-                    live &= ~ended
-                    if not bool(live.any()):
-                        break
-                if i + 1 == steps:
+    with evaluating(model), torch.inference_mode():
+        mask = key_mask[:, :T] if ragged else None
+        logits = model(ids, cache=cache, positions=positions, attn_mask=mask, logits_to_keep=1)[:, -1]  # (B, V)
+        for i in range(steps):
+            nxt = sample(logits, params, history=history, generator=generator)  # (B,)
+            if not track:
+                yield nxt, None
+            else:
+                yield nxt, live.clone()
+                ended = i + 1 >= limits
+                if len(stop):
+                    ended |= torch.isin(nxt, stop)
+                if watchers is not None:
+                    for row in live.nonzero().flatten().tolist():
+                        watchers[row].push(int(nxt[row]))
+                    ended |= torch.tensor([w.stopped for w in watchers], device=device)
+                live &= ~ended
+                if not bool(live.any()):
                     break
-                if history is not None:
-                    history.append(nxt)
-                if ragged:
-                    # Finished rows may run past the context; clamp so a learned position table is not overrun.
-                    pos = (lengths + i).clamp(max=cfg.max_seq_len - 1)[:, None]  # (B, 1)
-                    logits = model(nxt[:, None], cache=cache, positions=pos,
-                                   attn_mask=key_mask[:, :cache.seq_len + 1])[:, -1]
-                else:
-                    logits = model(nxt[:, None], cache=cache)[:, -1]
-    finally:
-        model.train(was_training)
+            if i + 1 == steps:
+                break
+            if history is not None:
+                history.append(nxt)
+            if ragged:
+                # Finished rows may run past the context; clamp so a learned position table is not overrun.
+                pos = (lengths + i).clamp(max=cfg.max_seq_len - 1)[:, None]  # (B, 1)
+                logits = model(nxt[:, None], cache=cache, positions=pos,
+                               attn_mask=key_mask[:, :cache.seq_len + 1])[:, -1]
+            else:
+                logits = model(nxt[:, None], cache=cache)[:, -1]
 
 
 def _start(model, input_ids, max_new_tokens, params: SamplingParams, seed, stop_strings, decode):
     device = next(model.parameters()).device
-    if device.type == "cpu":
-        use_decode_layout(model)
     check_max_new_tokens(max_new_tokens)
     params.validate(model.config.vocab_size)
     rows, kind = prompt_rows(input_ids, device)

@@ -21,7 +21,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llmstack.config import RopeScaling, is_int
+from llmstack.config import is_int
+from llmstack.inference.generate import evaluating
+from llmstack.model import RopeScaling
 from llmstack.model.rope import rope_frequencies
 
 SCALINGS = ("linear", "ntk", "yarn", "llama3")
@@ -84,12 +86,10 @@ def extend_context(model: nn.Module, new_max_seq_len: int, scaling: Optional[str
 def loss_by_position(model: nn.Module, windows: torch.Tensor, batch_size: int = 8) -> torch.Tensor:
     """Mean next-token loss (nats) at each position over token windows (N, T + 1): a (T,) tensor.
     Position t is the loss of predicting token t + 1 having seen tokens 0..t."""
-    was_training = model.training
-    model.eval()
     total = torch.zeros(windows.shape[1] - 1, dtype=torch.float64)
-    for chunk in windows.split(batch_size):
-        logits = model(chunk[:, :-1])  # (B, T, V)
-        loss = F.cross_entropy(logits.float().transpose(1, 2), chunk[:, 1:], reduction="none")  # (B, T)
-        total += loss.sum(0).double().cpu()
-    model.train(was_training)
+    with evaluating(model):
+        for chunk in windows.split(batch_size):
+            logits = model(chunk[:, :-1])  # (B, T, V)
+            loss = F.cross_entropy(logits.float().transpose(1, 2), chunk[:, 1:], reduction="none")  # (B, T)
+            total += loss.sum(0).double().cpu()
     return (total / len(windows)).float()

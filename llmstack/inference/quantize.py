@@ -53,7 +53,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from llmstack import kernels
+from llmstack.interop import finish_loading, load_model_config, load_weights, resolve_checkpoint, save_pretrained
 from llmstack.kernels import GPU_DTYPES
+from llmstack.model import Transformer
 
 SCHEMES = ("int8", "int4")
 DEFAULT_SKIP = ("lm_head", "router")
@@ -289,8 +291,6 @@ def save_quantized(model: nn.Module, directory: str | os.PathLike, *, extra_conf
 
     extra_config: further top-level sections for config.yaml (e.g. the training job's
     tokenizer/data sections, so that scripts reading the job config work on it)."""
-    from llmstack.interop import save_pretrained
-
     info = quantization_of(model)
     if info is None:
         raise ValueError("model is not quantized: call quantize_(model, scheme) first, or use save_pretrained")
@@ -304,9 +304,6 @@ def load_quantized(directory: str | os.PathLike, *, device: torch.device | str |
                    dtype: Optional[torch.dtype] = None) -> nn.Module:
     """Load a checkpoint written by save_quantized (llmstack.from_pretrained calls this when the
     metadata names a scheme). Returns the model in eval mode."""
-    from llmstack.interop import finish_loading, load_model_config, load_weights, resolve_checkpoint
-    from llmstack.model import Transformer
-
     directory = resolve_checkpoint(directory)
     state, metadata = load_weights(directory)
     scheme = metadata.get("quantization")

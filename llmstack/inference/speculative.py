@@ -26,9 +26,10 @@ from typing import Optional, Sequence
 import torch
 
 from llmstack.config import is_int
-from llmstack.inference.decode_layout import use_decode_layout
-from llmstack.inference.generate import check_max_new_tokens, check_prompts, prompt_rows
+from llmstack.inference.generate import check_max_new_tokens, check_prompts, evaluating, prompt_rows
+from llmstack.inference.loading import from_pretrained
 from llmstack.inference.sampling import SamplingParams, process_logits
+from llmstack.interop import load_tokenizer, resolve_checkpoint
 from llmstack.model import KVCache
 
 
@@ -167,8 +168,6 @@ def load_draft(target_checkpoint, draft_checkpoint, *, device=None, dtype=None) 
     was saved with `target_checkpoint`'s tokenizer: the same merges, not only the same vocabulary
     size, which is all `speculative_generate` can see. A draft with other token ids would still give
     the target's output, but with almost every proposal rejected."""
-    from llmstack.interop import from_pretrained, load_tokenizer, resolve_checkpoint
-
     target_dir, draft_dir = resolve_checkpoint(target_checkpoint), resolve_checkpoint(draft_checkpoint)
     draft = from_pretrained(draft_dir, device=device, dtype=dtype)  # first: its errors name a missing directory
     if load_tokenizer(target_dir).fingerprint() != load_tokenizer(draft_dir).fingerprint():
@@ -233,54 +232,44 @@ def speculative_generate(target: torch.nn.Module, input_ids, max_new_tokens: int
         q = sampling_probs(logits, temperature=temperature, top_k=top_k, top_p=top_p)
         return int(torch.multinomial(q, 1, generator=generator)), q
 
-    models = [target] if draft is None else [target, draft]
-    was_training = [m.training for m in models]
-    for m in models:
-        m.eval()
-        if device.type == "cpu":
-            use_decode_layout(m)
     drafter = _ModelDrafter(draft, total) if draft is not None else _LookupDrafter(ngram)
     stats = SpeculativeStats()
     stop = set(int(t) for t in stop_tokens)
     tokens = list(prompt)
-    try:
-        with torch.inference_mode():
-            while len(tokens) < total:
-                # Never propose past the budget: the target adds one token of its own to every round.
-                k_round = min(k, total - len(tokens) - 1)
-                proposal, q, passes = drafter.propose(tokens, k_round, sample)
-                stats.draft_passes += passes
-                n = len(proposal)
-                # The target reads what its cache lacks (the prompt at first, then the last
-                # token) plus the proposals: logits for each proposal's position and one past.
-                feed = tokens[cache.seq_len:] + proposal
-                logits = target(torch.tensor([feed], device=device), cache=cache)[0, -(n + 1):]  # (n+1, V)
-                stats.target_passes += 1
-                if greedy:
-                    best = logits.argmax(-1).tolist()  # (n+1,)
-                    accepted = next((i for i in range(n) if proposal[i] != best[i]), n)
-                    next_token = best[accepted]
-                else:
-                    p = sampling_probs(logits, temperature=temperature, top_k=top_k, top_p=top_p)
-                    drafts = torch.tensor([proposal], dtype=torch.long, device=device).reshape(1, n)
-                    acc, nxt = accept_draft(p[None], drafts, q[None] if q is not None else None, generator=generator)
-                    accepted, next_token = int(acc[0]), int(nxt[0])
-                # Keep the text so far and the accepted proposals; the new last token is not yet cached.
-                cache.truncate(len(tokens) + accepted)
-                drafter.rollback(len(tokens) + accepted)
-                new = proposal[:accepted] + [next_token]
-                stats.proposed += n
-                stats.accepted += accepted
-                hit = next((i for i, t in enumerate(new) if t in stop), None)
-                if hit is not None:
-                    new = new[:hit + 1]
-                tokens += new
-                stats.new_tokens += len(new)
-                if hit is not None:
-                    cache.truncate(min(cache.seq_len, len(tokens) - 1))
-                    break
-    finally:
-        for m, mode in zip(models, was_training):
-            m.train(mode)
+    with evaluating(target, draft), torch.inference_mode():
+        while len(tokens) < total:
+            # Never propose past the budget: the target adds one token of its own to every round.
+            k_round = min(k, total - len(tokens) - 1)
+            proposal, q, passes = drafter.propose(tokens, k_round, sample)
+            stats.draft_passes += passes
+            n = len(proposal)
+            # The target reads what its cache lacks (the prompt at first, then the last
+            # token) plus the proposals: logits for each proposal's position and one past.
+            feed = tokens[cache.seq_len:] + proposal
+            logits = target(torch.tensor([feed], device=device), cache=cache)[0, -(n + 1):]  # (n+1, V)
+            stats.target_passes += 1
+            if greedy:
+                best = logits.argmax(-1).tolist()  # (n+1,)
+                accepted = next((i for i in range(n) if proposal[i] != best[i]), n)
+                next_token = best[accepted]
+            else:
+                p = sampling_probs(logits, temperature=temperature, top_k=top_k, top_p=top_p)
+                drafts = torch.tensor([proposal], dtype=torch.long, device=device).reshape(1, n)
+                acc, nxt = accept_draft(p[None], drafts, q[None] if q is not None else None, generator=generator)
+                accepted, next_token = int(acc[0]), int(nxt[0])
+            # Keep the text so far and the accepted proposals; the new last token is not yet cached.
+            cache.truncate(len(tokens) + accepted)
+            drafter.rollback(len(tokens) + accepted)
+            new = proposal[:accepted] + [next_token]
+            stats.proposed += n
+            stats.accepted += accepted
+            hit = next((i for i, t in enumerate(new) if t in stop), None)
+            if hit is not None:
+                new = new[:hit + 1]
+            tokens += new
+            stats.new_tokens += len(new)
+            if hit is not None:
+                cache.truncate(min(cache.seq_len, len(tokens) - 1))
+                break
     out = torch.tensor(tokens, dtype=torch.long, device=device)
     return SpeculativeOutput(ids=out if kind == "single" else out[None], stats=stats)

@@ -9,24 +9,21 @@ from __future__ import annotations
 
 import json
 import os
-import re
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Optional
 
 import torch
 import yaml
 
-from llmstack.config import ModelConfig, from_dict, to_dict
+from llmstack.config import from_dict, to_dict
 from llmstack.interop.hf import (config_from_hf, config_to_hf, fuse_projections, read_hf_config, state_dict_from_hf,
                                  state_dict_to_hf)
-from llmstack.interop.weights import load_weights, save_weights
-from llmstack.model import Transformer
+from llmstack.interop.weights import load_weights, read_metadata, save_weights
+from llmstack.io import atomic_directory
+from llmstack.model import ModelConfig, Transformer, build_model
 
-__all__ = ["atomic_directory", "build_model", "finish_loading", "from_pretrained", "load_model_config",
-           "load_state_into", "load_tokenizer", "load_weights", "resolve_checkpoint", "save_hf", "save_pretrained",
-           "save_weights"]
+__all__ = ["finish_loading", "from_pretrained", "load_model_config", "load_state_into", "load_tokenizer",
+           "load_weights", "read_metadata", "resolve_checkpoint", "save_hf", "save_pretrained", "save_weights"]
 
 
 def resolve_checkpoint(path: str | os.PathLike) -> Path:
@@ -62,17 +59,6 @@ def load_model_config(directory: str | os.PathLike) -> ModelConfig:
     raise FileNotFoundError(f"{str(directory)!r} holds neither config.yaml (llmstack) nor config.json (Hugging Face)")
 
 
-def build_model(cfg: ModelConfig, *, device: torch.device | str | None = None,
-                dtype: Optional[torch.dtype] = None) -> Transformer:
-    """Build on the meta device (no memory, no init work), then allocate on `device`."""
-    with torch.device("meta"):
-        model = Transformer(cfg)
-    model.to_empty(device=device or "cpu")
-    if dtype is not None:
-        model.to(dtype)
-    return model
-
-
 def load_state_into(model: Transformer, state: dict[str, torch.Tensor]) -> None:
     """Strict load with errors that name the tensors: missing, unexpected, or of another shape.
     Checkpoints with separate q/k/v projections (older runs) are fused first."""
@@ -106,18 +92,15 @@ def finish_loading(model: Transformer, state: dict[str, torch.Tensor], *,
 
 def from_pretrained(path: str | os.PathLike, *, device: torch.device | str | None = None,
                     dtype: Optional[torch.dtype] = None) -> Transformer:
-    """Load an llmstack checkpoint directory or a Hugging Face directory (Llama, Mistral, Qwen2,
-    Mixtral; sharded or not). Returns the model in eval mode."""
+    """Load a float llmstack checkpoint directory or a Hugging Face directory (Llama, Mistral,
+    Qwen2, Mixtral; sharded or not). Returns the model in eval mode. (`llmstack.from_pretrained`
+    also loads quantized checkpoints.)"""
     path = resolve_checkpoint(path)
     cfg = load_model_config(path)
     state, metadata = load_weights(path)
     if "quantization" in metadata:
-        try:
-            from llmstack.inference.quantize import load_quantized
-        except ImportError:
-            raise ValueError(f"{path} holds a quantized checkpoint ({metadata['quantization']}) "
-                             "but llmstack.inference.quantize is not available") from None
-        return load_quantized(path, device=device, dtype=dtype)
+        raise ValueError(f"{path} holds a quantized checkpoint ({metadata['quantization']}); load it with "
+                         "llmstack.from_pretrained or llmstack.inference.load_quantized")
     if (path / "config.json").is_file() and not (path / "config.yaml").is_file():
         state = state_dict_from_hf(state, cfg)
     return finish_loading(build_model(cfg, device="cpu"), state, device=device, dtype=dtype)
@@ -151,39 +134,3 @@ def save_hf(model: Transformer, directory: str | os.PathLike) -> None:
         save_weights(state, tmp)
 
     atomic_directory(Path(directory), write)
-
-
-# What a checkpoint directory holds (ours, Hugging Face's weights, the trainer's state). Swapping a new
-# checkpoint in replaces the old directory whole, so one holding anything else is refused.
-CHECKPOINT_FILE = re.compile(r"config\.(yaml|json)|tokenizer\.json|trainer_state\.pt"
-                             r"|model(-\d+-of-\d+)?\.safetensors|model\.safetensors\.index\.json")
-
-
-def atomic_directory(directory: Path, write) -> None:
-    """Run `write(tmp)` on a fresh sibling directory, then swap it in for `directory`.
-
-    An existing `directory` is replaced only when it holds nothing but checkpoint files
-    (`CHECKPOINT_FILE`): anything else in it would be lost, so that is a FileExistsError."""
-    directory = Path(directory)
-    if directory.exists() or directory.is_symlink():
-        if not directory.is_dir():
-            raise FileExistsError(f"{directory} exists and is not a directory; save the checkpoint elsewhere")
-        others = sorted(p.name for p in directory.iterdir() if not CHECKPOINT_FILE.fullmatch(p.name))
-        if others:
-            shown = ", ".join(others[:5]) + (", ..." if len(others) > 5 else "")
-            raise FileExistsError(f"{directory} holds files that are not part of a checkpoint ({shown}); saving "
-                                  f"replaces the directory whole: choose a new or empty one, or remove it first")
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
-    try:
-        write(tmp)
-        if directory.exists():
-            old = directory.with_name(f".{directory.name}.old-{os.getpid()}")
-            os.replace(directory, old)  # two renames: the window without `directory` is tiny
-            os.replace(tmp, directory)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, directory)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from llmstack.config import ModelConfig, MoEConfig, RopeScaling
+from llmstack.model.config import ModelConfig, MoEConfig, RopeScaling
 
 SUPPORTED = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
              "mixtral": "MixtralForCausalLM"}

@@ -10,6 +10,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from llmstack.io import atomic_write_text
+
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
 
@@ -44,7 +46,7 @@ def save_weights(state_dict: dict[str, torch.Tensor], directory: str | os.PathLi
         weight_map.update({k: fname for k in shard})
     total = sum(t.numel() * t.element_size() for t in tensors.values())
     index = {"metadata": {"total_size": total, **metadata}, "weight_map": weight_map}
-    _atomic_write_text(directory / INDEX_NAME, json.dumps(index, indent=2))
+    atomic_write_text(directory / INDEX_NAME, json.dumps(index, indent=2))
 
 
 def load_weights(directory: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -69,6 +71,25 @@ def load_weights(directory: str | os.PathLike) -> tuple[dict[str, torch.Tensor],
     return state, metadata
 
 
+def read_metadata(directory: str | os.PathLike) -> dict[str, str]:
+    """The safetensors metadata of a checkpoint directory (every shard's), without reading any tensor."""
+    directory = Path(directory)
+    index_path = directory / INDEX_NAME
+    if index_path.is_file():
+        files = sorted(set(json.loads(index_path.read_text())["weight_map"].values()))
+    elif (directory / WEIGHTS_NAME).is_file():
+        files = [WEIGHTS_NAME]
+    else:
+        raise FileNotFoundError(f"no {WEIGHTS_NAME} or {INDEX_NAME} in {directory}")
+    metadata = {}
+    for fname in files:
+        try:
+            metadata.update(_read_metadata(directory / fname))
+        except (OSError, ValueError) as e:
+            raise ValueError(f"checkpoint file {directory / fname} is truncated or corrupt ({e})") from None
+    return metadata
+
+
 def _read_metadata(path: Path) -> dict[str, str]:
     with open(path, "rb") as f:  # header: 8-byte little-endian length, then JSON
         n = int.from_bytes(f.read(8), "little")
@@ -85,12 +106,6 @@ def _shared_ptrs(state_dict: dict[str, torch.Tensor]) -> set[int]:
 
 
 def _atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     save_file(tensors, tmp, metadata=metadata)
-    os.replace(tmp, path)
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
     os.replace(tmp, path)

@@ -1,6 +1,7 @@
-"""nn.Modules only: the Transformer and its parts. No training, no I/O, no process groups."""
+"""nn.Modules only: the Transformer and its parts, and its config. No training, no I/O, no process groups."""
 from llmstack.model.attention import attention, build_mask, resolve_backend
-from llmstack.model.kv_cache import KVCache
+from llmstack.model.config import ModelConfig, MoEConfig, RopeScaling, list_presets, model_preset
+from llmstack.model.kv_cache import KVCache, RollingKVCache
 from llmstack.model.moe import MoE
 from llmstack.model.rope import apply_rope, rope_cos_sin, rope_frequencies
 from llmstack.model.transformer import (
@@ -9,11 +10,13 @@ from llmstack.model.transformer import (
     Block,
     RMSNorm,
     Transformer,
+    build_model,
     count_params,
     flops_per_token,
 )
 
 __all__ = [
-    "Attention", "Block", "KVCache", "MLP", "MoE", "RMSNorm", "Transformer", "apply_rope", "attention",
-    "build_mask", "count_params", "flops_per_token", "resolve_backend", "rope_cos_sin", "rope_frequencies",
+    "MLP", "Attention", "Block", "KVCache", "MoE", "MoEConfig", "ModelConfig", "RMSNorm", "RollingKVCache",
+    "RopeScaling", "Transformer", "apply_rope", "attention", "build_mask", "build_model", "count_params",
+    "flops_per_token", "list_presets", "model_preset", "resolve_backend", "rope_cos_sin", "rope_frequencies",
 ]

@@ -12,6 +12,15 @@ a cache and single-token decode (Tq == 1).
 
 Extra masks: `key_mask` (B, Tk), True for real tokens, for batches of unequal
 lengths; `window` limits each query to its last `window` key slots.
+
+What a cache hands over (see `llmstack.model.kv_cache`):
+- `kv_lengths` (B,): row b holds only its first kv_lengths[b] key slots, and its
+  queries are the last Tq of *those* (bottom-right alignment per row), so rows of
+  one batch can sit at different lengths without padding in front of them;
+- `block_table` (B, blocks): k and v are pools of fixed-size blocks
+  (n_blocks, Hkv, block_size, D) and row b's slot s lives in block
+  block_table[b, s // block_size] (a paged cache). The reference path gathers
+  each row's blocks into contiguous keys first.
 """
 from __future__ import annotations
 
@@ -44,34 +53,40 @@ def _triton_available() -> bool:
 
 
 def build_mask(tq: int, tk: int, *, causal: bool, window: Optional[int], key_mask: Optional[torch.Tensor],
-               device: torch.device) -> Optional[torch.Tensor]:
+               device: torch.device, kv_lengths: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
     """Boolean mask (True = attend), broadcastable to (B, H, Tq, Tk); None when nothing is masked."""
     mask = None
-    if causal or window is not None:
-        qi = torch.arange(tk - tq, tk, device=device)[:, None]  # absolute slot of each query
-        kj = torch.arange(tk, device=device)[None, :]
-        mask = torch.ones(tq, tk, dtype=torch.bool, device=device)
-        if causal:
-            mask = mask & (kj <= qi)
-        if window is not None:
-            mask = mask & (kj > qi - window)
+    kj = torch.arange(tk, device=device)
+    if kv_lengths is not None:
+        ends = kv_lengths.to(device)[:, None, None, None]  # (B, 1, 1, 1)
+        qi = ends - tq + torch.arange(tq, device=device)[:, None]  # (B, 1, Tq, 1): each row's query slots
+        mask = kj < ends
+    else:
+        qi = torch.arange(tk - tq, tk, device=device)[:, None]  # (Tq, 1): absolute slot of each query
+    if causal:
+        mask = kj <= qi if mask is None else mask & (kj <= qi)
+    if window is not None:
+        mask = kj > qi - window if mask is None else mask & (kj > qi - window)
     if key_mask is not None:
         km = key_mask[:, None, None, :].bool()  # (B, 1, 1, Tk)
         mask = km if mask is None else mask & km
+    if key_mask is not None or kv_lengths is not None:
         # A padding query may see no key at all, and softmax over nothing is NaN, which
         # would leak into gradients. Let such rows see every key; their output is never used.
         mask = mask | ~mask.any(dim=-1, keepdim=True)
     return mask
 
 
-def naive_attention(q, k, v, *, causal=True, key_mask=None, window=None, dropout_p=0.0, scale=None):
+def naive_attention(q, k, v, *, causal=True, key_mask=None, window=None, dropout_p=0.0, scale=None,
+                    kv_lengths=None):
     """The explicit reference: softmax(Q K^T / sqrt(d_k)) V, with GQA by grouping query heads."""
     B, Hq, Tq, D = q.shape
     Hkv, Tk = k.shape[1], k.shape[2]
     scale = scale if scale is not None else 1.0 / math.sqrt(D)
     qg = q.view(B, Hkv, Hq // Hkv, Tq, D)  # (B, Hkv, G, Tq, D): each KV head serves G query heads
     scores = torch.einsum("bhgqd,bhkd->bhgqk", qg, k).float() * scale  # (B, Hkv, G, Tq, Tk)
-    mask = build_mask(Tq, Tk, causal=causal, window=window, key_mask=key_mask, device=q.device)
+    mask = build_mask(Tq, Tk, causal=causal, window=window, key_mask=key_mask, device=q.device,
+                      kv_lengths=kv_lengths)
     if mask is not None:
         mask = mask.unsqueeze(1) if mask.dim() == 4 else mask  # (B, 1, 1, Tq, Tk)
         scores = scores.masked_fill(~mask, float("-inf"))
@@ -82,30 +97,36 @@ def naive_attention(q, k, v, *, causal=True, key_mask=None, window=None, dropout
     return out.reshape(B, Hq, Tq, D)
 
 
-def sdpa_attention(q, k, v, *, causal=True, key_mask=None, window=None, dropout_p=0.0, scale=None):
+def sdpa_attention(q, k, v, *, causal=True, key_mask=None, window=None, dropout_p=0.0, scale=None,
+                   kv_lengths=None):
     """torch's fused scaled_dot_product_attention (flash / memory-efficient / cuDNN / math)."""
     Tq, Tk = q.shape[2], k.shape[2]
     gqa = q.shape[1] != k.shape[1]
-    if key_mask is None and window is None and (not causal or Tq == Tk or Tq == 1):
+    if key_mask is None and window is None and kv_lengths is None and (not causal or Tq == Tk or Tq == 1):
         # Fast paths with no mask tensor. SDPA's is_causal is aligned top-left, which
         # equals ours only when Tq == Tk; a single query sees every key anyway.
         return F.scaled_dot_product_attention(
             q, k, v, is_causal=causal and Tq == Tk and Tq > 1, dropout_p=dropout_p, scale=scale, enable_gqa=gqa
         )
-    mask = build_mask(Tq, Tk, causal=causal, window=window, key_mask=key_mask, device=q.device)
+    mask = build_mask(Tq, Tk, causal=causal, window=window, key_mask=key_mask, device=q.device,
+                      kv_lengths=kv_lengths)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=scale, enable_gqa=gqa)
 
 
-def triton_attention(q, k, v, *, causal=True, key_mask=None, window=None, dropout_p=0.0, scale=None):
-    """Our FlashAttention kernel. A padding mask is read by the split-KV decode kernel when
-    decoding a left-padded batch (a few queries, no gradient); a padding mask anywhere else, and
-    attention dropout, fall back to SDPA."""
-    from llmstack.kernels import flash_attention as fa
+def triton_attention(q, k, v, *, causal=True, key_mask=None, window=None, dropout_p=0.0, scale=None,
+                     kv_lengths=None):
+    """Our FlashAttention kernel. When decoding (a few queries, no gradient) the split-KV kernel
+    also reads a padding mask and per-row lengths; a mask or per-row lengths with many queries,
+    and attention dropout, fall back to SDPA."""
+    from llmstack.kernels import flash_attention as fa, flash_decode as fd
 
-    if key_mask is not None and dropout_p == 0.0 and fa.is_decode(q, k) and not _needs_grad(q, k, v):
-        return fa.flash_decode(q, k, v, causal=causal, scale=scale, window=window, key_mask=key_mask)
-    if key_mask is not None or dropout_p > 0.0:
-        return sdpa_attention(q, k, v, causal=causal, key_mask=key_mask, window=window, dropout_p=dropout_p, scale=scale)
+    masked = key_mask is not None or kv_lengths is not None
+    if masked and dropout_p == 0.0 and fd.is_decode(q, k) and not _needs_grad(q, k, v):
+        return fd.flash_decode(q, k, v, causal=causal, scale=scale, window=window, key_mask=key_mask,
+                               kv_len=kv_lengths)
+    if masked or dropout_p > 0.0:
+        return sdpa_attention(q, k, v, causal=causal, key_mask=key_mask, window=window, dropout_p=dropout_p,
+                              scale=scale, kv_lengths=kv_lengths)
     return fa.flash_attention(q, k, v, causal=causal, scale=scale, window=window)
 
 
@@ -116,12 +137,26 @@ def _needs_grad(*tensors: torch.Tensor) -> bool:
 _IMPLS = {"naive": naive_attention, "sdpa": sdpa_attention, "triton": triton_attention}
 
 
+def gather_blocks(pool: torch.Tensor, block_table: torch.Tensor) -> torch.Tensor:
+    """Each row's blocks of a paged pool (n_blocks, Hkv, block_size, D) laid end to end:
+    (B, Hkv, blocks * block_size, D) for a block table (B, blocks)."""
+    B, n = block_table.shape
+    _, Hkv, size, D = pool.shape
+    rows = pool[block_table.reshape(-1)].view(B, n, Hkv, size, D)  # (B, blocks, Hkv, size, D)
+    return rows.transpose(1, 2).reshape(B, Hkv, n * size, D)
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, backend: str = "sdpa", causal: bool = True,
               key_mask: Optional[torch.Tensor] = None, window: Optional[int] = None, dropout_p: float = 0.0,
-              scale: Optional[float] = None) -> torch.Tensor:
-    """Dispatch to a backend by name. Returns (B, Hq, Tq, D)."""
+              scale: Optional[float] = None, kv_lengths: Optional[torch.Tensor] = None,
+              block_table: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Dispatch to a backend by name. Returns (B, Hq, Tq, D). `kv_lengths` and `block_table`: see
+    the module docstring."""
     try:
         impl = _IMPLS[backend]
     except KeyError:
         raise ValueError(f"unknown attention backend {backend!r}; choose one of {', '.join(BACKENDS)}") from None
-    return impl(q, k, v, causal=causal, key_mask=key_mask, window=window, dropout_p=dropout_p, scale=scale)
+    if block_table is not None:
+        k, v = gather_blocks(k, block_table), gather_blocks(v, block_table)
+    return impl(q, k, v, causal=causal, key_mask=key_mask, window=window, dropout_p=dropout_p, scale=scale,
+                kv_lengths=kv_lengths)

@@ -1,12 +1,17 @@
 """Key/value caches: objects the caller creates and passes into `Transformer.forward`.
 
 The interface every cache implements (the contiguous `KVCache`, the `RollingKVCache` for
-sliding windows, and a paged one for serving):
+sliding windows, the static one of the compiled decode step, and a paged one for serving):
 
-    cache.seq_len                    tokens seen so far (the position of the next token)
+    cache.seq_len                    tokens seen so far by the longest row (the position of
+                                     the next token when all rows are equally long)
+    cache.lengths                    None, or (B,) tokens held by each row when rows differ
+                                     (the attention backend receives lengths + T as `kv_lengths`)
+    cache.block_table                None, or (B, blocks) for a paged cache, whose `update`
+                                     returns its block pools (handed to the backend as is)
     cache.update(layer, k, v)        store this step's k, v (B, Hkv, T, D) for one layer and
                                      return the keys/values to attend over, the new ones last
-    cache.advance(T)                 after all layers ran: T more slots are filled
+    cache.advance(T)                 after all layers ran: T more slots are filled in every row
     cache.truncate(n)                keep only the first n slots (rejected speculative tokens)
     cache.reset()
 
@@ -36,17 +41,24 @@ class _SlotBuffers(nn.Module):
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self._layers = list(zip(self.k.unbind(0), self.v.unbind(0)))  # per-layer views, indexed once
         self.seq_len = 0
+        self.lengths: Optional[torch.Tensor] = None
+        self.block_table: Optional[torch.Tensor] = None
 
     def _apply(self, fn, recurse=True):  # .to(device) replaces the buffers: re-take the views
         super()._apply(fn, recurse)
         self._layers = list(zip(self.k.unbind(0), self.v.unbind(0)))
+        if self.lengths is not None:
+            self.lengths = self.lengths.to(self.k.device)
         return self
 
     def advance(self, n: int) -> None:
         self.seq_len += n
+        if self.lengths is not None:
+            self.lengths += n
 
     def reset(self) -> None:
         self.seq_len = 0
+        self.lengths = None
 
 
 class KVCache(_SlotBuffers):
@@ -65,20 +77,41 @@ class KVCache(_SlotBuffers):
         return cls(cfg.n_layers, batch_size, max_seq_len or cfg.max_seq_len, cfg.n_kv_heads, cfg.head_dim,
                    dtype=dtype or param.dtype, device=param.device)
 
+    def set_lengths(self, lengths) -> None:
+        """Let each row hold its own number of tokens (B ints, at most max_seq_len): row b's next
+        tokens are stored from slot lengths[b] on and sit at those positions, and attention sees
+        only its first lengths[b] + T slots. No padding goes in front of a shorter row."""
+        lengths = torch.as_tensor(lengths, dtype=torch.long, device=self.k.device)
+        if lengths.shape != (self.k.shape[1],):
+            raise ValueError(f"lengths must have one entry per row ({self.k.shape[1]}), got shape "
+                             f"{tuple(lengths.shape)}")
+        longest = int(lengths.max())
+        if int(lengths.min()) < 0 or longest > self.max_seq_len:
+            raise ValueError(f"lengths must be in [0, {self.max_seq_len}], got {lengths.tolist()}")
+        self.lengths, self.seq_len = lengths.clone(), longest
+
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        start, end = self.seq_len, self.seq_len + k.shape[2]
+        T = k.shape[2]
+        start, end = self.seq_len, self.seq_len + T
         if end > self.max_seq_len:
             raise ValueError(f"KV cache is full: {end} tokens do not fit in max_seq_len={self.max_seq_len}")
         k_all, v_all = self._layers[layer]
-        k_all.narrow(2, start, end - start).copy_(k)  # narrow: a view, without indexing's overhead
-        v_all.narrow(2, start, end - start).copy_(v)
+        if self.lengths is not None:  # row b writes at its own slots lengths[b] .. lengths[b] + T - 1
+            slots = (self.lengths[:, None] + torch.arange(T, device=k.device))[:, None, :, None]  # (B, 1, T, 1)
+            k_all.scatter_(2, slots.expand_as(k), k)
+            v_all.scatter_(2, slots.expand_as(v), v)
+        else:
+            k_all.narrow(2, start, T).copy_(k)  # narrow: a view, without indexing's overhead
+            v_all.narrow(2, start, T).copy_(v)
         return k_all.narrow(2, 0, end), v_all.narrow(2, 0, end)
 
     def truncate(self, n: int) -> None:
-        """Forget every slot from n on; their stale contents are overwritten by later updates."""
+        """Forget every slot from n on (in every row); their stale contents are overwritten by later updates."""
         if not is_int(n) or not 0 <= n <= self.seq_len:
             raise ValueError(f"cannot truncate a cache holding {self.seq_len} tokens to {n}")
         self.seq_len = n
+        if self.lengths is not None:
+            self.lengths.clamp_(max=n)
 
     @staticmethod
     def bytes_per_token(n_layers: int, n_kv_heads: int, head_dim: int, dtype: torch.dtype = torch.bfloat16) -> int:

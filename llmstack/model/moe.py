@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from llmstack.config import ModelConfig
+from llmstack.model.config import ModelConfig
 
 
 class MoE(nn.Module):
@@ -79,3 +79,12 @@ class MoE(nn.Module):
                 with torch.no_grad():  # push bias up for under-loaded experts, down for over-loaded
                     self.expert_bias += self.bias_update_rate * torch.sign(load.mean() - load)
         return out.view(B, T, C)
+
+    @torch.no_grad()
+    def init_weights(self, std: float, residual_std: float) -> None:
+        nn.init.normal_(self.router.weight, mean=0.0, std=std)
+        for expert in self.experts:
+            expert.init_weights(std, residual_std)
+        if self.shared is not None:
+            self.shared.init_weights(std, residual_std)
+        self.expert_bias.zero_()

@@ -12,7 +12,7 @@ from typing import Optional
 
 import torch
 
-from llmstack.config import RopeScaling
+from llmstack.model.config import RopeScaling
 
 
 def rope_frequencies(head_dim: int, theta: float, scaling: Optional[RopeScaling] = None) -> tuple[torch.Tensor, float]:

@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llmstack.config import ModelConfig
 from llmstack.model.attention import attention, resolve_backend
+from llmstack.model.config import ModelConfig
 from llmstack.model.functional import linear_cross_entropy, rms_norm, swiglu
 from llmstack.model.moe import MoE
 from llmstack.model.rope import apply_rope, rope_cos_sin, rope_frequencies
@@ -36,12 +36,31 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return rms_norm(x, self.weight, self.eps)
 
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        nn.init.ones_(self.weight)
+
 
 def make_norm(config: ModelConfig, dim: Optional[int] = None) -> nn.Module:
     dim = dim or config.dim
     if config.norm == "rmsnorm":
         return RMSNorm(dim, config.norm_eps)
     return nn.LayerNorm(dim, eps=config.norm_eps, bias=config.bias)
+
+
+def init_norm(norm: Optional[nn.Module]) -> None:
+    """Gains to one, biases to zero (RMSNorm or nn.LayerNorm)."""
+    if isinstance(norm, RMSNorm):
+        norm.init_weights()
+    elif norm is not None:
+        norm.reset_parameters()
+
+
+@torch.no_grad()
+def init_linear(linear: nn.Linear, std: float) -> None:
+    nn.init.normal_(linear.weight, mean=0.0, std=std)
+    if linear.bias is not None:
+        nn.init.zeros_(linear.bias)
 
 
 def sinusoidal_embedding(positions: torch.Tensor, dim: int) -> torch.Tensor:
@@ -55,14 +74,17 @@ class Attention(nn.Module):
     """Multi-head attention with any number of KV heads (MHA, GQA, MQA).
 
     Computes q, k, v, applies RoPE, stores k and v in the cache when given one,
-    and hands everything to the backend named in the config.
+    and hands everything to the backend named in the config. Head counts are read
+    from the tensors, not the config, so a tensor-parallel shard of `qkv_proj`
+    holding some of the heads (q, k and v rows of the same KV groups) runs as is.
     """
 
     def __init__(self, config: ModelConfig, layer_idx: int):
         super().__init__()
         self.config = config  # read at call time, so `model.config.attn_backend = ...` switches backends
         self.layer_idx = layer_idx
-        self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads, config.head_dim
+        self.head_dim = config.head_dim
+        self.group = config.n_heads // config.n_kv_heads  # query heads per KV head
         # q, k and v come out of one matmul: (H + 2 * Hkv) * D outputs, split after.
         self.qkv_proj = nn.Linear(config.dim, (config.n_heads + 2 * config.n_kv_heads) * config.head_dim,
                                   bias=config.qkv_bias)
@@ -73,8 +95,9 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, rope: Optional[tuple[torch.Tensor, torch.Tensor]] = None, cache=None,
                 key_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         B, T, _ = x.shape
-        H, Hkv = self.n_heads, self.n_kv_heads
-        qkv = self.qkv_proj(x).view(B, T, H + 2 * Hkv, self.head_dim).transpose(1, 2)  # (B, H + 2Hkv, T, D)
+        qkv = self.qkv_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, H + 2Hkv, T, D), local heads
+        Hkv = qkv.shape[1] // (self.group + 2)
+        H = Hkv * self.group
         qk, v = qkv.split([H + Hkv, Hkv], dim=1)  # v: (B, Hkv, T, D)
         if self.q_norm is not None:
             q, k = qk.split([H, Hkv], dim=1)
@@ -82,14 +105,26 @@ class Attention(nn.Module):
         if rope is not None:
             qk = apply_rope(qk, *rope)  # the q and k heads rotate by the same angles: one call
         q, k = qk.split([H, Hkv], dim=1)  # (B, H, T, D), (B, Hkv, T, D)
+        kv_lengths = block_table = None
         if cache is not None:
-            k, v = cache.update(self.layer_idx, k, v)  # (B, Hkv, S, D): past keys, then these
+            k, v = cache.update(self.layer_idx, k, v)  # (B, Hkv, S, D): past keys, then these (or a paged pool)
+            if cache.lengths is not None:
+                kv_lengths = cache.lengths + T  # (B,): each row's keys, this step's included
+            block_table = cache.block_table
             if key_mask is not None and key_mask.shape[1] > k.shape[2]:
                 key_mask = key_mask[:, -k.shape[2]:]  # a rolling cache returns only its newest S slots
         backend = resolve_backend(self.config.attn_backend, x.device, q.dtype)
         y = attention(q, k, v, backend=backend, causal=True, key_mask=key_mask, window=self.config.sliding_window,
-                      dropout_p=self.config.attn_dropout if self.training else 0.0)  # (B, H, T, D)
+                      dropout_p=self.config.attn_dropout if self.training else 0.0, kv_lengths=kv_lengths,
+                      block_table=block_table)  # (B, H, T, D)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+    @torch.no_grad()
+    def init_weights(self, std: float, residual_std: float) -> None:
+        init_linear(self.qkv_proj, std)
+        init_linear(self.o_proj, residual_std)  # writes into the residual stream
+        init_norm(self.q_norm)
+        init_norm(self.k_norm)
 
 
 class MLP(nn.Module):
@@ -110,6 +145,13 @@ class MLP(nn.Module):
         if self.swiglu:
             return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
         return self.down_proj(F.gelu(self.up_proj(x), approximate="tanh"))
+
+    @torch.no_grad()
+    def init_weights(self, std: float, residual_std: float) -> None:
+        if self.gate_proj is not None:
+            init_linear(self.gate_proj, std)
+        init_linear(self.up_proj, std)
+        init_linear(self.down_proj, residual_std)  # writes into the residual stream
 
 
 class Block(nn.Module):
@@ -134,6 +176,13 @@ class Block(nn.Module):
         h = self.mlp(self.mlp_norm(x))
         return x + (F.dropout(h, self.dropout, self.training) if self.dropout else h)
 
+    @torch.no_grad()
+    def init_weights(self, std: float, residual_std: float) -> None:
+        init_norm(self.attn_norm)
+        self.attn.init_weights(std, residual_std)
+        init_norm(self.mlp_norm)
+        self.mlp.init_weights(std, residual_std)
+
 
 class Transformer(nn.Module):
     def __init__(self, config: ModelConfig):
@@ -154,27 +203,22 @@ class Transformer(nn.Module):
 
     @torch.no_grad()
     def init_weights(self) -> None:
-        """Every initialisation rule in one place. Call after building (also on the meta device
-        followed by `to_empty`): normal(0, init_std) everywhere, residual output projections
-        scaled by 1/sqrt(2 * n_layers) so the residual stream's variance does not grow with
-        depth (GPT-2), norms to one, biases to zero."""
+        """Initialise every parameter (also after building on the meta device and `to_empty`):
+        normal(0, init_std) for embeddings and projections, norms to one, biases to zero, and
+        the projections that write into the residual stream (attention's o_proj, the MLP's
+        down_proj) scaled by 1/sqrt(2 * n_layers), so the stream's variance does not grow
+        with depth (GPT-2). Each module applies its own rules (`init_weights` on Attention,
+        MLP, MoE, Block), so a module swapped in from outside brings its own."""
         std = self.config.init_std
         residual_std = std / math.sqrt(2 * self.config.n_layers)
-        for name, module in self.named_modules():
-            if isinstance(module, nn.Linear):
-                is_residual = name.endswith(("o_proj", "down_proj"))
-                nn.init.normal_(module.weight, mean=0.0, std=residual_std if is_residual else std)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.Embedding):
-                nn.init.normal_(module.weight, mean=0.0, std=std)
-            elif isinstance(module, (RMSNorm, nn.LayerNorm)):
-                if module.weight is not None:
-                    nn.init.ones_(module.weight)
-                if getattr(module, "bias", None) is not None:
-                    nn.init.zeros_(module.bias)
-            elif isinstance(module, MoE):
-                module.expert_bias.zero_()
+        nn.init.normal_(self.embed.weight, mean=0.0, std=std)
+        if self.pos_embed is not None:
+            nn.init.normal_(self.pos_embed.weight, mean=0.0, std=std)
+        for layer in self.layers:
+            layer.init_weights(std, residual_std)
+        init_norm(self.norm)
+        if self.lm_head is not None:
+            init_linear(self.lm_head, std)
         self.init_buffers()
 
     @torch.no_grad()
@@ -187,11 +231,13 @@ class Transformer(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, *, positions: Optional[torch.Tensor] = None, cache=None,
                 attn_mask: Optional[torch.Tensor] = None, logits_to_keep: Optional[int] = None,
-                targets: Optional[torch.Tensor] = None, return_aux: bool = False):
+                targets: Optional[torch.Tensor] = None, return_hidden: bool = False, return_aux: bool = False):
         """Logits (B, T, vocab) for input_ids (B, T); with `targets`, the loss instead.
 
-        positions: (T,) or (B, T) absolute positions; default: the cache's fill level + arange(T).
-        cache:     a KVCache (or compatible); new keys/values are appended and it advances by T.
+        positions: (T,) or (B, T) absolute positions; default: where the cache is (its rows'
+                   own lengths when they differ) + arange(T).
+        cache:     a KVCache (or any object with its interface, see `llmstack.model.kv_cache`);
+                   new keys/values are stored and it advances by T.
         attn_mask: (B, S) bool over all key slots (cached + new), True for real tokens; for
                    batches of unequal lengths. A cache that keeps only the newest slots
                    (`RollingKVCache`) is matched with the mask's last columns.
@@ -200,12 +246,15 @@ class Transformer(nn.Module):
         targets:   (B, T) token ids to predict at each position (-100: none): returns the summed
                    cross-entropy (float32) instead of logits, from the head and the loss fused
                    chunk by chunk (`linear_cross_entropy`), so (B, T, vocab) logits never exist.
+        return_hidden: return the final hidden states (B, T, dim), after the last norm, instead of
+                   logits: what a reward or value head reads. `model.head(h)` gives the logits.
         return_aux: also return a dict with the MoE auxiliary loss and per-layer expert loads.
         """
+        if return_hidden and targets is not None:
+            raise ValueError("return_hidden and targets ask for two different outputs; pass one of them")
         B, T = input_ids.shape
-        start = cache.seq_len if cache is not None else 0
         if positions is None:
-            positions = torch.arange(start, start + T, device=input_ids.device)
+            positions = self._positions(T, cache, input_ids.device)
         x = self.embed(input_ids)  # (B, T, C)
         rope = None
         if self.config.pos == "rope":
@@ -226,19 +275,34 @@ class Transformer(nn.Module):
         if logits_to_keep is not None:
             x = x[:, -logits_to_keep:]
         x = self.norm(x)
-        if targets is not None:
+        if return_hidden:
+            out = x
+        elif targets is not None:
             out = self._loss(x, targets)
         else:
-            out = self.lm_head(x) if self.lm_head is not None else F.linear(x, self.embed.weight)
+            out = self.head(x)
         return (out, self.aux_outputs()) if return_aux else out
+
+    @staticmethod
+    def _positions(T: int, cache, device: torch.device) -> torch.Tensor:
+        """(T,) positions after what the cache holds, or (B, T) when its rows hold different lengths."""
+        if cache is None:
+            return torch.arange(T, device=device)
+        if cache.lengths is not None:
+            return cache.lengths[:, None] + torch.arange(T, device=device)
+        return torch.arange(cache.seq_len, cache.seq_len + T, device=device)
+
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits (..., vocab) of final hidden states x (..., dim) (`forward(..., return_hidden=True)`)."""
+        return self.lm_head(x) if self.lm_head is not None else F.linear(x, self.embed.weight)
 
     def _loss(self, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Summed next-token cross-entropy of the final hidden states x (B, T, C)."""
         x, targets = x.flatten(0, 1), targets.flatten()
         head = self.lm_head
-        if head is None or (isinstance(head, nn.Linear) and head.bias is None):
+        if head is None or (type(head) is nn.Linear and head.bias is None):
             return linear_cross_entropy(x, self.embed.weight if head is None else head.weight, targets)
-        # A head replaced from outside (a quantized one): its logits, then the loss.
+        # A head replaced or wrapped from outside (quantized, with an adapter): its logits, then the loss.
         return F.cross_entropy(head(x).float(), targets, ignore_index=-100, reduction="sum")
 
     def aux_outputs(self) -> dict:
@@ -259,6 +323,19 @@ class Transformer(nn.Module):
             if self.pos_embed is not None:
                 n -= self.pos_embed.weight.numel()
         return n
+
+
+def build_model(config: ModelConfig, *, device: torch.device | str | None = None,
+                dtype: Optional[torch.dtype] = None) -> Transformer:
+    """Build on the meta device (no memory, no init work), then allocate on `device` (default the
+    CPU), uninitialised: call `init_weights()` or load a state dict next."""
+    with torch.device("meta"):
+        model = Transformer(config)
+    model.to_empty(device=device or "cpu")
+    model.init_buffers()
+    if dtype is not None:
+        model.to(dtype)
+    return model
 
 
 def count_params(config: ModelConfig, *, active: bool = False) -> int:

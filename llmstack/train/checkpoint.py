@@ -27,7 +27,8 @@ import torch
 import yaml
 
 from llmstack.config import to_dict
-from llmstack.interop import atomic_directory, load_state_into, load_weights, save_weights
+from llmstack.interop import load_state_into, load_weights, save_weights
+from llmstack.io import atomic_directory
 
 LATEST = "latest"
 

@@ -1,7 +1,7 @@
 """The pretraining job in one call: tokenizer, data, model, training loop.
 
-    from llmstack.config import load_config, PretrainConfig
-    from llmstack.train import pretrain
+    from llmstack.config import load_config
+    from llmstack.train import PretrainConfig, pretrain
     result = pretrain(load_config(PretrainConfig, "configs/pretrain/quickstart.yaml"))
 """
 from __future__ import annotations
@@ -14,11 +14,13 @@ from pathlib import Path
 import torch
 import yaml
 
-from llmstack.config import ConfigError, PretrainConfig, from_dict, resolve_device, to_dict
+from llmstack.config import ConfigError, from_dict, to_dict
 from llmstack.data import TokenBatches, corpus_fingerprint, default_cache_dir, load_corpus, prepare_tokens, token_stats
-from llmstack.interop import build_model, resolve_checkpoint
-from llmstack.model import flops_per_token
+from llmstack.interop import resolve_checkpoint
+from llmstack.model import build_model, flops_per_token
+from llmstack.runtime import resolve_device
 from llmstack.tokenizer import Tokenizer
+from llmstack.train.config import PretrainConfig
 from llmstack.train.checkpoint import latest_checkpoint
 from llmstack.train.trainer import TrainResult, train
 

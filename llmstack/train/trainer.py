@@ -18,8 +18,8 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from llmstack.config import TrainConfig
 from llmstack.eval.perplexity import evaluate
+from llmstack.train.config import TrainConfig
 from llmstack.train.checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint
 from llmstack.train.metrics import MetricsLogger, plot_metrics
 from llmstack.train.optim import build_optimizer

@@ -14,7 +14,8 @@ kernels swapped for recorders, and the recorded arguments are specialised the
 way Triton's runtime does it (an integer equal to 1 becomes a constant, one
 divisible by 16 gets a divisibility hint, pointers are 16-byte aligned).
 
-`scripts/check_kernels.py` prints the table; tests compile a few configs.
+`scripts/check_kernels.py` prints the table; tests compile a few configs. This is
+kernel developer tooling: it lives beside the scripts, not in the installed package.
 Needs a process without TRITON_INTERPRET=1 (interpreted kernels cannot be compiled).
 """
 from __future__ import annotations
@@ -31,9 +32,11 @@ from typing import Callable, Iterator, Optional
 import torch
 import triton
 
-from . import flash_attention as fa
-from . import quant_matmul as qm
-from .launch import Autotuned
+from llmstack.kernels import flash_attention as fa
+from llmstack.kernels import flash_decode as fd
+from llmstack.kernels import quant_matmul as qm
+from llmstack.kernels.attention_utils import _INTERPRET
+from llmstack.kernels.launch import Autotuned
 
 # Shared memory one block may use, by compute capability (CUDA programming guide, table of
 # technical specifications): H100/H200 227 KiB, A100 163 KiB, consumer Ampere/Ada 99 KiB.
@@ -122,8 +125,8 @@ def decode_launches(batch: int = 1, q_heads: int = 32, kv_heads: int = 8, q_len:
     q = torch.empty(batch, q_heads, q_len, head_dim, dtype=dtype, device="meta")
     k = torch.empty(batch, kv_heads, kv_len, head_dim, dtype=dtype, device="meta")
     key_mask = torch.empty(batch, kv_len, dtype=torch.uint8, device="meta") if padded else None
-    with recording(fa, ["_attn_decode_split", "_attn_decode_combine"]) as launches:
-        fa._decode_forward(q, k, k, True, None, None, num_splits=num_splits, key_mask=key_mask)
+    with recording(fd, ["_attn_decode_split", "_attn_decode_combine"]) as launches:
+        fd._decode_forward(q, k, k, True, None, None, num_splits=num_splits, key_mask=key_mask)
     return launches
 
 
@@ -213,7 +216,7 @@ def compile_launch(launch: Launch, case: str = "", arch: int = 90,
                    configs: Optional[list] = None) -> list[Report]:
     """Compile every config of a launch for CUDA compute capability `arch` (90: Hopper): by default the
     ones the autotuner would time, in table order (the first is the one deterministic mode pins)."""
-    if fa._INTERPRET:
+    if _INTERPRET:
         raise RuntimeError("kernels built under TRITON_INTERPRET=1 are interpreted and cannot be compiled; "
                            "run without it")
     target = triton.backends.compiler.GPUTarget("cuda", arch, 32)

@@ -1,0 +1,58 @@
+"""Writing files so that a crash at any moment leaves either the old version or the new one.
+
+    atomic_directory(path, write)   write(tmp) fills a fresh sibling folder, which then replaces path
+    atomic_write_text(path, text)   the same for one small file
+
+Temporary folders and files carry the name of their target (`.NAME.tmp-*`), so
+`remove_stale_temporaries` can clear what a killed process left behind.
+"""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+# What a checkpoint directory holds (ours, Hugging Face's weights, the trainer's state). Swapping a new
+# checkpoint in replaces the old directory whole, so one holding anything else is refused.
+CHECKPOINT_FILE = re.compile(r"config\.(yaml|json)|tokenizer\.json|trainer_state\.pt"
+                             r"|model(-\d+-of-\d+)?\.safetensors|model\.safetensors\.index\.json")
+
+
+def atomic_directory(directory: str | os.PathLike, write: Callable[[Path], None]) -> None:
+    """Run `write(tmp)` on a fresh sibling directory, then swap it in for `directory`.
+
+    An existing `directory` is replaced only when it holds nothing but checkpoint files
+    (`CHECKPOINT_FILE`): anything else in it would be lost, so that is a FileExistsError."""
+    directory = Path(directory)
+    if directory.exists() or directory.is_symlink():
+        if not directory.is_dir():
+            raise FileExistsError(f"{directory} exists and is not a directory; save the checkpoint elsewhere")
+        others = sorted(p.name for p in directory.iterdir() if not CHECKPOINT_FILE.fullmatch(p.name))
+        if others:
+            shown = ", ".join(others[:5]) + (", ..." if len(others) > 5 else "")
+            raise FileExistsError(f"{directory} holds files that are not part of a checkpoint ({shown}); saving "
+                                  f"replaces the directory whole: choose a new or empty one, or remove it first")
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
+    try:
+        write(tmp)
+        if directory.exists():
+            old = directory.with_name(f".{directory.name}.old-{os.getpid()}")
+            os.replace(directory, old)  # two renames: the window without `directory` is tiny
+            os.replace(tmp, directory)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, directory)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
