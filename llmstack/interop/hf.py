@@ -1,9 +1,11 @@
 """Hugging Face checkpoints: config.json and weight names, both directions.
 
-Supported: Llama (Llama-3 RoPE scaling included), Mistral, Qwen2 and Mixtral.
+Supported: Llama (Llama-3 RoPE scaling included), Mistral, Qwen2, Mixtral and GPT-2.
 Their RoPE uses the same "rotate half" channel layout as ours, so q/k weights
 need no permutation. Names change, and they keep q, k and v as separate
 matrices where we fuse them into one (`fuse_projections`, `split_projections`).
+GPT-2 already fuses them (`c_attn`, rows q, k, v like ours) but stores its
+projections as transformers' Conv1D, whose weight is nn.Linear's transposed.
 """
 from __future__ import annotations
 
@@ -17,7 +19,10 @@ import torch
 from llmstack.model.config import ModelConfig, MoEConfig, RopeScaling
 
 SUPPORTED = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
-             "mixtral": "MixtralForCausalLM"}
+             "mixtral": "MixtralForCausalLM", "gpt2": "GPT2LMHeadModel"}
+
+# GPT-2 activations that are our tanh-approximated GELU.
+_GPT2_GELU = ("gelu_new", "gelu_pytorch_tanh")
 
 
 def _rope(hf: dict) -> tuple[float, RopeScaling | None]:
@@ -47,6 +52,8 @@ def config_from_hf(hf: dict) -> ModelConfig:
     if model_type not in SUPPORTED:
         raise ValueError(f"unsupported architecture model_type={model_type!r}; "
                          f"llmstack loads {', '.join(sorted(SUPPORTED))}")
+    if model_type == "gpt2":
+        return _gpt2_config_from_hf(hf)
     if hf.get("hidden_act", "silu") != "silu":
         raise ValueError(f"unsupported hidden_act={hf['hidden_act']!r} (only silu / SwiGLU)")
     if hf.get("mlp_bias"):
@@ -80,8 +87,78 @@ def config_from_hf(hf: dict) -> ModelConfig:
     return cfg.validate()
 
 
+def _gpt2_config_from_hf(hf: dict) -> ModelConfig:
+    # Defaults are GPT2Config's: the original checkpoints' config.json leaves most keys out.
+    act = hf.get("activation_function", "gelu_new")
+    if act not in _GPT2_GELU:
+        raise ValueError(f"unsupported activation_function={act!r} (supported: {', '.join(_GPT2_GELU)}, "
+                         "the tanh-approximated GELU)")
+    if not hf.get("scale_attn_weights", True):
+        raise ValueError("unsupported option scale_attn_weights=false")
+    for option in ("scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn", "add_cross_attention"):
+        if hf.get(option, False):
+            raise ValueError(f"unsupported option {option}=true")
+    cfg = ModelConfig(
+        vocab_size=hf["vocab_size"],
+        dim=hf["n_embd"],
+        n_layers=hf["n_layer"],
+        n_heads=hf["n_head"],
+        ffn_hidden=hf.get("n_inner") or 4 * hf["n_embd"],
+        mlp="gelu",
+        norm="layernorm",
+        norm_eps=hf.get("layer_norm_epsilon", 1e-5),
+        pos="learned",
+        max_seq_len=hf.get("n_positions", 1024),
+        bias=True,
+        qkv_bias=True,
+        tie_embeddings=bool(hf.get("tie_word_embeddings", True)),
+    )
+    return cfg.validate()
+
+
+def _is_gpt2(cfg: ModelConfig) -> bool:
+    # Of the supported architectures, only GPT-2 has learned positions.
+    return cfg.pos == "learned"
+
+
+def _gpt2_problems(cfg: ModelConfig) -> list[str]:
+    return [name for name, bad in (
+        ("mlp=swiglu", cfg.mlp != "gelu"), ("norm=rmsnorm", cfg.norm != "layernorm"),
+        (f"pos={cfg.pos}", cfg.pos != "learned"), ("bias=false", not cfg.bias), ("qkv_bias=false", not cfg.qkv_bias),
+        ("n_kv_heads != n_heads", cfg.n_kv_heads != cfg.n_heads),
+        ("head_dim != dim / n_heads", cfg.head_dim * cfg.n_heads != cfg.dim), ("qk_norm", cfg.qk_norm),
+        ("sliding_window", cfg.sliding_window is not None), ("moe", cfg.moe is not None),
+    ) if bad]
+
+
+def _gpt2_config_to_hf(cfg: ModelConfig) -> dict:
+    return {
+        "architectures": [SUPPORTED["gpt2"]],
+        "model_type": "gpt2",
+        "vocab_size": cfg.vocab_size,
+        "n_embd": cfg.dim,
+        "n_layer": cfg.n_layers,
+        "n_head": cfg.n_heads,
+        "n_inner": cfg.ffn_hidden,
+        "n_positions": cfg.max_seq_len,
+        "activation_function": "gelu_new",
+        "layer_norm_epsilon": cfg.norm_eps,
+        "scale_attn_weights": True,
+        "scale_attn_by_inverse_layer_idx": False,
+        "reorder_and_upcast_attn": False,
+        "tie_word_embeddings": cfg.tie_embeddings,
+        # Without these GPT2Config defaults to GPT-2's own 50256, outside a smaller vocabulary.
+        "bos_token_id": None,
+        "eos_token_id": None,
+        "torch_dtype": "float32",
+    }
+
+
 def config_to_hf(cfg: ModelConfig) -> dict:
     """config.json for the closest Hugging Face architecture; errors for what none can express."""
+    gpt2_problems = _gpt2_problems(cfg)
+    if not gpt2_problems:
+        return _gpt2_config_to_hf(cfg)
     problems = [name for name, bad in (
         ("mlp=gelu", cfg.mlp != "swiglu"), ("norm=layernorm", cfg.norm != "rmsnorm"),
         (f"pos={cfg.pos}", cfg.pos != "rope"), ("qk_norm", cfg.qk_norm),
@@ -91,7 +168,10 @@ def config_to_hf(cfg: ModelConfig) -> dict:
         ("rope_scaling with MoE/Mistral", cfg.rope_scaling is not None and (cfg.moe is not None or cfg.sliding_window)),
     ) if bad]
     if problems:
-        raise ValueError(f"cannot export to a Hugging Face architecture: unsupported {', '.join(problems)}")
+        # A model with any of GPT-2's traits was likely meant as one: say what keeps it from being one too.
+        gpt2_like = cfg.mlp == "gelu" or cfg.norm == "layernorm" or cfg.pos == "learned"
+        raise ValueError(f"cannot export to a Hugging Face architecture: unsupported {', '.join(problems)}"
+                         + (f" (as GPT-2: unsupported {', '.join(gpt2_problems)})" if gpt2_like else ""))
     if cfg.moe is not None:
         model_type = "mixtral"
     elif cfg.qkv_bias:
@@ -154,6 +234,26 @@ _NAMES = [
 ]
 
 
+# GPT-2's names, as GPT2LMHeadModel saves them; its base model GPT2Model (and the original
+# checkpoints) drop the `transformer.` prefix.
+_GPT2_NAMES = [
+    ("embed.weight", "transformer.wte.weight"),
+    ("pos_embed.weight", "transformer.wpe.weight"),
+    ("norm.{w}", "transformer.ln_f.{w}"),
+    ("lm_head.weight", "lm_head.weight"),
+    ("layers.{i}.attn_norm.{w}", "transformer.h.{i}.ln_1.{w}"),
+    ("layers.{i}.mlp_norm.{w}", "transformer.h.{i}.ln_2.{w}"),
+    ("layers.{i}.attn.qkv_proj.{w}", "transformer.h.{i}.attn.c_attn.{w}"),
+    ("layers.{i}.attn.o_proj.{w}", "transformer.h.{i}.attn.c_proj.{w}"),
+    ("layers.{i}.mlp.up_proj.{w}", "transformer.h.{i}.mlp.c_fc.{w}"),
+    ("layers.{i}.mlp.down_proj.{w}", "transformer.h.{i}.mlp.c_proj.{w}"),
+]
+# Conv1D weights are (in, out): the transpose of nn.Linear's (out, in).
+_GPT2_CONV1D = re.compile(r"\.(c_attn|c_proj|c_fc)\.weight$")
+# The causal mask buffers that older transformers saved with each layer; we build our own.
+_GPT2_BUFFER = re.compile(r"(^|\.)h\.\d+\.attn\.(bias|masked_bias)$")
+
+
 def _compile(pattern: str) -> re.Pattern:
     regex = re.escape(pattern)
     for field, sub in (("i", r"\d+"), ("e", r"\d+"), ("p", r"[a-z]+"), ("w", r"weight|bias")):
@@ -163,6 +263,8 @@ def _compile(pattern: str) -> re.Pattern:
 
 _TO_HF = [(_compile(ours), theirs) for ours, theirs in _NAMES]
 _FROM_HF = [(_compile(theirs), ours) for ours, theirs in _NAMES]
+_GPT2_TO_HF = [(_compile(ours), theirs) for ours, theirs in _GPT2_NAMES]
+_GPT2_FROM_HF = [(_compile(theirs), ours) for ours, theirs in _GPT2_NAMES]
 
 
 def _rename(name: str, table) -> str | None:
@@ -209,7 +311,9 @@ def split_projections(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[
 def state_dict_from_hf(hf_state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
     """Rename a Hugging Face state dict to ours and fuse its q/k/v projections. Fused expert
     tensors (transformers >= 5 in memory: experts.gate_up_proj (E, 2I, C), experts.down_proj
-    (E, C, I)) are split."""
+    (E, C, I)) are split. GPT-2's Conv1D weights are transposed."""
+    if _is_gpt2(cfg):
+        return _gpt2_state_dict_from_hf(hf_state, cfg)
     out, unknown = {}, []
     for name, t in hf_state.items():
         m = re.match(r"model\.layers\.(\d+)\.mlp\.experts\.(gate_up_proj|down_proj)$", name)
@@ -231,15 +335,46 @@ def state_dict_from_hf(hf_state: dict[str, torch.Tensor], cfg: ModelConfig) -> d
             unknown.append(name)
             continue
         out[ours] = t
-    if unknown:
-        raise ValueError(f"unexpected tensors in the Hugging Face checkpoint: {', '.join(unknown[:8])}"
-                         + (" ..." if len(unknown) > 8 else ""))
+    _check_known(unknown)
     if cfg.tie_embeddings:
         out.pop("lm_head.weight", None)
     return fuse_projections(out)
 
 
+def _check_known(unknown: list[str]) -> None:
+    if unknown:
+        raise ValueError(f"unexpected tensors in the Hugging Face checkpoint: {', '.join(unknown[:8])}"
+                         + (" ..." if len(unknown) > 8 else ""))
+
+
+def _gpt2_state_dict_from_hf(hf_state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    out, unknown = {}, []
+    for name, t in hf_state.items():
+        if _GPT2_BUFFER.search(name):
+            continue
+        full = name if name.startswith(("transformer.", "lm_head.")) else "transformer." + name
+        ours = _rename(full, _GPT2_FROM_HF)
+        if ours is None:
+            unknown.append(name)
+            continue
+        out[ours] = t.t().contiguous() if _GPT2_CONV1D.search(name) else t
+    _check_known(unknown)
+    if cfg.tie_embeddings:
+        out.pop("lm_head.weight", None)
+    return out
+
+
 def state_dict_to_hf(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """Our state dict under Hugging Face's names and layout, for the architecture
+    `config_to_hf(cfg)` chose."""
+    if _is_gpt2(cfg):
+        out = {}
+        for name, t in state.items():
+            theirs = _rename(name, _GPT2_TO_HF)
+            if theirs is None:
+                raise ValueError(f"no Hugging Face GPT-2 name for tensor {name!r}")
+            out[theirs] = t.t().contiguous() if _GPT2_CONV1D.search(theirs) else t
+        return out
     out = {}
     for name, t in split_projections(state, cfg).items():
         if name.endswith("expert_bias"):
