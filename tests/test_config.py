@@ -1,4 +1,6 @@
 """Config loading: typed, rejects what it does not know, validates shapes before any tensor."""
+from pathlib import Path
+
 import pytest
 import yaml
 
@@ -71,6 +73,15 @@ def test_cli_print_config_and_errors(capsys):
     assert "model.n_layers" in capsys.readouterr().err
 
 
-def test_all_presets_load():
-    for name in list_presets():
-        model_preset(name)
+PRESET_FILES = sorted(p.stem for p in (Path(__file__).resolve().parent.parent / "configs" / "model").glob("*.yaml"))
+
+
+def test_every_preset_file_is_listed():
+    assert {"tiny", "quickstart", "gpt2-124m", "llama-3.2-1b"} <= set(PRESET_FILES)
+    assert list_presets() == PRESET_FILES
+
+
+@pytest.mark.parametrize("name", PRESET_FILES)
+def test_preset_loads_and_validates(name):
+    cfg = model_preset(name)
+    assert cfg.n_layers >= 1 and cfg.vocab_size >= 1

@@ -1,4 +1,6 @@
 """Decoding core: cached generation equals uncached, sampling follows its definitions."""
+import re
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -411,3 +413,43 @@ def test_split_rows_equals_linear(bias):
                 got = F.linear(x, weight, b)
             assert got.shape == expected.shape
             torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------- GenerationConfig: which options combine
+
+
+@pytest.mark.parametrize("options, message", [
+    (dict(num_beams=2, temperature=0.5, seed=1), "num_beams runs beam search, which does not sample: temperature, seed"),
+    (dict(num_return_sequences=2), "num_return_sequences needs num_beams"),
+    (dict(early_stopping="true"), "early_stopping needs num_beams"),
+    (dict(draft="runs/x", prompt_lookup=True), "draft and prompt_lookup are two ways to draft"),
+    (dict(num_beams=2, prompt_lookup=True), "cannot be combined with num_beams"),
+    (dict(prompt_lookup=True, repetition_penalty=1.2), "temperature, top_k, top_p and seed only; repetition_penalty"),
+    (dict(k=3), "k needs draft or prompt_lookup"),
+    (dict(draft="runs/x", ngram=2), "ngram needs prompt_lookup"),
+    (dict(stop=[""]), "stop takes non-empty texts"),
+])
+def test_generation_config_refuses_options_that_do_not_combine(options, message):
+    from llmstack.inference import GenerationConfig
+
+    with pytest.raises(ValueError, match=re.escape(message)):
+        GenerationConfig(**options).validate()
+
+
+def test_generation_config_drives_each_way_of_decoding(model):
+    """Each mode's keyword arguments run the function that mode names, with the defaults filled
+    in; speculative greedy decoding gives plain greedy decoding's tokens."""
+    from llmstack.inference import GenerationConfig, beam_search, speculative_generate
+
+    sample = GenerationConfig(max_new_tokens=6, temperature=0).validate()
+    assert sample.mode == "sample" and sample.sampling()["top_p"] == 0.95
+    greedy = generate(model, [1, 2, 3], sample.max_new_tokens, **sample.sampling())
+    beams = GenerationConfig(max_new_tokens=6, num_beams=3, early_stopping="never").validate()
+    assert beams.mode == "beam" and beams.beam()["num_return_sequences"] == 3
+    assert len(beam_search(model, [1, 2, 3], beams.max_new_tokens, **beams.beam())) == 3
+    lookup = GenerationConfig(max_new_tokens=6, temperature=0, prompt_lookup=True, k=2).validate()
+    assert lookup.mode == "speculative" and lookup.speculative()["ngram"] == 3
+    assert torch.equal(speculative_generate(model, [1, 2, 3], lookup.max_new_tokens, **lookup.speculative()).ids,
+                       greedy)
+    with pytest.raises(ValueError, match="ngram applies to prompt lookup"):
+        speculative_generate(model, [1, 2, 3], 4, draft=model, ngram=2)

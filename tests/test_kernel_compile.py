@@ -73,15 +73,23 @@ def test_compiling_needs_a_process_without_the_interpreter():
         aot.compile_launch(launch)
 
 
-def test_auto_backend_keeps_float32_on_sdpa():
+@pytest.mark.parametrize("kernel_runs", [True, False])
+def test_auto_backend_sends_the_kernel_only_half_precision_cuda_work(monkeypatch, kernel_runs):
+    """`auto`: our kernel for float16/bfloat16 on CUDA when it can run there; SDPA for float32 (every
+    fp32 config spills on Hopper, see check_kernels.py --dtype fp32), for the CPU, and whenever
+    the kernel cannot run. A named backend is kept as named."""
+    from llmstack import kernels
     from llmstack.model import resolve_backend
-    from llmstack.model.attention import _triton_available
 
-    assert resolve_backend("auto", "cpu", torch.bfloat16) == "sdpa"
+    monkeypatch.setattr(kernels, "_AVAILABLE", {"flash_attention": kernel_runs})
+    kernel = "triton" if kernel_runs else "sdpa"
+    assert resolve_backend("auto", "cuda", torch.bfloat16) == kernel
+    assert resolve_backend("auto", "cuda", torch.float16) == kernel
     assert resolve_backend("auto", "cuda", torch.float32) == "sdpa"
-    expected = "triton" if _triton_available() else "sdpa"
-    assert resolve_backend("auto", "cuda", torch.bfloat16) == expected
-    assert resolve_backend("sdpa", "cuda", torch.bfloat16) == "sdpa"  # a named backend is kept
+    assert resolve_backend("auto", "cpu", torch.bfloat16) == "sdpa"
+    assert resolve_backend("auto", "cpu", torch.float32) == "sdpa"
+    assert resolve_backend("sdpa", "cuda", torch.bfloat16) == "sdpa"
+    assert resolve_backend("naive", "cpu", torch.float32) == "naive"
 
 
 def test_kernel_availability():

@@ -3,7 +3,6 @@ and quantize.py never replaces the source checkpoint or a directory of other fil
 
 Each script runs as a subprocess on tiny checkpoints made here (runs/ is not needed). Starting one
 costs seconds (importing torch), so only the early checks run, several subprocesses at a time."""
-import ast
 import json
 import shutil
 import subprocess
@@ -110,9 +109,10 @@ def test_quantize_refuses_the_source_a_foreign_directory_and_unknown_skip_names(
 
 
 def test_generate_help_shows_the_docstring_escapes_and_the_defaults():
-    source = (ROOT / "scripts" / "generate.py").read_text()
-    assert '--stop "\\n\\n"' in ast.get_docstring(ast.parse(source))  # a backslash and an n, not a line break
-    assert "(default 0.8)" in source and "(default 0.95)" in source
+    (result,) = run(("generate.py", "--help"))
+    assert result.returncode == 0
+    assert '--stop "\\n\\n"' in result.stdout  # a backslash and an n, not a line break
+    assert "(default 0.8)" in result.stdout and "(default 0.95)" in result.stdout
 
 
 def test_generate_and_bench_speculative_reject_bad_arguments(runs):
@@ -159,6 +159,27 @@ def test_generate_speculative_and_beam_flags_run(runs):
     assert "speculative decoding (prompt lookup): 12 tokens in" in lookup.stderr
     assert "speculative decoding (draft model): 12 tokens in" in draft.stderr
     assert beams.stdout.count("--- ") == 2
+
+
+def test_generate_reports_a_token_its_tokenizer_cannot_decode(runs, tmp_path):
+    """A model whose vocabulary is padded past its tokenizer's may emit an id the tokenizer lacks:
+    one error line naming the id, after the text streamed so far, not a traceback."""
+    tok = Tokenizer.train(["def add(a, b):\n    return a + b\n" * 30], 300)
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=tok.vocab_size + 20, dim=32, n_layers=1, n_heads=4, max_seq_len=32,
+                                    norm="layernorm", bias=True))
+    model.init_weights()
+    bad = tok.vocab_size + 7
+    with torch.no_grad():  # the final hidden state is the unit vector e0, and only `bad` reads it
+        model.norm.weight.zero_()
+        model.norm.bias.zero_()
+        model.norm.bias[0] = 1.0
+        model.lm_head.weight.zero_()
+        model.lm_head.weight[bad, 0] = 10.0
+    save_pretrained(model, tmp_path / "padded")
+    tok.save(tmp_path / "padded" / "tokenizer.json")
+    (result,) = run(("generate.py", "--checkpoint", tmp_path / "padded", "--prompt", "def", "--temperature", "0"))
+    assert_error(result, f"token id {bad} is not in the tokenizer's vocabulary")
 
 
 def test_benchmarks_reject_bad_values(runs):

@@ -177,7 +177,7 @@ def load_draft(target_checkpoint, draft_checkpoint, *, device=None, dtype=None) 
 
 
 def speculative_generate(target: torch.nn.Module, input_ids, max_new_tokens: int, *,
-                         draft: Optional[torch.nn.Module] = None, k: int = 4, ngram: int = 3,
+                         draft: Optional[torch.nn.Module] = None, k: int = 4, ngram: Optional[int] = None,
                          temperature: float = 0.0, top_k: Optional[int] = None, top_p: Optional[float] = None,
                          seed: Optional[int] = None, stop_tokens: Sequence[int] = (),
                          cache: Optional[KVCache] = None) -> SpeculativeOutput:
@@ -200,6 +200,9 @@ def speculative_generate(target: torch.nn.Module, input_ids, max_new_tokens: int
     V = target.config.vocab_size
     check_max_new_tokens(max_new_tokens)
     check_prompts(rows, V, target.config.max_seq_len, max_new_tokens)
+    if draft is not None and ngram is not None:
+        raise ValueError("ngram applies to prompt lookup (draft=None); a draft model proposes its own tokens")
+    ngram = 3 if ngram is None else ngram
     for name, value in (("k", k), ("ngram", ngram)):
         if not is_int(value) or value < 1:
             what = " (tokens proposed per round)" if name == "k" else ""

@@ -127,7 +127,19 @@ class Tokenizer:
         return self.special_tokens[special]
 
     def decode_bytes(self, ids: Iterable[int]) -> bytes:
-        return self.encoding.decode_bytes(list(ids))
+        ids = list(ids)
+        try:
+            return self.encoding.decode_bytes(ids)
+        except KeyError:  # tiktoken's message names neither the id nor the vocabulary
+            bad = next(i for i in ids if not self._decodes(i))
+            raise ValueError(f"token id {bad} is not in the tokenizer's vocabulary ({self.vocab_size} ids)") from None
+
+    def _decodes(self, token_id: int) -> bool:
+        try:
+            self.encoding.decode_single_token_bytes(token_id)
+            return True
+        except KeyError:
+            return False
 
     def decode(self, ids: Iterable[int]) -> str:
         return self.decode_bytes(ids).decode("utf-8", errors="replace")
