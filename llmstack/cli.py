@@ -9,17 +9,43 @@ from typing import Any, Callable, Optional
 from llmstack.config import ConfigError, dump_config, load_config
 
 
+class OneLineErrors(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one line (`error: ...`, exit code 2), without the usage text."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (--help lists the options)\n")
+
+
+def positive_int(text: str) -> int:
+    """An argparse `type`: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
+    return value
+
+
+def add_threads_argument(parser: argparse.ArgumentParser) -> None:
+    """`--threads N`, for `llmstack.runtime.set_threads(args.threads)`."""
+    parser.add_argument("--threads", type=positive_int, metavar="N",
+                        help="CPU threads for torch (default: $LLMSTACK_THREADS, else one fewer than the cores)")
+
+
 def parse_cli(cls: type, argv: Optional[list[str]] = None, *, description: str = "",
               extra_args: Optional[Callable[[argparse.ArgumentParser], Any]] = None) -> tuple[Any, argparse.Namespace]:
-    """Parse `--config FILE`, dotted overrides (`model.n_layers=4 train.lr=3e-4`) and
-    `--print-config` into a validated `cls`.
+    """Parse `--config FILE`, dotted overrides (`model.n_layers=4 train.lr=3e-4`),
+    `--print-config` and `--threads N` into a validated `cls`.
 
-    `extra_args(parser)` may add script-specific flags. Returns (config, parsed args).
-    Config errors end the program with one line naming the key, not a traceback.
+    `extra_args(parser)` may add script-specific flags. Returns (config, parsed args); the
+    script passes `args.threads` to `llmstack.runtime.set_threads`. Config and flag errors end
+    the program with one line naming the key, not a traceback, and nothing done yet.
     """
-    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineErrors(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="YAML config file")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    add_threads_argument(parser)
     parser.add_argument("overrides", nargs="*", metavar="key.path=value", help="dotted overrides")
     if extra_args is not None:
         extra_args(parser)

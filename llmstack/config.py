@@ -52,6 +52,8 @@ def check_at_least(section: str, obj: Any, minimum: float, *names: str) -> None:
         value = getattr(obj, name)
         if value is not None and not value >= minimum:  # NaN fails too
             raise ConfigError(f"{section}.{name} must be >= {minimum}, got {value}")
+        if value == math.inf:
+            raise ConfigError(f"{section}.{name} must be a finite number >= {minimum}, got {value}")
 
 
 def check_fraction(section: str, obj: Any, *names: str, low_open: bool = False, high_open: bool = False) -> None:
@@ -244,6 +246,28 @@ def load_config(cls: type, path: Optional[str | os.PathLike] = None, overrides: 
     if hasattr(cfg, "validate"):
         cfg.validate()
     return cfg
+
+
+def reference_rows(cls: type, prefix: str) -> list[tuple[str, str, str, str]]:
+    """(key, type, default, meaning) of every field of schema `cls`, nested schemas expanded after
+    their own row: what `docs/configs.md` lists."""
+    rows = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        key, tp = f"{prefix}.{f.name}", hints[f.name]
+        if f.default is not dataclasses.MISSING:
+            default = "null" if f.default is None else yaml.safe_dump(f.default, default_flow_style=True).strip()
+            default = default.removesuffix("\n...").strip()
+        else:
+            default = "(section)"
+        nested = _field_type(cls, f.name)
+        type_name = "section" if nested is not None and default == "(section)" else _type_name(tp)
+        if nested is not None:
+            type_name = type_name.replace(nested.__name__, "section")
+        rows.append((key, type_name, default, f.metadata.get("doc", "")))
+        if nested is not None:
+            rows += reference_rows(nested, key)
+    return rows
 
 
 def dump_config(cfg: Any) -> str:

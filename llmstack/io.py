@@ -13,12 +13,14 @@ import re
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable, Optional
 
 # What a checkpoint directory holds (ours, Hugging Face's weights, the trainer's state). Swapping a new
 # checkpoint in replaces the old directory whole, so one holding anything else is refused.
 CHECKPOINT_FILE = re.compile(r"config\.(yaml|json)|tokenizer\.json|trainer_state\.pt"
                              r"|model(-\d+-of-\d+)?\.safetensors|model\.safetensors\.index\.json")
+# What atomic_directory and atomic_write_text name their temporaries: `.NAME.tmp-*` and `.NAME.old-*`.
+TEMPORARY = re.compile(r"\.(.+)\.(?:tmp|old)-[^.]*")
 
 
 def atomic_directory(directory: str | os.PathLike, write: Callable[[Path], None]) -> None:
@@ -56,3 +58,24 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def remove_stale_temporaries(folder: str | os.PathLike, names: Optional[Iterable[str]] = None) -> list[Path]:
+    """Delete the temporaries that killed writers left in `folder` (`.NAME.tmp-*`, `.NAME.old-*`), for
+    every NAME or only those in `names`; returns what was removed. Only for a folder that one process
+    writes at a time (a training run's), since another writer's temporaries are in use."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    wanted = None if names is None else set(names)
+    removed = []
+    for p in folder.iterdir():
+        m = TEMPORARY.fullmatch(p.name)
+        if m is None or (wanted is not None and m.group(1) not in wanted):
+            continue
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+        removed.append(p)
+    return removed

@@ -3,24 +3,39 @@
     python scripts/pretrain.py --config configs/pretrain/quickstart.yaml
     python scripts/pretrain.py --config configs/pretrain/quickstart.yaml train.max_steps=50 train.out_dir=runs/short
     python scripts/pretrain.py --config configs/pretrain/quickstart.yaml --resume
+    python scripts/pretrain.py --config configs/pretrain/quickstart.yaml --threads 2   # or LLMSTACK_THREADS=2
+
+Ctrl-C finishes the current step, saves a checkpoint and stops; --resume continues
+exactly where it stopped. A bad config or flag is one line on stderr, exit code 2,
+before anything is written.
 """
 import math
 import sys
 
 from llmstack.cli import parse_cli
 from llmstack.config import ConfigError
-from llmstack.train import PretrainConfig
 from llmstack.data import DataError
-from llmstack.train import TrainingError, pretrain
+from llmstack.runtime import set_threads
+from llmstack.train import PretrainConfig, TrainingError, pretrain
+
+
+def fail(message: str, code: int = 2) -> None:
+    print(message, file=sys.stderr)
+    sys.exit(code)
 
 
 def main() -> None:
     cfg, args = parse_cli(PretrainConfig, description=__doc__, extra_args=lambda p: p.add_argument(
         "--resume", action="store_true", help="continue the run in train.out_dir"))
     try:
+        set_threads(args.threads)
         result = pretrain(cfg, resume=args.resume)
-    except (ConfigError, DataError, TrainingError, ValueError, FileNotFoundError) as e:
-        sys.exit(f"error: {e}")
+    except ConfigError as e:
+        fail(f"config error: {e}")
+    except (DataError, ValueError, FileNotFoundError) as e:  # the corpus, a tokenizer or checkpoint file
+        fail(f"error: {e}")
+    except (TrainingError, OSError) as e:  # the run diverged; a disk full or unwritable
+        fail(f"error: {e}", code=1)
     except KeyboardInterrupt:
         sys.exit(130)
     val = result.val

@@ -2,6 +2,9 @@
 import dataclasses
 import json
 import math
+import shutil
+import signal
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,8 +17,9 @@ from llmstack.model import ModelConfig
 from llmstack.train import PretrainConfig, TrainConfig
 from llmstack.data import TokenBatches
 from llmstack.model import build_model
-from llmstack.train import (TrainingError, latest_checkpoint, load_checkpoint, lr_multiplier, next_token_loss,
-                            param_groups, pretrain, save_checkpoint, train)
+from llmstack.train import (TrainingError, build_optimizer, latest_checkpoint, load_checkpoint, lr_multiplier,
+                            next_token_loss, param_groups, pretrain, save_checkpoint, train)
+from llmstack.train.trainer import read_metrics
 
 TINY = ModelConfig(vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_hidden=64, max_seq_len=32,
                    dropout=0.1)
@@ -99,31 +103,150 @@ def losses_of(run_dir) -> dict:
     return {r["step"]: r["loss"] for r in rows if "loss" in r and not r.get("bad_step")}
 
 
-def test_resume_equals_uninterrupted_bit_for_bit(tmp_path):
-    straight = train(tiny_model(), run_cfg(tmp_path / "a", grad_accum=2), batches(), run_dir=tmp_path / "a",
-                     progress=False)
-    # Ctrl-C in the middle of step 5 (its second micro-batch), then resume in a fresh setting.
-    class Interrupt:
-        calls = 0
+def ctrl_c():
+    """What pressing Ctrl-C does: SIGINT, whose handler runs at the next Python instruction. (Under
+    Python's default handler that raises KeyboardInterrupt right here, inside the phase.)"""
+    signal.raise_signal(signal.SIGINT)
 
-        def __call__(self, model, batch):
-            self.calls += 1
-            if self.calls == 10:
-                raise KeyboardInterrupt
-            return next_token_loss(model, batch)
 
-    with pytest.raises(KeyboardInterrupt):
-        train(tiny_model(), run_cfg(tmp_path / "b", grad_accum=2), batches(), run_dir=tmp_path / "b",
-              loss_fn=Interrupt(), progress=False)
-    assert latest_checkpoint(tmp_path / "b").name == "step_000004"
+class CtrlCOnCall:
+    """Ctrl-C during the n-th call (the n-th and n+1-th when `twice`)."""
+
+    def __init__(self, n: int, twice: bool = False):
+        self.n, self.twice, self.calls = n, twice, 0
+
+    def __call__(self) -> None:
+        self.calls += 1
+        if self.calls == self.n or (self.twice and self.calls == self.n + 1):
+            ctrl_c()
+
+
+def inject_ctrl_c(monkeypatch, model, phase: str, at: CtrlCOnCall) -> None:
+    """Arrange for Ctrl-C inside one phase of the training loop."""
+    import llmstack.train.trainer as trainer
+    from llmstack.train.metrics import MetricsLogger
+
+    def wrap(fn):
+        def wrapped(*args, **kwargs):
+            out = fn(*args, **kwargs)
+            at()
+            return out
+        return wrapped
+
+    if phase == "forward":  # inside the first block, while training (not evaluating)
+        model.layers[0].register_forward_hook(lambda m, args, out: at() if m.training else None)
+    elif phase == "backward":  # while gradients flow back through the embedding
+        model.embed.weight.register_hook(lambda grad: at())
+    elif phase == "optimizer step":  # right after the update, before the loop counts the step
+        def build(*args, **kwargs):
+            optimizer = build_optimizer(*args, **kwargs)
+            optimizer.step = wrap(optimizer.step)
+            return optimizer
+        monkeypatch.setattr(trainer, "build_optimizer", build)
+    elif phase == "scheduler":
+        monkeypatch.setattr(trainer, "lr_multiplier", wrap(trainer.lr_multiplier))
+    elif phase == "evaluation":
+        monkeypatch.setattr(trainer, "evaluate", wrap(trainer.evaluate))
+    elif phase == "logging":
+        monkeypatch.setattr(MetricsLogger, "log", wrap(MetricsLogger.log))
+    elif phase == "saving":  # between the weights and the trainer state of a checkpoint
+        real_save = torch.save
+        monkeypatch.setattr(torch, "save", lambda *a, **k: (at(), real_save(*a, **k))[1])
+    else:
+        raise ValueError(phase)
+
+
+def run_record(run_dir: Path, model) -> dict:
+    """What must not depend on an interruption: weights, the saved optimizer state and step counter,
+    and every metrics row but the wall-clock speed."""
+    rows = [{k: v for k, v in json.loads(line).items() if k not in ("tokens_per_s", "mfu")}
+            for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    state = torch.load(latest_checkpoint(run_dir) / "trainer_state.pt", weights_only=True)
+    return {"weights": model.state_dict(), "optimizer": state["optimizer"], "step": state["step"],
+            "tokens_seen": state["tokens_seen"], "rows": rows}
+
+
+def assert_identical(a, b, where="") -> None:
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for k in a:
+            assert_identical(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_identical(x, y, f"{where}[{i}]")
+    else:
+        assert a == b or (a != a and b != b), f"{where}: {a!r} != {b!r}"  # NaN rows are equal
+
+
+PHASE_CFG = dict(max_steps=8, grad_accum=2, eval_every=3, eval_batches=2, save_every=4)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    run = tmp_path_factory.mktemp("uninterrupted")
+    model = tiny_model()
+    train(model, run_cfg(run, **PHASE_CFG), batches(), val_batches=batches(seed=1), run_dir=run, progress=False)
+    return run_record(run, model)
+
+
+@pytest.mark.parametrize("phase, call, twice, stops_at", [
+    ("forward", 9, False, 5),  # 2 micro-batches a step: the 9th forward is step 5's first
+    ("backward", 10, False, 5),
+    ("optimizer step", 5, False, 5),
+    ("scheduler", 5, False, 5),
+    ("evaluation", 2, False, 3),  # the first is before training, the second after step 3
+    ("logging", 6, False, 4),  # rows: val@0, 1, 2, 3, val@3, 4: right after step 4's row
+    ("saving", 1, False, 4),  # inside the checkpoint at step 4
+    ("forward", 11, True, 4),  # a second Ctrl-C stops at once: the checkpoint of step 4 is what is left
+])
+def test_resume_equals_uninterrupted_bit_for_bit(tmp_path, monkeypatch, uninterrupted, phase, call, twice, stops_at):
+    """Ctrl-C anywhere in a step (dropout on, 2 micro-batches a step, evaluation and checkpoints
+    on their own schedules), then a resume in a fresh process state: the same weights, optimizer
+    state (AdamW's step counters included) and metrics rows, bit for bit, as a run never stopped."""
+    run = tmp_path / "run"
+    model = tiny_model()
+    with monkeypatch.context() as patch:
+        inject_ctrl_c(patch, model, phase, CtrlCOnCall(call, twice))
+        with pytest.raises(KeyboardInterrupt):
+            train(model, run_cfg(run, **PHASE_CFG), batches(), val_batches=batches(seed=1), run_dir=run,
+                  progress=False)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # Ctrl-C handling restored
+    saved = torch.load(latest_checkpoint(run) / "trainer_state.pt", weights_only=True)
+    assert saved["step"] == stops_at
+    adam_steps = {float(s["step"]) for s in saved["optimizer"]["state"].values()}
+    assert adam_steps == {float(stops_at)}  # every parameter updated exactly once per step so far
     torch.manual_seed(12345)  # whatever the RNG is now, the checkpoint's is restored
-    resumed = train(tiny_model(seed=99), run_cfg(tmp_path / "b", grad_accum=2), batches(), run_dir=tmp_path / "b",
-                    resume=True, progress=False)
-    a, b = losses_of(tmp_path / "a"), losses_of(tmp_path / "b")
-    assert sorted(a) == list(range(1, 9)) and sorted(b) == list(range(1, 9))
-    assert all(a[s] == b[s] for s in range(1, 9)), (a, b)  # exact equality, dropout included
-    assert straight.train_loss == resumed.train_loss
-    assert a[8] < a[1]
+    resumed = tiny_model(seed=99)
+    train(resumed, run_cfg(run, **PHASE_CFG), batches(), val_batches=batches(seed=1), run_dir=run, resume=True,
+          progress=False)
+    assert_identical(uninterrupted, run_record(run, resumed))
+
+
+def test_resume_after_a_crash_logs_each_step_once(tmp_path):
+    """A crash (here an exception in step 7; SIGKILL alike) after the checkpoint of step 4 leaves rows
+    for steps 5 and 6 and maybe a torn line: resuming from step 4 drops them, then writes them again."""
+    cfg = run_cfg(tmp_path / "a", save_every=4)
+    train(tiny_model(), cfg, batches(), run_dir=tmp_path / "a", progress=False)
+
+    calls = []
+
+    def crash_in_step_7(model, batch):
+        calls.append(batch)
+        if len(calls) == 7:
+            raise RuntimeError("killed")
+        return next_token_loss(model, batch)
+
+    cfg = run_cfg(tmp_path / "b", save_every=4)
+    with pytest.raises(RuntimeError):
+        train(tiny_model(), cfg, batches(), run_dir=tmp_path / "b", loss_fn=crash_in_step_7, progress=False)
+    with open(tmp_path / "b" / "metrics.jsonl", "a") as f:
+        f.write('{"step": 7, "lo')  # torn by the crash
+    train(tiny_model(seed=4), cfg, batches(), run_dir=tmp_path / "b", resume=True, progress=False)
+    drop_speed = lambda rows: [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in rows]
+    assert_identical(drop_speed(read_metrics(tmp_path / "a")), drop_speed(read_metrics(tmp_path / "b")))
 
 
 class NaNAt:
@@ -155,15 +278,49 @@ def test_nan_step_is_skipped_and_counted(tmp_path):
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
+def test_fp16_nan_step_without_clipping_backs_off_the_scale(tmp_path):
+    result = train(tiny_model(), run_cfg(tmp_path, max_steps=3, precision="fp16", grad_clip=0.0), batches(),
+                   run_dir=tmp_path, loss_fn=NaNAt({2}), progress=False)
+    state = torch.load(latest_checkpoint(tmp_path) / "trainer_state.pt", weights_only=True)
+    assert result.bad_steps == 1 and state["scaler"]["scale"] == 2.0 ** 15  # halved from 2 ** 16 once
+
+
 def test_too_many_bad_steps_stop_with_checkpoint_intact(tmp_path):
     cfg = run_cfg(tmp_path, max_steps=20, save_every=2, max_bad_steps=3)
-    with pytest.raises(TrainingError, match="3 non-finite losses in a row at step 6"):
+    with pytest.raises(TrainingError) as e:
         train(tiny_model(), cfg, batches(), run_dir=tmp_path, loss_fn=NaNAt({5, 6, 7}), progress=False)
     ckpt = latest_checkpoint(tmp_path)
-    assert ckpt.name == "step_000004"
+    assert str(e.value).startswith(f"3 steps in a row with a non-finite loss (steps 5-7): stopping; the last "
+                                   f"checkpoint is {ckpt}. Lower train.lr")
+    assert ckpt.name == "step_000006"  # saved on schedule during the bad steps, with step 4's weights
     model = tiny_model(seed=5)
     state = load_checkpoint(ckpt, model)
-    assert state["step"] == 4 and all(torch.isfinite(p).all() for p in model.parameters())
+    assert state["step"] == 6 and state["bad_steps"] == 2 and all(torch.isfinite(p).all() for p in model.parameters())
+    rows = read_metrics(tmp_path)
+    good = [r["step"] for r in rows if not r.get("bad_step")]
+    bad = [r["step"] for r in rows if r.get("bad_step")]
+    assert good == [1, 2, 3, 4] and bad == [5, 6, 7]  # one numbering: row N is the N-th step, good or bad
+    assert {r["nonfinite"] for r in rows if r.get("bad_step")} == {"loss"}
+
+
+class InfiniteGradients:
+    """A loss function with finite losses and infinite gradients (the backward pass scales them)."""
+
+    def __call__(self, model, batch):
+        loss, n, m = next_token_loss(model, batch)
+        loss.register_hook(lambda g: g * float("inf"))
+        return loss, n, m
+
+
+def test_nonfinite_gradient_norm_stop_says_so_and_that_nothing_was_saved(tmp_path):
+    cfg = run_cfg(tmp_path, max_steps=20, max_bad_steps=2)
+    with pytest.raises(TrainingError) as e:
+        train(tiny_model(), cfg, batches(), run_dir=tmp_path, loss_fn=InfiniteGradients(), progress=False)
+    assert str(e.value).startswith("2 steps in a row with a non-finite gradient norm (steps 1-2): stopping; no "
+                                   "checkpoint was saved. Lower train.lr")
+    rows = read_metrics(tmp_path)
+    assert [(r["step"], r["nonfinite"], math.isfinite(r["loss"])) for r in rows] == \
+        [(1, "gradient norm", True), (2, "gradient norm", True)]
 
 
 def test_crash_mid_save_leaves_previous_checkpoint(tmp_path, monkeypatch):
@@ -182,6 +339,77 @@ def test_crash_mid_save_leaves_previous_checkpoint(tmp_path, monkeypatch):
     assert latest_checkpoint(tmp_path).name == "step_000001"
     assert not (tmp_path / "checkpoints" / "step_000002").exists()
     assert llmstack.from_pretrained(tmp_path) is not None  # the run directory follows `latest`
+
+
+def test_saves_and_resumes_clear_what_killed_saves_left(tmp_path):
+    train(tiny_model(), run_cfg(tmp_path, max_steps=2), batches(), run_dir=tmp_path, progress=False)
+    # What a process killed inside save_checkpoint leaves: a half-written folder, an old one being
+    # swapped out, a half-written `latest`.
+    leftovers = [tmp_path / "checkpoints" / name for name in (".step_000004.tmp-k1ll3d", ".step_000002.old-999")]
+    for folder in leftovers:
+        folder.mkdir()
+        (folder / "model.safetensors").write_bytes(b"\0" * 100)
+    (tmp_path / ".latest.tmp-999").write_text("checkpoints/step_000004\n")
+    names = lambda: sorted(p.name for p in [*tmp_path.iterdir(), *(tmp_path / "checkpoints").iterdir()])
+    with pytest.raises(KeyboardInterrupt):  # a resume that is stopped before it saves anything
+        train(tiny_model(), run_cfg(tmp_path, max_steps=4), batches(), run_dir=tmp_path, resume=True,
+              loss_fn=lambda m, b: (ctrl_c(), ctrl_c(), next_token_loss(m, b))[2], progress=False)
+    assert names() == ["checkpoints", "latest", "loss.png", "metrics.jsonl", "step_000002"]
+    for folder in leftovers:
+        folder.mkdir()
+    save_checkpoint(tmp_path, step=3, model=tiny_model(), optimizer=torch.optim.AdamW(tiny_model().parameters()),
+                    scaler=None, tokenizer=None, config=TINY)
+    assert names() == ["checkpoints", "latest", "loss.png", "metrics.jsonl", "step_000002", "step_000003"]
+
+
+def test_resume_falls_back_past_a_corrupt_checkpoint(tmp_path, capsys):
+    cfg = run_cfg(tmp_path, max_steps=8, save_every=2, keep_last=2)
+    straight = tiny_model()
+    train(straight, cfg, batches(), run_dir=tmp_path, progress=False)
+    rows = read_metrics(tmp_path)
+    assert [p.name for p in sorted((tmp_path / "checkpoints").iterdir())] == ["step_000006", "step_000008"]
+    state = tmp_path / "checkpoints" / "step_000008" / "trainer_state.pt"
+    state.write_bytes(state.read_bytes()[:100])  # truncated
+    resumed = tiny_model(seed=3)
+    train(resumed, cfg, batches(), run_dir=tmp_path, resume=True, progress=False)
+    err = capsys.readouterr().err
+    assert "step_000008/trainer_state.pt is truncated or corrupt" in err and "falling back to" in err
+    assert err.strip().endswith("step_000006")
+    assert_identical(straight.state_dict(), resumed.state_dict())  # steps 7 and 8 redone, exactly
+    assert_identical([{k: v for k, v in r.items() if k != "tokens_per_s"} for r in rows],
+                     [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in read_metrics(tmp_path)])
+    load_checkpoint(latest_checkpoint(tmp_path), tiny_model())  # the corrupt one was replaced
+    # With nothing older to fall back to, the error says so.
+    (tmp_path / "checkpoints" / "step_000006" / "model.safetensors").write_bytes(b"\0" * 10)
+    state.write_bytes(b"")
+    with pytest.raises(ValueError, match="truncated or corrupt.*no earlier checkpoint"):
+        train(tiny_model(), cfg, batches(), run_dir=tmp_path, resume=True, progress=False)
+
+
+def test_from_pretrained_falls_back_when_latest_names_a_missing_checkpoint(tmp_path):
+    train(tiny_model(), run_cfg(tmp_path, max_steps=4, save_every=2), batches(), run_dir=tmp_path,
+          job_config=PretrainConfig(model=TINY), progress=False)
+    expected = llmstack.from_pretrained(tmp_path / "checkpoints" / "step_000002").state_dict()
+    shutil.rmtree(tmp_path / "checkpoints" / "step_000004")  # `latest` still names it
+    with pytest.warns(UserWarning, match="names step_000004, which is missing or incomplete: using .*step_000002"):
+        model = llmstack.from_pretrained(tmp_path)
+    assert_identical(expected, model.state_dict())
+    assert latest_checkpoint(tmp_path).name == "step_000002"  # what resuming uses too
+    shutil.rmtree(tmp_path / "checkpoints" / "step_000002")
+    with pytest.raises(FileNotFoundError, match="names step_000004, which is missing .* no complete checkpoint"):
+        llmstack.from_pretrained(tmp_path)
+
+
+def test_loss_plot_without_matplotlib_is_one_warning_line(tmp_path, monkeypatch, capsys):
+    from llmstack.train.metrics import plot_metrics
+
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n')
+    assert plot_metrics(tmp_path / "metrics.jsonl", tmp_path / "loss.png").stat().st_size > 1000
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # what `import matplotlib` meets when it is not installed
+    assert plot_metrics(tmp_path / "metrics.jsonl", tmp_path / "none.png") is None
+    err = capsys.readouterr().err
+    assert err.startswith("warning: matplotlib is not installed") and err.count("\n") == 1, err
+    assert not (tmp_path / "none.png").exists()
 
 
 def test_keep_last_prunes_old_checkpoints(tmp_path):

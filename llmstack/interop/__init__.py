@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import warnings
 from pathlib import Path
 from typing import Optional
 
@@ -22,18 +24,53 @@ from llmstack.interop.weights import load_weights, read_metadata, save_weights
 from llmstack.io import atomic_directory
 from llmstack.model import ModelConfig, Transformer, build_model
 
-__all__ = ["finish_loading", "from_pretrained", "load_model_config", "load_state_into", "load_tokenizer",
-           "load_weights", "read_metadata", "resolve_checkpoint", "save_hf", "save_pretrained", "save_weights"]
+__all__ = ["finish_loading", "from_pretrained", "latest_named", "load_model_config", "load_state_into",
+           "load_tokenizer", "load_weights", "read_metadata", "resolve_checkpoint", "run_checkpoints", "save_hf",
+           "save_pretrained", "save_weights"]
+
+
+def latest_named(run_dir: str | os.PathLike) -> Optional[Path]:
+    """The checkpoint that a run directory's `latest` file names (which may be missing), or None."""
+    pointer = Path(run_dir) / "latest"
+    try:
+        name = pointer.read_text().strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+    return Path(run_dir) / name if name else None
+
+
+def run_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
+    """A training run directory's complete checkpoints in the order to try them: the one its
+    `latest` file names, then the others newest first. A checkpoint is renamed into place whole
+    (llmstack.io.atomic_directory), so one that has its trainer_state.pt has everything."""
+    folder = Path(run_dir) / "checkpoints"
+    if not folder.is_dir():
+        return []
+    found = [p for p in folder.iterdir() if re.fullmatch(r"step_\d{6,}", p.name) and (p / "trainer_state.pt").is_file()]
+    newest_first = sorted(found, key=lambda p: int(p.name.removeprefix("step_")), reverse=True)
+    named = latest_named(run_dir)
+    return sorted(newest_first, key=lambda p: p != named)  # a stable sort: `latest` first
 
 
 def resolve_checkpoint(path: str | os.PathLike) -> Path:
-    """A checkpoint directory itself, or the newest checkpoint of a training run directory
-    (the one its `latest` file names)."""
+    """A checkpoint directory itself, or the newest checkpoint of a training run directory: the one
+    its `latest` file names or, when that one is missing or incomplete, the newest complete one
+    (with a warning), as resuming the run would."""
     path = Path(path)
-    pointer = path / "latest"
-    if not (path / "config.yaml").is_file() and not (path / "config.json").is_file() and pointer.is_file():
-        return path / pointer.read_text().strip()
-    return path
+    if (path / "config.yaml").is_file() or (path / "config.json").is_file():
+        return path
+    named = latest_named(path)
+    if named is None and not (path / "checkpoints").is_dir():
+        return path  # not a run directory: the loader says what it lacks
+    if named is not None and ((named / "config.yaml").is_file() or (named / "config.json").is_file()):
+        return named
+    problem = (f"{path / 'latest'} names {named.name}, which is missing or incomplete" if named is not None
+               else f"{path} has no latest file")
+    candidates = run_checkpoints(path)
+    if not candidates:
+        raise FileNotFoundError(f"{problem}, and the run holds no complete checkpoint")
+    warnings.warn(f"{problem}: using {candidates[0]}", stacklevel=2)
+    return candidates[0]
 
 
 def load_tokenizer(path: str | os.PathLike):

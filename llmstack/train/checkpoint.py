@@ -11,7 +11,10 @@
 
 Each checkpoint is written to a temporary directory and renamed into place,
 then `latest` is replaced: a crash at any moment leaves the previous checkpoint
-loadable. `llmstack.from_pretrained(run_dir)` follows `latest`.
+loadable, and the next save clears the temporaries it left. Resuming and
+`llmstack.from_pretrained(run_dir)` follow `latest`, or fall back to the newest
+complete checkpoint when it names a missing one; resuming also falls back past a
+checkpoint whose files are corrupt.
 """
 from __future__ import annotations
 
@@ -19,6 +22,7 @@ import os
 import random
 import re
 import shutil
+import sys
 from pathlib import Path
 from typing import Any, Optional
 
@@ -27,8 +31,8 @@ import torch
 import yaml
 
 from llmstack.config import to_dict
-from llmstack.interop import load_state_into, load_weights, save_weights
-from llmstack.io import atomic_directory
+from llmstack.interop import load_state_into, load_weights, run_checkpoints, save_weights
+from llmstack.io import atomic_directory, atomic_write_text, remove_stale_temporaries
 
 LATEST = "latest"
 
@@ -57,14 +61,14 @@ def set_rng_state(state: dict) -> None:
 
 
 def save_checkpoint(run_dir: str | os.PathLike, *, step: int, model: torch.nn.Module, optimizer, scaler,
-                    tokenizer, config: Any, extra: Optional[dict] = None, keep_last: int = 2,
-                    rng: Optional[dict] = None) -> Path:
-    """`rng`: the RNG state to record, when not the current one (an interrupted step saves the
-    state from the start of that step, so that resuming replays it exactly)."""
+                    tokenizer, config: Any, extra: Optional[dict] = None, keep_last: int = 2) -> Path:
+    """Write checkpoints/step_N whole, then point `latest` at it, then prune: checkpoints after
+    step N (a continuation that a resume from an older one abandoned) and all but the newest
+    `keep_last`."""
     run_dir = Path(run_dir)
     name = f"step_{step:06d}"
     target = run_dir / "checkpoints" / name
-    state = {"step": step, "optimizer": optimizer.state_dict(), "rng": rng or rng_state(), **(extra or {})}
+    state = {"step": step, "optimizer": optimizer.state_dict(), "rng": rng_state(), **(extra or {})}
     if scaler is not None and scaler.is_enabled():
         state["scaler"] = scaler.state_dict()
 
@@ -75,46 +79,81 @@ def save_checkpoint(run_dir: str | os.PathLike, *, step: int, model: torch.nn.Mo
             tokenizer.save(tmp / "tokenizer.json")
         torch.save(state, tmp / "trainer_state.pt")
 
+    remove_interrupted_saves(run_dir)
     atomic_directory(target, write)
-    tmp_latest = run_dir / f"{LATEST}.tmp"
-    tmp_latest.write_text(f"checkpoints/{name}\n")
-    os.replace(tmp_latest, run_dir / LATEST)
-    for old in list_checkpoints(run_dir)[:-keep_last] if keep_last > 0 else []:
+    atomic_write_text(run_dir / LATEST, f"checkpoints/{name}\n")
+    checkpoints = list_checkpoints(run_dir)
+    abandoned = [p for p in checkpoints if checkpoint_step(p) > step]
+    kept = [p for p in checkpoints if checkpoint_step(p) <= step]
+    for old in abandoned + (kept[:-keep_last] if keep_last > 0 else []):
         shutil.rmtree(old, ignore_errors=True)
     return target
 
 
+def remove_interrupted_saves(run_dir: str | os.PathLike) -> None:
+    """Delete the temporaries that a process killed midway left in a run directory (a half-written
+    checkpoint folder, `latest`, metrics.jsonl). Saving and resuming call it: one process trains a
+    run at a time."""
+    remove_stale_temporaries(Path(run_dir) / "checkpoints")
+    remove_stale_temporaries(run_dir, names=[LATEST, "metrics.jsonl"])
+
+
 def list_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
+    """The run's checkpoint folders, oldest first (complete or not)."""
     folder = Path(run_dir) / "checkpoints"
     if not folder.is_dir():
         return []
-    return sorted(p for p in folder.iterdir() if p.is_dir() and re.fullmatch(r"step_\d{6,}", p.name))
+    return sorted((p for p in folder.iterdir() if p.is_dir() and re.fullmatch(r"step_\d{6,}", p.name)),
+                  key=checkpoint_step)
+
+
+def checkpoint_step(path: Path) -> int:
+    return int(path.name.removeprefix("step_"))
 
 
 def latest_checkpoint(run_dir: str | os.PathLike) -> Optional[Path]:
     """The checkpoint `latest` names; falls back to the newest complete one."""
-    run_dir = Path(run_dir)
-    pointer = run_dir / LATEST
-    if pointer.is_file():
-        path = run_dir / pointer.read_text().strip()
-        if (path / "trainer_state.pt").is_file():
-            return path
-    complete = [p for p in list_checkpoints(run_dir) if (p / "trainer_state.pt").is_file()]
-    return complete[-1] if complete else None
+    candidates = run_checkpoints(run_dir)
+    return candidates[0] if candidates else None
+
+
+class CorruptCheckpointError(ValueError):
+    """A checkpoint file that cannot be read (truncated, overwritten): an older checkpoint may do."""
 
 
 def load_checkpoint(path: str | os.PathLike, model: torch.nn.Module, optimizer=None, scaler=None) -> dict:
-    """Restore weights (and optimizer, scaler, RNG when given); returns the trainer state."""
+    """Restore weights (and optimizer, scaler, RNG when given); returns the trainer state. Both
+    files are read before anything is restored, so a corrupt one leaves the model as it was."""
     path = Path(path)
-    state_dict, _ = load_weights(path)
-    load_state_into(model, state_dict)
+    try:
+        state_dict, _ = load_weights(path)
+    except (ValueError, FileNotFoundError) as e:
+        raise CorruptCheckpointError(str(e)) from None
     try:
         state = torch.load(path / "trainer_state.pt", weights_only=True, map_location="cpu")
     except Exception as e:
-        raise ValueError(f"trainer state {path / 'trainer_state.pt'} is truncated or corrupt ({e})") from None
+        raise CorruptCheckpointError(f"trainer state {path / 'trainer_state.pt'} is truncated or corrupt ({e})") \
+            from None
+    load_state_into(model, state_dict)
     if optimizer is not None:
         optimizer.load_state_dict(state["optimizer"])
     if scaler is not None and "scaler" in state:
         scaler.load_state_dict(state["scaler"])
     set_rng_state(state["rng"])
     return state
+
+
+def load_latest_checkpoint(run_dir: str | os.PathLike, model: torch.nn.Module, optimizer=None,
+                           scaler=None) -> Optional[tuple[Path, dict]]:
+    """Resume: load the newest checkpoint that reads; when one is corrupt, say so and fall back to
+    the one before. (path, trainer state), or None when the run has no checkpoint."""
+    remove_interrupted_saves(run_dir)
+    candidates = run_checkpoints(run_dir)
+    for i, path in enumerate(candidates):
+        try:
+            return path, load_checkpoint(path, model, optimizer, scaler)
+        except CorruptCheckpointError as e:
+            if i + 1 == len(candidates):
+                raise CorruptCheckpointError(f"{e}; no earlier checkpoint of {run_dir} to fall back to") from None
+            print(f"resume: {e}; falling back to {candidates[i + 1]}", file=sys.stderr)
+    return None

@@ -70,6 +70,9 @@ class PretrainConfig:
         self.tokenizer.validate()
         self.data.validate()
         self.train.validate()
+        if not self.data.val_fraction > 0:
+            raise ConfigError(f"data.val_fraction must be in (0, 1) for pretraining, which evaluates on held-out "
+                              f"documents; got {self.data.val_fraction}")
         if self.data.seq_len > self.model.max_seq_len:
             raise ConfigError(
                 f"data.seq_len={self.data.seq_len} is above model.max_seq_len={self.model.max_seq_len}; "

@@ -28,10 +28,25 @@ from llmstack.train.trainer import TrainResult, train
 RUN_IDENTITY = ("model", "tokenizer", "data")
 
 
+def check_directory(key: str, path: str | os.PathLike) -> None:
+    """ConfigError unless `path` is a directory or can become one: its nearest existing part is a
+    writable directory."""
+    existing = Path(path)
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(f"{key}={str(path)!r}: {str(existing)!r} is a file, not a directory; choose another {key}")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"{key}={str(path)!r}: {str(existing)!r} is not writable; choose another {key}")
+
+
 def check_run_dir(cfg: PretrainConfig, resume: bool) -> bool:
-    """Whether to resume. Errors, before any work, when out_dir holds another run, or this
-    run without --resume."""
+    """Whether to resume. Errors, before any work, when out_dir cannot hold a run, holds another
+    run, or holds this run without --resume."""
     run_dir = Path(cfg.train.out_dir)
+    check_directory("train.out_dir", run_dir)
+    if cfg.data.cache_dir:
+        check_directory("data.cache_dir", cfg.data.cache_dir)
     ckpt = latest_checkpoint(run_dir)
     if ckpt is None:
         return False
@@ -72,8 +87,9 @@ def build_tokenizer(cfg: PretrainConfig, progress: bool = True) -> Tokenizer:
 
 
 def pretrain(cfg: PretrainConfig, *, resume: bool = False, progress: bool = True) -> TrainResult:
-    cfg.validate()
+    cfg.validate()  # every check that needs no work comes first: nothing is written before they pass
     resume = check_run_dir(cfg, resume or cfg.train.resume == "auto")
+    device = resolve_device(cfg.train.device)
     run_dir = Path(cfg.train.out_dir)
     if resume:  # the checkpoint's own tokenizer, whatever the cache holds now
         tok = Tokenizer.load(latest_checkpoint(run_dir) / "tokenizer.json")
@@ -84,7 +100,6 @@ def pretrain(cfg: PretrainConfig, *, resume: bool = False, progress: bool = True
                           f"set model.vocab_size >= {tok.vocab_size}")
     tokens = prepare_tokens(cfg.data.source, tok, cache_dir=cfg.data.cache_dir, val_fraction=cfg.data.val_fraction,
                             text_field=cfg.data.text_field, progress=progress)
-    device = resolve_device(cfg.train.device)
     batches = TokenBatches(tokens["train"], cfg.train.batch_size, cfg.data.seq_len, seed=cfg.train.seed,
                            device=device, name="train")
     val = TokenBatches(tokens["val"], cfg.train.batch_size, cfg.data.seq_len, seed=cfg.train.seed, device=device,

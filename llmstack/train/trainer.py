@@ -5,6 +5,10 @@
 One optimizer step per `step`: `grad_accum` micro-batches, each loss summed over
 its tokens and divided by the token count of the *whole* step, so accumulation
 gives the same gradient as one big batch whatever the padding.
+
+Ctrl-C finishes the current step, saves, and stops (`StopOnInterrupt`); a resumed run
+then continues bit for bit as if it had never stopped: same batches, RNG, optimizer
+state and metrics rows.
 """
 from __future__ import annotations
 
@@ -20,7 +24,8 @@ import torch
 
 from llmstack.eval.perplexity import evaluate
 from llmstack.train.config import TrainConfig
-from llmstack.train.checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint
+from llmstack.train.checkpoint import checkpoint_step, latest_checkpoint, load_latest_checkpoint, save_checkpoint
+from llmstack.train.interrupt import StopOnInterrupt
 from llmstack.train.metrics import MetricsLogger, plot_metrics
 from llmstack.train.optim import build_optimizer
 from llmstack.train.schedule import lr_multiplier
@@ -69,20 +74,20 @@ def train(model: torch.nn.Module, cfg: TrainConfig, batches, *, val_batches=None
           tokenizer=None, job_config: Any = None, loss_fn: Callable = next_token_loss, resume: bool = False,
           bytes_per_token: Optional[float] = None, flops_per_token: Optional[float] = None,
           progress: bool = True) -> TrainResult:
+    cfg.validate()
     run_dir = Path(run_dir)
     device = next(model.parameters()).device
     optimizer = build_optimizer(model, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(cfg.beta1, cfg.beta2),
                                 eps=cfg.eps)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
     autocast = autocast_for(cfg.precision, device)
-    step, total_bad, tokens_seen = 0, 0, 0
-    if resume:
-        ckpt = latest_checkpoint(run_dir)
-        if ckpt is not None:
-            state = load_checkpoint(ckpt, model, optimizer, scaler)
-            step, total_bad, tokens_seen = state["step"], state.get("bad_steps", 0), state.get("tokens_seen", 0)
+    step, total_bad, tokens_seen, last_ckpt = 0, 0, 0, None
+    if resume and (found := load_latest_checkpoint(run_dir, model, optimizer, scaler)) is not None:
+        last_ckpt, state = found
+        step, total_bad, tokens_seen = state["step"], state.get("bad_steps", 0), state.get("tokens_seen", 0)
+    start_step = step
     forward_model = torch.compile(model) if cfg.compile else model
-    logger = MetricsLogger(run_dir, tensorboard=cfg.tensorboard)
+    logger = MetricsLogger(run_dir, tensorboard=cfg.tensorboard, resume_step=step if last_ckpt else None)
     peak = next((v for k, v in PEAK_FLOPS.items() if device.type == "cuda" and k in torch.cuda.get_device_name()),
                 None)
 
@@ -95,95 +100,112 @@ def train(model: torch.nn.Module, cfg: TrainConfig, batches, *, val_batches=None
                     **({"val_bpb": out["bits_per_byte"]} if "bits_per_byte" in out else {})})
         return out
 
-    def checkpoint(at_step: int, rng: Optional[dict] = None) -> Path:
+    def checkpoint(at_step: int) -> Path:
         return save_checkpoint(run_dir, step=at_step, model=model, optimizer=optimizer, scaler=scaler,
                                tokenizer=tokenizer, config=job_config if job_config is not None else cfg,
-                               extra={"bad_steps": total_bad, "tokens_seen": tokens_seen}, keep_last=cfg.keep_last,
-                               rng=rng)
+                               extra={"bad_steps": total_bad, "tokens_seen": tokens_seen}, keep_last=cfg.keep_last)
 
-    first_val = run_eval(step) if step == 0 else None
     from tqdm import tqdm
 
     bar = tqdm(total=cfg.max_steps, initial=step, desc="training", unit="step", disable=not progress,
                dynamic_ncols=True)
     model.train()
-    bad_in_row, last_loss, last_ckpt, val, step_rng = 0, float("nan"), None, {}, None
+    bad_in_row, bad_kinds, last_loss, val, first_val = 0, set(), float("nan"), {}, None
     t_last, tokens_last = time.perf_counter(), tokens_seen
+    # Ctrl-C sets stop.requested and the loop ends at the next step boundary, with every piece
+    # of state (weights, optimizer, RNG, step, metrics) where the uninterrupted run had it.
+    stop = StopOnInterrupt()
     try:
-        while step < cfg.max_steps:
-            step_rng = rng_state()  # what an interrupted step restarts from
-            lr = cfg.lr * lr_multiplier(step, schedule=cfg.schedule, max_steps=cfg.max_steps,
-                                        warmup_steps=cfg.warmup_steps, min_lr_ratio=cfg.min_lr_ratio,
-                                        decay_fraction=cfg.decay_fraction)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            micro = [batches.get_batch(step, m) for m in range(cfg.grad_accum)]
-            n_total = sum(int((b[1] != -100).sum()) for b in micro)
-            loss_sum, extra = 0.0, {}
-            for batch in micro:
-                with autocast():
-                    loss, _, extra = loss_fn(forward_model, batch)
-                scaler.scale(loss / max(n_total, 1)).backward()
-                loss_sum += loss.item()
-            step_loss = loss_sum / max(n_total, 1)
-            if cfg.grad_clip > 0:
-                scaler.unscale_(optimizer)
-                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip).item()
-            else:
-                grad_norm = float("nan")
-            if not math.isfinite(step_loss) or (cfg.grad_clip > 0 and not math.isfinite(grad_norm)
-                                                and not scaler.is_enabled()):
-                # Skip the update; the weights stay as they were before this step.
-                optimizer.zero_grad(set_to_none=True)
-                if scaler.is_enabled():
+        with stop:
+            if last_ckpt is None:  # a fresh run: the loss before any training
+                first_val = run_eval(step)
+            while step < cfg.max_steps and not stop.requested:
+                lr = cfg.lr * lr_multiplier(step, schedule=cfg.schedule, max_steps=cfg.max_steps,
+                                            warmup_steps=cfg.warmup_steps, min_lr_ratio=cfg.min_lr_ratio,
+                                            decay_fraction=cfg.decay_fraction)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                micro = [batches.get_batch(step, m) for m in range(cfg.grad_accum)]
+                n_total = sum(int((b[1] != -100).sum()) for b in micro)
+                loss_sum, extra = 0.0, {}
+                for batch in micro:
+                    with autocast():
+                        loss, _, extra = loss_fn(forward_model, batch)
+                    scaler.scale(loss / max(n_total, 1)).backward()
+                    loss_sum += loss.item()
+                step_loss = loss_sum / max(n_total, 1)
+                if cfg.grad_clip > 0:
+                    scaler.unscale_(optimizer)
+                    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip).item()
+                else:
+                    grad_norm = float("nan")
+                # A non-finite loss, or gradient norm (fp16's scaler handles its own), skips the update.
+                nonfinite = ("loss" if not math.isfinite(step_loss) else "gradient norm"
+                             if cfg.grad_clip > 0 and not math.isfinite(grad_norm) and not scaler.is_enabled()
+                             else None)
+                if nonfinite is None:
+                    scaler.step(optimizer)
                     scaler.update()
-                bad_in_row += 1
-                total_bad += 1
-                logger.log({"step": step, "bad_step": True, "loss": step_loss})
-                if bad_in_row >= cfg.max_bad_steps:
-                    raise TrainingError(
-                        f"{bad_in_row} non-finite losses in a row at step {step}: stopping. The last good "
-                        f"checkpoint is {latest_checkpoint(run_dir)}; lower train.lr, or use bf16 instead of fp16")
-                step += 1
+                    tokens_seen += n_total
+                    last_loss, bad_in_row, bad_kinds = step_loss, 0, set()
+                elif scaler.is_enabled():  # an overflow: the scale backs off
+                    if cfg.grad_clip <= 0:
+                        scaler.unscale_(optimizer)  # what records it (clipping did so above)
+                    scaler.update()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1  # from here on, `step` counts this step as done: every row below is logged under it
                 bar.update(1)
-                continue
-            bad_in_row = 0
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            tokens_seen += n_total
-            last_loss = step_loss
-            bar.update(1)
-            if step % cfg.log_every == 0 or step == cfg.max_steps:
-                now = time.perf_counter()
-                tps = (tokens_seen - tokens_last) / max(now - t_last, 1e-9)
-                t_last, tokens_last = now, tokens_seen
-                row = {"step": step, "loss": step_loss, "lr": lr, "grad_norm": grad_norm, "tokens": tokens_seen,
-                       "tokens_per_s": tps, **extra}
-                if peak and flops_per_token:
-                    row["mfu"] = tps * flops_per_token / peak
-                logger.log(row)
-                bar.set_postfix(loss=f"{step_loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{tps:,.0f}",
-                                **({"mfu": f"{row['mfu']:.1%}"} if "mfu" in row else {}))
-            if step % cfg.eval_every == 0 and step < cfg.max_steps:
-                val = run_eval(step)
-            if step % cfg.save_every == 0 and step < cfg.max_steps:
-                last_ckpt = checkpoint(step)
-        val = run_eval(step) if step > 0 else val
-        last_ckpt = checkpoint(step)
-    except KeyboardInterrupt:
-        bar.close()
-        optimizer.zero_grad(set_to_none=True)  # a half-accumulated step is dropped, and replayed on resume
-        last_ckpt = checkpoint(step, rng=step_rng)
-        print(f"\ninterrupted: saved {last_ckpt}; continue with --resume")
+                if nonfinite is not None:
+                    bad_in_row, total_bad = bad_in_row + 1, total_bad + 1
+                    bad_kinds.add(nonfinite)
+                    logger.log({"step": step, "bad_step": True, "nonfinite": nonfinite, "loss": step_loss,
+                                "grad_norm": grad_norm})
+                    if bad_in_row >= cfg.max_bad_steps:
+                        raise TrainingError(nonfinite_message(bad_in_row, bad_kinds, step, latest_checkpoint(run_dir),
+                                                              cfg.precision))
+                elif step % cfg.log_every == 0 or step == cfg.max_steps:
+                    now = time.perf_counter()
+                    tps = (tokens_seen - tokens_last) / max(now - t_last, 1e-9)
+                    t_last, tokens_last = now, tokens_seen
+                    row = {"step": step, "loss": step_loss, "lr": lr, "grad_norm": grad_norm, "tokens": tokens_seen,
+                           "tokens_per_s": tps, **extra}
+                    if peak and flops_per_token:
+                        row["mfu"] = tps * flops_per_token / peak
+                    logger.log(row)
+                    bar.set_postfix(loss=f"{step_loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{tps:,.0f}",
+                                    **({"mfu": f"{row['mfu']:.1%}"} if "mfu" in row else {}))
+                if step % cfg.eval_every == 0 and step < cfg.max_steps:
+                    val = run_eval(step)
+                if step % cfg.save_every == 0 and step < cfg.max_steps:
+                    last_ckpt = checkpoint(step)
+            if step < cfg.max_steps:  # stopped by Ctrl-C, at a step boundary
+                if step > 0 and (last_ckpt is None or checkpoint_step(last_ckpt) != step):
+                    last_ckpt = checkpoint(step)
+            else:  # the end (a run resumed at its end has nothing to add)
+                if step > start_step:
+                    val = run_eval(step)
+                    last_ckpt = checkpoint(step)
+                plot_metrics(run_dir / "metrics.jsonl", run_dir / "loss.png")
+    except KeyboardInterrupt:  # a second Ctrl-C
+        print(f"\nstopped without saving; the last checkpoint is {latest_checkpoint(run_dir)}")
         raise
     finally:
         bar.close()
         logger.close()
-    plot_metrics(run_dir / "metrics.jsonl", run_dir / "loss.png")
+    if step < cfg.max_steps:
+        print(f"\ninterrupted: saved {last_ckpt}; continue with --resume" if step > 0 else
+              "\ninterrupted before the first step: nothing to save")
+        raise KeyboardInterrupt
     return TrainResult(step=step, train_loss=last_loss, val=val, bad_steps=total_bad, checkpoint=last_ckpt,
                        first_val=first_val)
+
+
+def nonfinite_message(in_row: int, kinds: set, step: int, checkpoint: Optional[Path], precision: str) -> str:
+    """Why the loop stopped: what was non-finite, over which steps, and what is left to resume from."""
+    what = " or ".join(sorted(kinds))
+    saved = f"the last checkpoint is {checkpoint}" if checkpoint is not None else "no checkpoint was saved"
+    return (f"{in_row} steps in a row with a non-finite {what} (steps {step - in_row + 1}-{step}): stopping; "
+            f"{saved}. Lower train.lr" + (", or use bf16 instead of fp16" if precision == "fp16" else ""))
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:
