@@ -1,5 +1,7 @@
-"""What every script's command line shares: `--config FILE`, dotted overrides, `--print-config`,
-and errors as one line (exit code 2) instead of a traceback."""
+"""What every script's command line shares: one spelling for the flags that recur (`--checkpoint`,
+`--device`, `--dtype fp32|fp16|bf16`, `--threads`, `--max-new-tokens`, `--batch-size`, lists as
+space-separated values), `--config FILE` with dotted overrides for job scripts, and errors as one
+line (exit code 2) instead of a traceback."""
 from __future__ import annotations
 
 import argparse
@@ -16,21 +18,53 @@ class OneLineErrors(argparse.ArgumentParser):
         self.exit(2, f"error: {message} (--help lists the options)\n")
 
 
-def positive_int(text: str) -> int:
-    """An argparse `type`: an integer >= 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
-    return value
+def _int_at_least(minimum: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = minimum - 1
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {minimum}, got {text!r}")
+        return value
+    parse.__name__ = f"integer >= {minimum}"
+    return parse
+
+
+positive_int = _int_at_least(1)  # an argparse `type`
+non_negative_int = _int_at_least(0)
+
+# The dtypes a script may be asked for, as `train.precision` spells them (torch.float32, ... in
+# llmstack.runtime.DTYPES).
+DTYPE_NAMES = ("fp32", "fp16", "bf16")
+
+
+def script_parser(description: Optional[str], *, threads: bool = True) -> OneLineErrors:
+    """The parser every script starts from: its docstring as the help, one-line errors, and
+    `--threads` where it runs torch."""
+    parser = OneLineErrors(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    if threads:
+        add_threads_argument(parser)
+    return parser
 
 
 def add_threads_argument(parser: argparse.ArgumentParser) -> None:
     """`--threads N`, for `llmstack.runtime.set_threads(args.threads)`."""
     parser.add_argument("--threads", type=positive_int, metavar="N",
                         help="CPU threads for torch (default: $LLMSTACK_THREADS, else one fewer than the cores)")
+
+
+def add_device_argument(parser: argparse.ArgumentParser) -> None:
+    """`--device`, for `llmstack.runtime.resolve_device(args.device)`."""
+    parser.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N "
+                                                         "(default auto)")
+
+
+def add_dtype_argument(parser: argparse.ArgumentParser, *, auto: str = "bf16 on CUDA, else fp32") -> None:
+    """`--dtype auto|fp32|fp16|bf16`, for `llmstack.runtime.resolve_dtype(args.dtype, device)`;
+    `auto` describes what the script picks when it is not given."""
+    parser.add_argument("--dtype", choices=["auto", *DTYPE_NAMES], default="auto",
+                        help=f"weights and activations (default auto: {auto})")
 
 
 def parse_cli(cls: type, argv: Optional[list[str]] = None, *, description: str = "",

@@ -13,6 +13,18 @@ import torch
 from llmstack.config import ConfigError
 
 
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def resolve_dtype(name: str, device: torch.device, *, auto: Optional[torch.dtype] = None) -> torch.dtype:
+    """A torch dtype from `fp32`, `fp16`, `bf16` or `auto` (`auto`, or bf16 on CUDA and fp32 on the CPU)."""
+    if name == "auto":
+        return auto or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    if name not in DTYPES:
+        raise ConfigError(f"dtype {name!r} is not one of auto, {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
 def resolve_device(name: str) -> torch.device:
     """A `torch.device` from a config or command-line value: "auto" is CUDA when available, else
     the CPU. A name torch does not know, or a CUDA device this machine lacks, is a ConfigError."""

@@ -20,7 +20,6 @@ import torch
 if not torch.cuda.is_available():  # the interpreter must be chosen before triton is imported
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import argparse  # noqa: E402
 import csv  # noqa: E402
 import datetime  # noqa: E402
 import json  # noqa: E402
@@ -30,6 +29,8 @@ import time  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from benchlib import copy_bandwidth_gbs, device_name, quick_defaults  # noqa: E402
+from llmstack.cli import add_dtype_argument, script_parser  # noqa: E402
+from llmstack.runtime import DTYPES  # noqa: E402
 
 try:
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -46,7 +47,6 @@ else:
     _TRITON_ERROR = None if is_available() else "no CUDA device and TRITON_INTERPRET is not 1"
 
 CUDA = torch.cuda.is_available()
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 SDPA_BACKENDS = ["FLASH_ATTENTION", "EFFICIENT_ATTENTION", "CUDNN_ATTENTION", "MATH"]
 NAIVE_MAX_SCORE_BYTES = 8 << 30  # naive and MATH materialise (B, H, S, S) scores; skip beyond this
 
@@ -237,10 +237,10 @@ def print_row(row, provs):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = script_parser(__doc__.splitlines()[0], threads=False)
     p.add_argument("--quick", action="store_true",
                    help="tiny fp32 sizes, the mode used on a CPU; flags given explicitly keep their value")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default bf16 on GPU, fp32 with --quick")
+    add_dtype_argument(p, auto="bf16 on a GPU, fp32 with --quick")
     p.add_argument("--seqlens", type=int, nargs="+", default=None, help="(default 512 1024 2048 4096 8192 16384)")
     p.add_argument("--head-dims", type=int, nargs="+", default=None, help="(default 64 128)")
     p.add_argument("--causal", type=lambda s: s.lower() in ("1", "true", "yes"), nargs="+", default=[False, True])
@@ -269,7 +269,7 @@ def main():
         model_dim=(2048, 64), tokens=(16384, 128), decode_batches=([1, 8, 32], [1, 2]),
         decode_kv_lens=([4096, 16384, 65536], [256]), decode_heads=(32, 4), decode_kv_heads=(8, 2),
         decode_head_dim=(128, 32), cpu_reps=(3, 3 if CUDA else 1)))
-    dtype = DTYPES[args.dtype or ("bf16" if CUDA and not args.quick else "fp32")]
+    dtype = DTYPES[args.dtype if args.dtype != "auto" else ("bf16" if CUDA and not args.quick else "fp32")]
     if not CUDA and dtype == torch.bfloat16:
         raise SystemExit("bf16 is wrong under the Triton interpreter; use --dtype fp32 on a CPU")
     device = "cuda" if CUDA else "cpu"

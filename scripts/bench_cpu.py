@@ -11,14 +11,18 @@ loss chunk by chunk, against transformers' `model(x, labels=y)`).
     python scripts/bench_cpu.py            # full
     python scripts/bench_cpu.py --quick    # a fast smoke run
     python scripts/bench_cpu.py --compile  # also the torch.compile'd static-cache decode step
+    python scripts/bench_cpu.py --threads 2  # both libraries with 2 threads (default: one fewer than the cores)
 """
-import argparse
+import sys
 
 import torch
 import torch.nn.functional as F
 
 import llmstack
 from benchlib import cpu_name, hf_twin, quick_defaults, random_llama, time_pair
+from llmstack.cli import positive_int, script_parser
+from llmstack.config import ConfigError
+from llmstack.runtime import set_threads
 
 
 def logits_loss(forward):
@@ -42,17 +46,21 @@ def train_step_fn(model, batch, loss_fn):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = script_parser(__doc__)
     parser.add_argument("--quick", action="store_true",
                         help="train 2 x 64, 16 new tokens, 2 runs (a smoke run); flags given explicitly keep their value")
-    parser.add_argument("--new-tokens", type=int, default=None, help="(default 128)")
-    parser.add_argument("--iters", type=int, default=None, help="(default 9)")
+    parser.add_argument("--max-new-tokens", type=positive_int, default=None, help="(default 128)")
+    parser.add_argument("--iters", type=positive_int, default=None, help="(default 9)")
     parser.add_argument("--compile", action="store_true",
                         help="also time decoding with the torch.compile'd static-cache step (CompiledDecoder)")
     args = parser.parse_args()
-    quick_defaults(args, args.quick, dict(new_tokens=(128, 16), iters=(9, 2)))
+    quick_defaults(args, args.quick, dict(max_new_tokens=(128, 16), iters=(9, 2)))
+    try:
+        set_threads(args.threads)
+    except ConfigError as e:
+        sys.exit(f"error: {e}")
     batch_size, seq = (2, 64) if args.quick else (8, 256)
-    new_tokens, iters = args.new_tokens, args.iters
+    new_tokens, iters = args.max_new_tokens, args.iters
     ours = random_llama()
     hf = hf_twin(ours)
     hf.generation_config.pad_token_id = 0

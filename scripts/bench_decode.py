@@ -17,7 +17,6 @@ anything: on a GPU the default model is Llama-3.2-1B's shape with random weights
     python scripts/bench_decode.py --checkpoint runs/quickstart
     python scripts/bench_decode.py --quick                    # tiny eager smoke run (explicit flags apply)
 """
-import argparse
 import copy
 import datetime
 import json
@@ -29,15 +28,15 @@ import torch
 import llmstack
 from benchlib import (copy_bandwidth_gbs, decode_bytes_per_token, device_name, first_difference,
                             quick_defaults, time_compiled_generate, time_llmstack_generate)
+from llmstack.cli import (add_device_argument, add_dtype_argument, non_negative_int, positive_int,
+                          script_parser)
 from llmstack.config import ConfigError
-from llmstack.model import model_preset
-from llmstack.runtime import resolve_device
 from llmstack.inference import quantize_
 from llmstack.inference.compiled import CompiledDecoder
 from llmstack.interop import resolve_checkpoint
-from llmstack.model import Transformer
+from llmstack.model import Transformer, model_preset
+from llmstack.runtime import resolve_device, resolve_dtype, set_threads
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 SCHEMES = ("none", "int8", "int4")
 
 
@@ -46,7 +45,7 @@ def build_model(args, device: torch.device, dtype: torch.dtype) -> Transformer:
     if args.checkpoint:
         return llmstack.from_pretrained(resolve_checkpoint(args.checkpoint), device=device, dtype=dtype)
     cfg = model_preset(args.model)
-    cfg.max_seq_len = min(cfg.max_seq_len, args.prompt_len + args.new_tokens)  # RoPE needs nothing more
+    cfg.max_seq_len = min(cfg.max_seq_len, args.prompt_len + args.max_new_tokens)  # RoPE needs nothing more
     with torch.device("meta"):
         model = Transformer(cfg)
     model.to_empty(device=device)
@@ -58,69 +57,64 @@ def build_model(args, device: torch.device, dtype: torch.dtype) -> Transformer:
 def variants(model: Transformer, args) -> dict:
     """name -> (model, decode function (prompts) -> GenerationTiming)."""
     out = {}
-    context = args.prompt_len + args.new_tokens
+    context = args.prompt_len + args.max_new_tokens
     for scheme in args.quantize:
         m = model if scheme == "none" else quantize_(copy.deepcopy(model), scheme, group_size=args.group_size)
         label = "float" if scheme == "none" else (scheme if scheme == "int8" else f"int4 g{args.group_size}")
         for mode in args.modes:
             if mode == "eager":
-                out[f"{label}, eager generate"] = (m, lambda p, m=m: time_llmstack_generate(m, p, args.new_tokens))
+                out[f"{label}, eager generate"] = (m, lambda p, m=m: time_llmstack_generate(m, p, args.max_new_tokens))
             else:
                 decoder = CompiledDecoder(m, 1, context)
                 out[f"{label}, compiled step"] = (m, lambda p, d=decoder: time_compiled_generate(d, p,
-                                                                                                  args.new_tokens))
+                                                                                                  args.max_new_tokens))
     return out
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = script_parser(__doc__)
     parser.add_argument("--model", default=None,
                         help="a preset name or YAML path, random weights (default: llama-3.2-1b on CUDA, quickstart "
                              "on a CPU)")
     parser.add_argument("--checkpoint", help="a trained llmstack run or checkpoint directory instead of --model")
-    parser.add_argument("--prompt-len", type=int, default=None, help="(default 128)")
-    parser.add_argument("--new-tokens", type=int, default=None, help="(default 128)")
+    parser.add_argument("--prompt-len", type=positive_int, default=None, help="(default 128)")
+    parser.add_argument("--max-new-tokens", type=positive_int, default=None, help="(default 128)")
     parser.add_argument("--modes", nargs="+", choices=["eager", "compiled"], default=None,
                         help="(default: eager compiled)")
     parser.add_argument("--quantize", nargs="+", choices=SCHEMES, default=list(SCHEMES),
                         help=f"(default: {' '.join(SCHEMES)})")
-    parser.add_argument("--group-size", type=int, default=64, help="int4 group size (default 64)")
-    parser.add_argument("--iters", type=int, default=None, help="timed runs of each variant, alternated (default 5)")
-    parser.add_argument("--warmup", type=int, default=1,
+    parser.add_argument("--group-size", type=positive_int, default=64, help="int4 group size (default 64)")
+    parser.add_argument("--iters", type=positive_int, default=None,
+                        help="timed runs of each variant, alternated (default 5)")
+    parser.add_argument("--warmup", type=non_negative_int, default=1,
                         help="untimed rounds first, the first of which compiles (default 1, at least 1 is run)")
-    parser.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
-    parser.add_argument("--dtype", choices=["auto", *DTYPES], default="auto", help="auto: float32 CPU, bfloat16 CUDA")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    add_device_argument(parser)
+    add_dtype_argument(parser)
     parser.add_argument("--json", help="also write the rows to this JSON file")
     parser.add_argument("--quick", action="store_true",
                         help="tiny model, eager only, prompt 16, 8 new tokens, 2 runs (a smoke run); flags given "
                              "explicitly keep their value")
     args = parser.parse_args()
-    quick_defaults(args, args.quick, dict(prompt_len=(128, 16), new_tokens=(128, 8), iters=(5, 2),
+    quick_defaults(args, args.quick, dict(prompt_len=(128, 16), max_new_tokens=(128, 8), iters=(5, 2),
                                           modes=(["eager", "compiled"], ["eager"])))
     if args.quick and args.model is None and not args.checkpoint:
         args.model = "tiny"
-    if args.prompt_len < 1 or args.new_tokens < 2:
-        sys.exit(f"error: --prompt-len must be >= 1 and --new-tokens >= 2, got {args.prompt_len}, {args.new_tokens}")
-    if args.iters < 1 or args.warmup < 0:
-        sys.exit(f"error: --iters must be >= 1 and --warmup >= 0, got {args.iters} and {args.warmup}")
-    if args.threads is not None:
-        if args.threads < 1:
-            sys.exit(f"error: --threads must be >= 1, got {args.threads}")
-        torch.set_num_threads(args.threads)
+    if args.max_new_tokens < 2:
+        sys.exit(f"error: --max-new-tokens must be >= 2 (a step's time needs two tokens), got {args.max_new_tokens}")
     try:
+        set_threads(args.threads)
         device = resolve_device(args.device)
     except ConfigError as e:
         sys.exit(f"error: {e}")
-    dtype = DTYPES[args.dtype] if args.dtype != "auto" else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    dtype = resolve_dtype(args.dtype, device)
     if args.model is None:
         args.model = "llama-3.2-1b" if device.type == "cuda" else "quickstart"
 
     try:
         model = build_model(args, device, dtype)
-        context = args.prompt_len + args.new_tokens
+        context = args.prompt_len + args.max_new_tokens
         if context > model.config.max_seq_len:
-            raise ValueError(f"--prompt-len + --new-tokens = {context} is past the model's context "
+            raise ValueError(f"--prompt-len + --max-new-tokens = {context} is past the model's context "
                              f"({model.config.max_seq_len})")
         runs = variants(model, args)
     except (ConfigError, ValueError, FileNotFoundError) as e:
@@ -132,7 +126,7 @@ def main() -> None:
           f"threads: {torch.get_num_threads() if device.type == 'cpu' else '-'}")
     what = args.checkpoint or f"{args.model} (random weights)"
     print(f"model: {what}, {model.num_params() / 1e6:.1f}M parameters; batch 1, prompt {args.prompt_len}, "
-          f"{args.new_tokens} new tokens, greedy; median of {args.iters} alternated runs")
+          f"{args.max_new_tokens} new tokens, greedy; median of {args.iters} alternated runs")
     copy_gbs = copy_bandwidth_gbs(device)
     print(f"copy bandwidth (read + write): {copy_gbs:.1f} GB/s")
 
@@ -156,7 +150,7 @@ def main() -> None:
             if i >= warmup:
                 timings[n].append(timing)
 
-    mean_context = args.prompt_len + (args.new_tokens - 1) / 2  # keys attended, averaged over the steps
+    mean_context = args.prompt_len + (args.max_new_tokens - 1) / 2  # keys attended, averaged over the steps
     rows = []
     print("\n| variant | weights MiB | MB read / token | tok/s | achieved GB/s | of copy bandwidth | tokens as eager |")
     print("| --- | ---: | ---: | ---: | ---: | ---: | --- |")

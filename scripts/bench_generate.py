@@ -15,13 +15,11 @@ CPU; bfloat16 on CUDA.
     python scripts/bench_generate.py                          # batch 1-16, prompts 32/128/512
     python scripts/bench_generate.py --quick                  # a fast smoke run (explicit flags still apply)
     python scripts/bench_generate.py --checkpoint runs/quickstart
-    python scripts/bench_generate.py --batch-sizes 1 4 16 --prompt-lengths 128 --new-tokens 32
+    python scripts/bench_generate.py --batch-size 1 4 16 --prompt-len 128 --max-new-tokens 32
 
-On a CPU shared with other busy processes, pass --threads 1: torch's worker threads wait
-on each other at every op, and a descheduled one stalls the rest (decode steps measured
-~100x slower with 2 threads than with 1 on 2 oversubscribed cores).
+Threads: `--threads` (default one fewer than the cores, see llmstack.runtime.set_threads);
+both libraries run with the same count.
 """
-import argparse
 import statistics
 import sys
 from pathlib import Path
@@ -31,12 +29,11 @@ import torch
 import llmstack
 from benchlib import (alternate, device_name, first_difference, hf_twin, quick_defaults, random_llama,
                             time_hf_generate, time_llmstack_generate)
+from llmstack.cli import add_device_argument, add_dtype_argument, non_negative_int, positive_int, script_parser
 from llmstack.config import ConfigError
-from llmstack.runtime import resolve_device
 from llmstack.inference.quantize import quantization_of
 from llmstack.interop import resolve_checkpoint
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+from llmstack.runtime import resolve_device, resolve_dtype, set_threads
 
 
 def measure(ours, hf, batch: int, prompt_len: int, new_tokens: int, warmup: int, iters: int) -> dict:
@@ -98,45 +95,34 @@ def plot_curve(rows: list[dict], path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def positive_ints(name: str, values: list[int]) -> list[int]:
-    if any(v < 1 for v in values):
-        raise SystemExit(f"error: --{name} must be >= 1, got {values}")
-    return values
-
-
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = script_parser(__doc__)
     parser.add_argument("--quick", action="store_true",
                         help="batch 1-2, prompts 16/32, 8 new tokens, 2 runs (a smoke run); flags given explicitly "
                              "keep their value")
     parser.add_argument("--checkpoint", help="a trained llmstack run or checkpoint directory (default: random Llama)")
-    parser.add_argument("--batch-sizes", type=int, nargs="+", default=None, help="(default 1 2 4 8 16)")
-    parser.add_argument("--prompt-lengths", type=int, nargs="+", default=None,
-                        help="lengths that do not fit the context with --new-tokens are skipped (default 32 128 512)")
-    parser.add_argument("--new-tokens", type=int, default=None, help="(default 64)")
-    parser.add_argument("--iters", type=int, default=None,
+    parser.add_argument("--batch-size", type=positive_int, nargs="+", default=None, help="(default 1 2 4 8 16)")
+    parser.add_argument("--prompt-len", type=positive_int, nargs="+", default=None,
+                        help="lengths that do not fit the context with --max-new-tokens are skipped "
+                             "(default 32 128 512)")
+    parser.add_argument("--max-new-tokens", type=positive_int, default=None, help="(default 64)")
+    parser.add_argument("--iters", type=positive_int, default=None,
                         help="timed runs of each implementation per configuration (default 5)")
-    parser.add_argument("--warmup", type=int, default=1, help="untimed runs first (default 1)")
-    parser.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
-    parser.add_argument("--dtype", choices=["auto", *DTYPES], default="auto", help="auto: float32 CPU, bfloat16 CUDA")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--warmup", type=non_negative_int, default=1, help="untimed runs first (default 1)")
+    add_device_argument(parser)
+    add_dtype_argument(parser)
     parser.add_argument("--out", default="runs/bench_generate.png", help="where to save the throughput-latency PNG")
     args = parser.parse_args()
-    quick_defaults(args, args.quick, dict(batch_sizes=([1, 2, 4, 8, 16], [1, 2]),
-                                          prompt_lengths=([32, 128, 512], [16, 32]), new_tokens=(64, 8), iters=(5, 2)))
-    positive_ints("batch-sizes", args.batch_sizes)
-    positive_ints("prompt-lengths", args.prompt_lengths)
-    if args.new_tokens < 2:
-        raise SystemExit(f"error: --new-tokens must be >= 2 (ITL needs two tokens), got {args.new_tokens}")
-    if args.iters < 1 or args.warmup < 0:
-        raise SystemExit(f"error: --iters must be >= 1 and --warmup >= 0, got {args.iters} and {args.warmup}")
-    if args.threads is not None:
-        torch.set_num_threads(positive_ints("threads", [args.threads])[0])
+    quick_defaults(args, args.quick, dict(batch_size=([1, 2, 4, 8, 16], [1, 2]), prompt_len=([32, 128, 512], [16, 32]),
+                                          max_new_tokens=(64, 8), iters=(5, 2)))
+    if args.max_new_tokens < 2:
+        sys.exit(f"error: --max-new-tokens must be >= 2 (ITL needs two tokens), got {args.max_new_tokens}")
     try:
+        set_threads(args.threads)
         device = resolve_device(args.device)
     except ConfigError as e:
         sys.exit(f"error: {e}")
-    dtype = DTYPES[args.dtype] if args.dtype != "auto" else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    dtype = resolve_dtype(args.dtype, device)
 
     # Both models are built on the CPU in float32 first: the export must not round the weights.
     if args.checkpoint:
@@ -167,19 +153,20 @@ def main() -> None:
     print(f"device: {device_name(device)} | torch {torch.__version__} | transformers {transformers.__version__}"
           f"{threads} | {dtype_name}")
     print(f"model: {model_desc}")
-    print(f"greedy, KV cache, {args.new_tokens} new tokens, median of {args.iters} alternating runs "
+    print(f"greedy, KV cache, {args.max_new_tokens} new tokens, median of {args.iters} alternating runs "
           f"after {args.warmup} warm-up; ratio = llmstack / transformers (times: below 1 is faster; "
           f"tok/s: above 1 is faster)\n")
 
-    lengths = [t for t in args.prompt_lengths if t + args.new_tokens <= cfg.max_seq_len]
-    for t in sorted(set(args.prompt_lengths) - set(lengths)):
-        print(f"skipped prompt length {t}: {t} + {args.new_tokens} new tokens exceed the context ({cfg.max_seq_len})")
+    lengths = [t for t in args.prompt_len if t + args.max_new_tokens <= cfg.max_seq_len]
+    for t in sorted(set(args.prompt_len) - set(lengths)):
+        print(f"skipped prompt length {t}: {t} + {args.max_new_tokens} new tokens exceed the context "
+              f"({cfg.max_seq_len})")
     if not lengths:
-        sys.exit("error: no prompt length fits the context; lower --prompt-lengths or --new-tokens")
+        sys.exit("error: no prompt length fits the context; lower --prompt-len or --max-new-tokens")
     rows = []
     for prompt_len in lengths:
-        for batch in args.batch_sizes:
-            rows.append(measure(ours, hf, batch, prompt_len, args.new_tokens, args.warmup, args.iters))
+        for batch in args.batch_size:
+            rows.append(measure(ours, hf, batch, prompt_len, args.max_new_tokens, args.warmup, args.iters))
             print(f"  measured batch {batch:>3}, prompt {prompt_len:>4}", file=sys.stderr, flush=True)
     print_table(rows)
 

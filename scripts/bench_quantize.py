@@ -6,10 +6,9 @@ file size on disk, validation perplexity on the same windows for every model
 (the change against float in %), and greedy decode tokens/s (batch 1) timed
 alternately with the float model, medians.
 
-    python scripts/bench_quantize.py --checkpoint runs/quickstart
+    python scripts/bench_quantize.py --checkpoint runs/quickstart --group-size 32 64
     python scripts/bench_quantize.py --checkpoint runs/quickstart --quick    # a fast smoke run (explicit flags apply)
 """
-import argparse
 import sys
 import tempfile
 from pathlib import Path
@@ -18,35 +17,37 @@ import torch
 
 import llmstack
 from benchlib import device_name, quick_defaults, time_pair
-from llmstack.cli import require_positive
-from llmstack.runtime import resolve_device
+from llmstack.cli import add_device_argument, positive_int, script_parser
+from llmstack.config import ConfigError
 from llmstack.data import DataError, TokenBatches, prepare_tokens
 from llmstack.eval import evaluate
 from llmstack.inference.quantize import check_group_size, quantization_of, quantize_, save_quantized
 from llmstack.interop import load_tokenizer, resolve_checkpoint, save_pretrained
+from llmstack.runtime import resolve_device, set_threads
 from llmstack.train import load_run_config
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", required=True)
-    parser.add_argument("--group-sizes", type=int, nargs="+", default=[32, 64, 128],
+    parser = script_parser(__doc__)
+    parser.add_argument("--checkpoint", required=True, help="a float run or checkpoint directory")
+    parser.add_argument("--group-size", type=positive_int, nargs="+", default=[32, 64, 128],
                         help="int4 group sizes, even (default 32 64 128)")
-    parser.add_argument("--batches", type=int, default=None, help="validation batches of 8 windows (default 16)")
-    parser.add_argument("--new-tokens", type=int, default=None, help="greedy tokens decoded (default 128)")
-    parser.add_argument("--iters", type=int, default=None, help="timed decodes of each model (default 7)")
-    parser.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
+    parser.add_argument("--batches", type=positive_int, default=None,
+                        help="validation batches of 8 windows (default 16)")
+    parser.add_argument("--max-new-tokens", type=positive_int, default=None, help="greedy tokens decoded (default 128)")
+    parser.add_argument("--iters", type=positive_int, default=None, help="timed decodes of each model (default 7)")
+    add_device_argument(parser)
     parser.add_argument("--quick", action="store_true",
                         help="2 batches, 16 tokens, 2 iterations (a smoke run); flags given explicitly keep "
                              "their value")
     args = parser.parse_args()
-    quick_defaults(args, args.quick, dict(batches=(16, 2), new_tokens=(128, 16), iters=(7, 2)))
-    require_positive(args, "batches", "new_tokens", "iters")
-    if any(g < 2 or g % 2 for g in args.group_sizes):
-        sys.exit(f"error: --group-sizes must be even numbers >= 2, got {' '.join(map(str, args.group_sizes))}")
-    n_batches, new_tokens, iters = args.batches, args.new_tokens, args.iters
+    quick_defaults(args, args.quick, dict(batches=(16, 2), max_new_tokens=(128, 16), iters=(7, 2)))
+    if any(g % 2 for g in args.group_size):
+        sys.exit(f"error: --group-size must be even numbers, got {' '.join(map(str, args.group_size))}")
+    n_batches, new_tokens, iters = args.batches, args.max_new_tokens, args.iters
 
     try:
+        set_threads(args.threads)
         device = resolve_device(args.device)
         ckpt = resolve_checkpoint(args.checkpoint)
         cfg = load_run_config(ckpt)
@@ -55,7 +56,7 @@ def main() -> None:
         tokens = prepare_tokens(cfg.data.source, tok, cache_dir=cfg.data.cache_dir,
                                 val_fraction=cfg.data.val_fraction, text_field=cfg.data.text_field)["val"]
         batches = TokenBatches(tokens, 8, cfg.data.seq_len, name="val", device=device)
-    except (ValueError, FileNotFoundError, DataError) as e:
+    except (ConfigError, ValueError, FileNotFoundError, DataError) as e:
         sys.exit(f"error: {e}")
     if quantization_of(float_model) is not None:
         sys.exit(f"error: {args.checkpoint} is already quantized ({quantization_of(float_model)['scheme']}); "
@@ -63,7 +64,7 @@ def main() -> None:
 
     in_features = sorted({m.in_features for m in float_model.modules() if isinstance(m, torch.nn.Linear)})
     variants = [("float32", None, None), ("int8", "int8", None)]
-    for g in args.group_sizes:
+    for g in args.group_size:
         try:
             for k in in_features:
                 check_group_size(g, k)

@@ -17,7 +17,6 @@ so it pays off only with a high acceptance rate; prompt lookup costs nothing.
     python scripts/bench_speculative.py            # full
     python scripts/bench_speculative.py --quick    # a fast smoke run (explicit flags still apply)
 """
-import argparse
 import statistics
 import sys
 import time
@@ -27,11 +26,13 @@ import torch
 
 import llmstack
 from benchlib import cpu_name, quick_defaults
-from llmstack.cli import require_positive
+from llmstack.cli import positive_int, script_parser
+from llmstack.config import ConfigError
 from llmstack.data import DataError, prepare_tokens
 from llmstack.inference.generate import generate
 from llmstack.inference.speculative import SpeculativeStats, load_draft, speculative_generate
 from llmstack.interop import load_tokenizer, resolve_checkpoint
+from llmstack.runtime import set_threads
 from llmstack.train import load_run_config
 
 
@@ -49,40 +50,39 @@ def validation_prompts(ckpt: Path, n: int, length: int) -> list[list[int]]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = script_parser(__doc__)
     parser.add_argument("--quick", action="store_true",
                         help="2 prompts, 32 new tokens, one iteration (flags given explicitly keep their value)")
-    parser.add_argument("--target", default="runs/quickstart", help="(default runs/quickstart)")
+    parser.add_argument("--checkpoint", default="runs/quickstart", help="the target (default runs/quickstart)")
     parser.add_argument("--draft", default="runs/quickstart-draft", help="(default runs/quickstart-draft)")
-    parser.add_argument("--prompts", type=int, default=None, help="validation prompts (default 8)")
-    parser.add_argument("--prompt-len", type=int, default=128, help="tokens per prompt (default 128)")
-    parser.add_argument("--new-tokens", type=int, default=None, help="tokens generated per prompt (default 96)")
-    parser.add_argument("--k", type=int, default=4, help="tokens proposed per round (default 4)")
-    parser.add_argument("--ngram", type=int, default=3, help="prompt lookup: longest n-gram matched (default 3)")
-    parser.add_argument("--iters", type=int, default=None, help="timed runs of each method (default 3)")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--prompts", type=positive_int, default=None, help="validation prompts (default 8)")
+    parser.add_argument("--prompt-len", type=positive_int, default=128, help="tokens per prompt (default 128)")
+    parser.add_argument("--max-new-tokens", type=positive_int, default=None,
+                        help="tokens generated per prompt (default 96)")
+    parser.add_argument("--k", type=positive_int, default=4, help="tokens proposed per round (default 4)")
+    parser.add_argument("--ngram", type=positive_int, default=3, help="prompt lookup: longest n-gram matched "
+                                                                      "(default 3)")
+    parser.add_argument("--iters", type=positive_int, default=None, help="timed runs of each method (default 3)")
     args = parser.parse_args()
-    quick_defaults(args, args.quick, dict(prompts=(8, 2), new_tokens=(96, 32), iters=(3, 1)))
-    require_positive(args, "prompts", "prompt_len", "new_tokens", "k", "ngram", "iters", "threads")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    n_prompts, new_tokens, iters = args.prompts, args.new_tokens, args.iters
+    quick_defaults(args, args.quick, dict(prompts=(8, 2), max_new_tokens=(96, 32), iters=(3, 1)))
+    n_prompts, new_tokens, iters = args.prompts, args.max_new_tokens, args.iters
     try:
-        ckpt = resolve_checkpoint(args.target)
+        set_threads(args.threads)
+        ckpt = resolve_checkpoint(args.checkpoint)
         target = llmstack.from_pretrained(ckpt).float().eval()
         draft = load_draft(ckpt, args.draft).float().eval()
         context = args.prompt_len + new_tokens
-        for name, model in (("target", target), ("draft", draft)):
+        for name, path, model in (("target", args.checkpoint, target), ("draft", args.draft, draft)):
             if context > model.config.max_seq_len:
-                raise ValueError(f"--prompt-len + --new-tokens = {args.prompt_len} + {new_tokens} = {context} is "
-                                 f"past the {name}'s context ({getattr(args, name)}: max_seq_len "
-                                 f"{model.config.max_seq_len}); lower them")
+                raise ValueError(f"--prompt-len + --max-new-tokens = {args.prompt_len} + {new_tokens} = {context} "
+                                 f"is past the {name}'s context ({path}: max_seq_len {model.config.max_seq_len}); "
+                                 f"lower them")
         prompts = validation_prompts(Path(ckpt), n_prompts, args.prompt_len)
-    except (ValueError, FileNotFoundError, DataError) as e:
+    except (ConfigError, ValueError, FileNotFoundError, DataError) as e:
         sys.exit(f"error: {e}")
     n_t, n_d = target.num_params(), draft.num_params()
     print(f"device: {cpu_name()} | torch {torch.__version__} | {torch.get_num_threads()} threads | float32")
-    print(f"target: {args.target} {n_t / 1e6:.2f}M parameters, {target.config.n_layers} layers, dim "
+    print(f"target: {args.checkpoint} {n_t / 1e6:.2f}M parameters, {target.config.n_layers} layers, dim "
           f"{target.config.dim} | draft: {args.draft} {n_d / 1e6:.2f}M parameters ({n_t / n_d:.1f}x fewer), "
           f"{draft.config.n_layers} layer(s), dim {draft.config.dim}")
     print(f"{len(prompts)} validation prompts of {args.prompt_len} tokens, {new_tokens} new tokens each, greedy, "

@@ -16,12 +16,13 @@ TRITON_INTERPRET unset.
 """
 from __future__ import annotations
 
-import argparse
 import functools
 import os
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
+
+from llmstack.cli import script_parser
 
 _DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
@@ -42,7 +43,7 @@ def _compile_case(name: str, *, head_dims: list[int], dtype: str, masks: list[st
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = script_parser(__doc__.split("\n")[0], threads=False)
     parser.add_argument("--arch", type=int, default=90, help="CUDA compute capability x10 (90: H100/H200, 80: A100)")
     parser.add_argument("--head-dims", type=int, nargs="+", default=[64, 128])
     parser.add_argument("--dtype", choices=sorted(_DTYPES), default="bf16")

@@ -7,18 +7,19 @@ r"""Generate text from a checkpoint, streaming it to the terminal as it is produ
     python scripts/generate.py --checkpoint runs/quickstart --prompt "import os" --temperature 0 --prompt-lookup
     python scripts/generate.py --checkpoint runs/quickstart --prompt "import os" --draft runs/quickstart-draft
 """
-import argparse
 import dataclasses
 import re
 import sys
 import warnings
 
 import llmstack
+from llmstack.cli import add_device_argument, add_dtype_argument, script_parser
+from llmstack.config import ConfigError
 from llmstack.inference import GenerationConfig, beam_search, load_draft, speculative_generate, stream_generate
 from llmstack.inference.config import EARLY_STOPPING
 from llmstack.inference.generate import StopText, cut_at_stop
 from llmstack.interop import load_tokenizer, resolve_checkpoint
-from llmstack.runtime import resolve_device
+from llmstack.runtime import resolve_device, resolve_dtype, set_threads
 from llmstack.tokenizer import StreamDecoder
 
 
@@ -28,7 +29,7 @@ def flag(name: str) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = script_parser(__doc__)
     parser.add_argument("--checkpoint", required=True, help="a run directory, checkpoint directory or Hugging Face "
                                                            "directory")
     parser.add_argument("--prompt", default="", help="text to continue")
@@ -47,7 +48,8 @@ def main() -> None:
                                                                                              "suits code)")
     parser.add_argument("--k", type=int, default=None, help=doc["k"])
     parser.add_argument("--ngram", type=int, default=None, help=doc["ngram"])
-    parser.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
+    add_device_argument(parser)
+    add_dtype_argument(parser, auto="as the checkpoint stores it")
     args = parser.parse_args()
     stops = [unescape(stop) for stop in args.stop]
     options = {f.name: getattr(args, f.name) for f in dataclasses.fields(GenerationConfig) if f.name != "stop"}
@@ -57,12 +59,14 @@ def main() -> None:
         sys.exit(f"error: {e}")
 
     try:
+        set_threads(args.threads)
         ckpt = resolve_checkpoint(args.checkpoint)
         device = resolve_device(args.device)
-        model = llmstack.from_pretrained(ckpt, device=device)
+        dtype = None if args.dtype == "auto" else resolve_dtype(args.dtype, device)
+        model = llmstack.from_pretrained(ckpt, device=device, dtype=dtype)
         tok = load_tokenizer(ckpt)
-        draft = load_draft(ckpt, cfg.draft, device=device) if cfg.draft is not None else None
-    except (ValueError, FileNotFoundError) as e:
+        draft = load_draft(ckpt, cfg.draft, device=device, dtype=dtype) if cfg.draft is not None else None
+    except (ConfigError, ValueError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
     ids = tok.encode(args.prompt, bos=False)
     if not ids:

@@ -6,15 +6,14 @@ would hold heads / kv_heads times more. A sliding-window model needs only
 `window` tokens (RollingKVCache), however long the context.
 
     python scripts/kv_memory.py
-    python scripts/kv_memory.py --dtype float32 --batch 8 --tokens 8192,32768,131072
+    python scripts/kv_memory.py --dtype fp32 --batch-size 8 --tokens 8192 32768 131072
 """
-import argparse
 import sys
 
-import torch
-
-from llmstack.model import list_presets, model_preset
-from llmstack.model import KVCache
+from llmstack.cli import DTYPE_NAMES, positive_int, script_parser
+from llmstack.config import ConfigError
+from llmstack.model import KVCache, list_presets, model_preset
+from llmstack.runtime import DTYPES
 
 PRESETS = ("llama-3-8b", "mistral-7b", "mixtral-8x7b", "llama-3.2-1b", "qwen2.5-0.5b", "gpt2-124m", "quickstart")
 
@@ -27,23 +26,20 @@ def human(n: float) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--presets", default=",".join(PRESETS),
-                        help=f"comma-separated, from {', '.join(list_presets())}")
-    parser.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16")
-    parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--tokens", default="8192,32768", help="comma-separated context lengths to size")
+    parser = script_parser(__doc__, threads=False)
+    parser.add_argument("--presets", nargs="+", default=list(PRESETS), help=f"from {', '.join(list_presets())}")
+    parser.add_argument("--dtype", choices=DTYPE_NAMES, default="bf16", help="of the cache (default bf16)")
+    parser.add_argument("--batch-size", type=positive_int, default=1, help="sequences (default 1)")
+    parser.add_argument("--tokens", type=positive_int, nargs="+", default=[8192, 32768],
+                        help="context lengths to size (default 8192 32768)")
     args = parser.parse_args()
-    dtype = getattr(torch, args.dtype)
+    dtype, lengths = DTYPES[args.dtype], args.tokens
     try:
-        lengths = [int(t) for t in args.tokens.split(",")]
-        configs = {name: model_preset(name) for name in args.presets.split(",")}
-    except (ValueError, FileNotFoundError) as e:
+        configs = {name: model_preset(name) for name in args.presets}
+    except ConfigError as e:
         sys.exit(f"error: {e}")
-    if args.batch < 1 or min(lengths) < 1:
-        sys.exit("error: --batch and --tokens must be >= 1")
 
-    print(f"KV cache, {args.dtype}, batch {args.batch}; sizes at the full context and at "
+    print(f"KV cache, {args.dtype}, batch {args.batch_size}; sizes at the full context and at "
           f"{', '.join(f'{t:,}' for t in lengths)} tokens (a sliding window caps the tokens held)\n")
     cols = ["preset", "layers", "heads/kv", "hd", "bytes/token", "MHA bytes/token", "GQA saving", "context",
             "at context", *[f"at {t // 1024}k" if t % 1024 == 0 else f"at {t}" for t in lengths]]
@@ -55,8 +51,8 @@ def main() -> None:
         context = f"{cfg.max_seq_len:,}" + (f" (window {cfg.sliding_window:,})" if cfg.sliding_window else "")
         rows.append([name, str(cfg.n_layers), f"{cfg.n_heads}/{cfg.n_kv_heads}", str(cfg.head_dim),
                      f"{per_token:,}", f"{mha:,}", f"{mha / per_token:.0f}x", context,
-                     human(args.batch * per_token * held(cfg.max_seq_len)),
-                     *[human(args.batch * per_token * held(t)) + ("*" if t > cfg.max_seq_len else "")
+                     human(args.batch_size * per_token * held(cfg.max_seq_len)),
+                     *[human(args.batch_size * per_token * held(t)) + ("*" if t > cfg.max_seq_len else "")
                        for t in lengths]])
     widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(cols)]
     print("| " + " | ".join(c.ljust(w) for c, w in zip(cols, widths)) + " |")

@@ -8,7 +8,6 @@ position (a PNG, one line per method, the trained length marked).
     python scripts/long_context.py --checkpoint runs/quickstart
     python scripts/long_context.py --checkpoint runs/short-ctx --factor 4 --windows 256 --out long_context.png
 """
-import argparse
 import copy
 import sys
 from pathlib import Path
@@ -17,9 +16,12 @@ import numpy as np
 import torch
 
 import llmstack
+from llmstack.cli import positive_int, script_parser
+from llmstack.config import ConfigError
 from llmstack.data import DataError, prepare_tokens
 from llmstack.inference.long_context import extend_context, loss_by_position, trained_context
 from llmstack.interop import load_tokenizer, resolve_checkpoint
+from llmstack.runtime import set_threads
 from llmstack.train import load_run_config
 
 METHODS = {  # name: extend_context arguments after new_max_seq_len
@@ -32,27 +34,27 @@ METHODS = {  # name: extend_context arguments after new_max_seq_len
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", required=True)
-    parser.add_argument("--factor", type=int, default=4, help="window length as a multiple of the trained context")
-    parser.add_argument("--windows", type=int, default=32, help="validation windows averaged per position")
-    parser.add_argument("--bins", type=int, default=8, help="bins of positions in the printed table")
-    parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {','.join(METHODS)}")
+    parser = script_parser(__doc__)
+    parser.add_argument("--checkpoint", required=True, help="a run or checkpoint directory")
+    parser.add_argument("--factor", type=positive_int, default=4,
+                        help="window length as a multiple of the trained context (default 4)")
+    parser.add_argument("--windows", type=positive_int, default=32,
+                        help="validation windows averaged per position (default 32)")
+    parser.add_argument("--bins", type=positive_int, default=8, help="bins of positions in the printed table")
+    parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS),
+                        help=f"(default: {' '.join(METHODS)})")
     parser.add_argument("--out", default=None, help="PNG path (default: long_context.png in the checkpoint's run)")
     args = parser.parse_args()
-    methods = args.methods.split(",")
-    if unknown := [m for m in methods if m not in METHODS]:
-        sys.exit(f"error: unknown method {unknown[0]!r}; choose from {', '.join(METHODS)}")
-    if args.factor < 1 or args.windows < 1 or args.bins < 1:
-        sys.exit("error: --factor, --windows and --bins must be >= 1")
+    methods = args.methods
     try:
+        set_threads(args.threads)
         ckpt = resolve_checkpoint(args.checkpoint)
         cfg = load_run_config(ckpt)
         base = llmstack.from_pretrained(ckpt)
         tok = load_tokenizer(ckpt)
         tokens = prepare_tokens(cfg.data.source, tok, cache_dir=cfg.data.cache_dir, val_fraction=cfg.data.val_fraction,
                                 text_field=cfg.data.text_field)["val"]
-    except (ValueError, FileNotFoundError, DataError) as e:
+    except (ConfigError, ValueError, FileNotFoundError, DataError) as e:
         sys.exit(f"error: {e}")
     trained = trained_context(base)
     length = args.factor * trained

@@ -9,7 +9,6 @@ and eval.py work on it; the scheme is recorded in the safetensors metadata.
 --out must be a new or empty directory, or a checkpoint (it is replaced); a directory
 holding other files is replaced only with --force, and the source never.
 """
-import argparse
 import shutil
 import sys
 from pathlib import Path
@@ -18,8 +17,11 @@ import torch
 import yaml
 
 import llmstack
+from llmstack.cli import script_parser
+from llmstack.config import ConfigError
 from llmstack.inference.quantize import DEFAULT_SKIP, SCHEMES, QuantizedLinear, quantize_, save_quantized
 from llmstack.interop import resolve_checkpoint
+from llmstack.runtime import set_threads
 
 
 def check_out(out: Path, ckpt: Path) -> None:
@@ -48,7 +50,7 @@ def check_skip(model: torch.nn.Module, skip: list[str]) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = script_parser(__doc__)
     parser.add_argument("--checkpoint", required=True, help="a run directory or checkpoint directory")
     parser.add_argument("--scheme", required=True, choices=SCHEMES)
     parser.add_argument("--group-size", type=int, default=64, help="inputs per scale for int4 (default 64)")
@@ -59,7 +61,11 @@ def main() -> None:
     parser.add_argument("--force", action="store_true",
                         help="replace --out even when it holds other files (never the source checkpoint)")
     args = parser.parse_args()
-    ckpt = resolve_checkpoint(args.checkpoint)
+    try:
+        set_threads(args.threads)
+        ckpt = resolve_checkpoint(args.checkpoint)
+    except (ConfigError, FileNotFoundError) as e:
+        sys.exit(f"error: {e}")
     out = Path(args.out)
     check_out(out, ckpt)
     try:

@@ -3,16 +3,16 @@
     python scripts/train_tokenizer.py --vocab-size 8192 --out tokenizer.json          # the stdlib corpus
     python scripts/train_tokenizer.py --vocab-size 32000 --source "corpus/*.txt" --out tok.json
 """
-import argparse
 import sys
 import time
 
+from llmstack.cli import script_parser
 from llmstack.data import DataError, load_corpus
 from llmstack.tokenizer import Tokenizer
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = script_parser(__doc__, threads=False)  # tokenizer training is Python on one core
     parser.add_argument("--vocab-size", type=int, default=8192, help="bytes + merges + special tokens")
     parser.add_argument("--source", default="stdlib", help="'stdlib', a file or glob, or hf:NAME")
     parser.add_argument("--text-field", default="text")

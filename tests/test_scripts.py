@@ -3,6 +3,7 @@ and quantize.py never replaces the source checkpoint or a directory of other fil
 
 Each script runs as a subprocess on tiny checkpoints made here (runs/ is not needed). Starting one
 costs seconds (importing torch), so only the early checks run, several subprocesses at a time."""
+import ast
 import json
 import shutil
 import subprocess
@@ -127,9 +128,9 @@ def test_generate_and_bench_speculative_reject_bad_arguments(runs):
         ("generate.py", "--checkpoint", target, "--draft", target, "--ngram", "2"),
         ("generate.py", "--checkpoint", target, "--draft", runs["other_tokenizer"]),
         ("bench_speculative.py", "--prompts", "0", "--quick"),  # --quick does not override a given value
-        ("bench_speculative.py", "--target", target, "--draft", runs["short"], "--prompt-len", "100"),
-        ("bench_speculative.py", "--target", target, "--draft", runs["other_tokenizer"], "--prompt-len", "8",
-         "--new-tokens", "8"))
+        ("bench_speculative.py", "--checkpoint", target, "--draft", runs["short"], "--prompt-len", "100"),
+        ("bench_speculative.py", "--checkpoint", target, "--draft", runs["other_tokenizer"], "--prompt-len", "8",
+         "--max-new-tokens", "8"))
     assert_error(beams, "--num-beams", "does not sample", "--temperature", "--seed")
     assert_error(lone, "--num-return-sequences needs --num-beams")
     assert_error(device, "'cuda:99'", "not available")
@@ -138,7 +139,7 @@ def test_generate_and_bench_speculative_reject_bad_arguments(runs):
     assert_error(penalty, "--temperature, --top-k, --top-p and --seed only", "--repetition-penalty")
     assert_error(ngram, "--ngram needs --prompt-lookup")
     assert_error(foreign, "the draft's tokenizer", "speculative decoding needs one tokenizer")
-    assert_error(zero, "--prompts must be an integer >= 1, got 0")
+    assert_error(zero, "--prompts: must be an integer >= 1, got '0'")
     assert_error(target_ctx, "past the target's context", "max_seq_len 64")  # not the draft's (16), checked after
     assert_error(tokenizer, "the draft's tokenizer", "speculative decoding needs one tokenizer")
 
@@ -184,10 +185,10 @@ def test_generate_reports_a_token_its_tokenizer_cannot_decode(runs, tmp_path):
 
 def test_benchmarks_reject_bad_values(runs):
     batches, quantized, decode = run(
-        ("bench_generate.py", "--batch-sizes", "0", "--quick"),  # --quick does not override a given value
+        ("bench_generate.py", "--batch-size", "1", "0", "--quick"),  # --quick does not override a given value
         ("bench_generate.py", "--checkpoint", runs["int8"], "--quick"),
         ("bench_decode.py", "--quick", "--device", "foo"))
-    assert_error(batches, "--batch-sizes must be >= 1", "[0]")
+    assert_error(batches, "--batch-size: must be an integer >= 1, got '0'")
     assert_error(quantized, "quantized checkpoint", "needs a float checkpoint")
     assert_error(decode, "'foo'", "not a device name")
 
@@ -211,3 +212,53 @@ def test_bench_attention_runs_end_to_end(tmp_path):
         assert row["ours/best_sdpa"] == pytest.approx(row["ours"] / max(timed))
     (decode,) = report["decode"]
     assert decode["of_copy_bw"] == pytest.approx(decode["ours_GB/s"] / report["copy_GBs"])
+
+
+# One spelling for what recurs across scripts, and the synonyms it replaced.
+SYNONYMS = {"--new-tokens": "--max-new-tokens", "--batch": "--batch-size", "--batch-sizes": "--batch-size",
+            "--prompt-lengths": "--prompt-len", "--group-sizes": "--group-size", "--target": "--checkpoint",
+            "--model-dir": "--checkpoint", "--ckpt": "--checkpoint", "--num-threads": "--threads"}
+
+
+def script_flags() -> dict[str, dict[str, ast.Call]]:
+    """{script: {flag: the add_argument call}} read from the scripts' source."""
+    found = {}
+    for path in sorted((ROOT / "scripts").glob("*.py")):
+        calls = {}
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and getattr(node.func, "attr", None) == "add_argument" and node.args \
+                    and isinstance(node.args[0], ast.Constant) and str(node.args[0].value).startswith("--"):
+                calls[node.args[0].value] = node
+        found[path.name] = calls
+    return found
+
+
+def test_shared_flags_have_one_spelling():
+    """No script spells a shared flag another way; --dtype, --device and --threads come from
+    llmstack.cli (so their values and defaults agree everywhere); lists are space-separated values,
+    never a comma-separated string."""
+    problems = []
+    for script, flags in script_flags().items():
+        for flag, call in flags.items():
+            if flag in SYNONYMS:
+                problems.append(f"{script}: {flag} (spelled {SYNONYMS[flag]} elsewhere)")
+            if flag in ("--dtype", "--device", "--threads"):
+                choices = next((k.value for k in call.keywords if k.arg == "choices"), None)
+                names = {elt.value for elt in getattr(choices, "elts", [])} if choices is not None else None
+                if flag != "--dtype" or names is None or not names <= {"auto", "fp32", "fp16", "bf16"}:
+                    problems.append(f"{script}: {flag} defined by hand; use llmstack.cli's add_*_argument")
+            text = ast.unparse(call)
+            if "comma" in text:
+                problems.append(f"{script}: {flag} takes a comma-separated list; use nargs='+'")
+    assert not problems, "\n".join(problems)
+
+
+def test_scripts_that_load_a_model_share_its_flags():
+    flags = script_flags()
+    for script in ("generate.py", "eval.py", "bench_quantize.py", "bench_decode.py", "bench_generate.py",
+                   "bench_speculative.py", "long_context.py", "quantize.py"):
+        assert "--checkpoint" in flags[script], script
+    for script in ("generate.py", "bench_speculative.py", "bench_decode.py", "bench_generate.py", "bench_quantize.py",
+                   "bench_cpu.py"):
+        names = set(flags[script])
+        assert "--new-tokens" not in names and ("--max-new-tokens" in names), script
