@@ -372,8 +372,9 @@ def _same(before, after):
         assert (ia, pa, sa) == (ib, pb, sb) and torch.equal(va, vb)
 
 
+@pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("training", [True, False])
-def test_inference_calls_leave_the_callers_model_as_it_was(training):
+def test_inference_calls_leave_the_callers_model_as_it_was(training, threads):
     """generate, stream_generate, beam_search, speculative_generate (with a draft model) and
     CompiledDecoder run in eval mode and give the model back with the same module types,
     parameter storage and train/eval mode (on the CPU too, where decoding has its own fast path)."""
@@ -386,33 +387,64 @@ def test_inference_calls_leave_the_callers_model_as_it_was(training):
     model.train(training), draft.train(training)
     model.layers[0].eval()  # a mixed state must come back mixed
     before, draft_before = _snapshot(model), _snapshot(draft)
-    greedy = generate(model, [1, 2, 3], 8, temperature=0)
-    list(stream_generate(model, [[1, 2], [3, 4, 5]], 4, temperature=0.7, seed=0))
-    beam_search(model, [1, 2, 3], 6, num_beams=3)
-    assert torch.equal(speculative_generate(model, [1, 2, 3], 8, draft=draft).ids, greedy)  # dropout off
-    decoder = CompiledDecoder(model, 1, 24, backend="eager")
-    assert torch.equal(decoder.generate([1, 2, 3], 8, temperature=0), greedy)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)  # 2: the CPU's split decoding path
+    try:
+        greedy = generate(model, [1, 2, 3], 8, temperature=0)
+        list(stream_generate(model, [[1, 2], [3, 4, 5]], 4, temperature=0.7, seed=0))
+        beam_search(model, [1, 2, 3], 6, num_beams=3)
+        assert torch.equal(speculative_generate(model, [1, 2, 3], 8, draft=draft).ids, greedy)  # dropout off
+        decoder = CompiledDecoder(model, 1, 24, backend="eager")
+        assert torch.equal(decoder.generate([1, 2, 3], 8, temperature=0), greedy)
+    finally:
+        torch.set_num_threads(previous)
     _same(before, _snapshot(model))
     _same(draft_before, _snapshot(draft))
 
 
 @pytest.mark.parametrize("bias", [False, True])
-def test_split_rows_equals_linear(bias):
-    """The compiled CPU step's matrix-vector products, split by output rows into one batched
-    product, equal F.linear for every row count it takes; more rows, or an output width the split
-    does not divide, go to F.linear untouched."""
-    from llmstack.inference.compiled import _SplitRows
+def test_split_linear_equals_linear(bias):
+    """The CPU decoding products, split by output rows into one batched product, equal F.linear for
+    every row count they take; more rows, an output width the split does not divide, or autograd
+    go to F.linear untouched."""
+    from llmstack.inference.cpu import SplitLinear
 
     torch.manual_seed(0)
-    weight, b = torch.randn(40, 96), torch.randn(40) if bias else None
+    layer = torch.nn.Linear(96, 40, bias=bias)
     for splits in (2, 4, 3):
+        split = SplitLinear(96, 40, bias=bias)
+        split.load_state_dict(layer.state_dict())
+        split.splits = splits
         for shape in [(96,), (1, 1, 96), (3, 1, 96), (1, 16, 96), (2, 9, 96), (4, 5, 96)]:
             x = torch.randn(*shape)
-            expected = F.linear(x, weight, b)
-            with _SplitRows(splits):
-                got = F.linear(x, weight, b)
+            with torch.no_grad():
+                expected, got = layer(x), split(x)
             assert got.shape == expected.shape
             torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    x = torch.randn(2, 96, requires_grad=True)
+    split(x).sum().backward()  # with autograd: the plain product, gradients included
+    torch.testing.assert_close(x.grad, layer.weight.sum(0).expand(2, 96))
+
+
+def test_decoding_view_shares_the_model_and_decodes_alike(model):
+    """On a multi-core CPU generation runs a view of the model: the same tensor objects, SplitLinear
+    in place of each nn.Linear, and the greedy tokens of the model itself; with one thread, the
+    model itself."""
+    from llmstack.inference.cpu import SplitLinear, decoding_view
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert decoding_view(model) is model
+        single = generate(model, [[1, 2, 3], [4, 5]], 10, temperature=0)
+        torch.set_num_threads(2)
+        view = decoding_view(model)
+        assert view is not model and all(a is b for a, b in zip(view.parameters(), model.parameters()))
+        assert {type(m) for m in view.modules()} >= {SplitLinear} and SplitLinear not in map(type, model.modules())
+        split = generate(model, [[1, 2, 3], [4, 5]], 10, temperature=0)
+    finally:
+        torch.set_num_threads(before)
+    assert all(torch.equal(a, b) for a, b in zip(single, split))
 
 
 # ---------------------------------------------------------------- GenerationConfig: which options combine

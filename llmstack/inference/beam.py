@@ -17,6 +17,7 @@ from typing import Optional
 import torch
 
 from llmstack.config import is_int
+from llmstack.inference.cpu import decoding_view
 from llmstack.inference.generate import check_max_new_tokens, check_prompts, evaluating, prompt_rows
 from llmstack.model import KVCache
 
@@ -79,6 +80,7 @@ def beam_search(model: torch.nn.Module, input_ids, max_new_tokens: int, *, num_b
     running = torch.zeros(W, 0, dtype=torch.long, device=device)  # (W, n) continuations so far
     running_scores = torch.full((W,), neg_inf, device=device)
     running_scores[0] = 0.0  # only one real beam at the start: the others would repeat it
+    model = decoding_view(model)  # on a multi-core CPU, the products split across threads
     with evaluating(model), torch.inference_mode():
         # Prefill once, then copy the prompt's keys/values into every beam's row.
         prompt_cache = KVCache.for_model(model, 1, T)

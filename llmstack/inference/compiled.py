@@ -15,11 +15,10 @@ request. A sliding-window model decodes into a ring of `window` slots (the
 `RollingKVCache` layout: position p in slot p % window); one query may read its
 keys in any order, so the ring needs no reordering and the mask is the same.
 
-On the CPU the step is traced with every matrix-vector product (`F.linear` of a
-few rows) split by output rows into one slice per thread, run as one batched
-product (`_SplitRows`): inductor's own code for a matrix-vector product runs on
-one core, the batched one gives each core a contiguous block of the weight to
-stream. The split happens in the traced graph only; the model is not touched.
+On a multi-core CPU the step is compiled from `decoding_view(model)`, whose
+matrix-vector products are split across threads (`llmstack.inference.cpu`):
+inductor's own code for such a product runs on one core. The view shares the
+model's tensors; the model itself is not touched.
 
     decoder = CompiledDecoder(model, batch_size=1)
     ids = decoder.generate(prompt_ids, 100, temperature=0)
@@ -29,40 +28,12 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
-from torch.overrides import TorchFunctionMode
 
+from llmstack.inference.cpu import decoding_view
 from llmstack.inference.generate import check_max_new_tokens, check_prompts, evaluating, prompt_rows
 from llmstack.inference.sampling import SamplingParams, sample_next
 from llmstack.model.kv_cache import KVCache, RollingKVCache
-
-
-class _SplitRows(TorchFunctionMode):
-    """While tracing a CPU decode step: `F.linear(x, W)` with at most `max_rows` rows of x becomes
-    a batched product over `splits` blocks of W's output rows, one per thread, each a contiguous
-    slice of W as stored. Every output is the same dot product as before. Measured with
-    `scripts/bench_cpu.py --compile` on 2 cores: 1.8x the tokens/s of the compiled step without it."""
-
-    max_rows = 16
-
-    def __init__(self, splits: int):
-        super().__init__()
-        self.splits = splits
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func is F.linear:
-            x, weight = args[0], args[1]
-            bias = args[2] if len(args) > 2 else kwargs.get("bias")
-            out_features, in_features = weight.shape
-            rows = x.numel() // in_features
-            if rows <= self.max_rows and out_features % self.splits == 0 and weight.is_contiguous():
-                x2 = x.reshape(1, rows, in_features).expand(self.splits, rows, in_features)
-                w = weight.view(self.splits, out_features // self.splits, in_features).transpose(1, 2)
-                y = torch.bmm(x2, w).transpose(0, 1).reshape(*x.shape[:-1], out_features)  # (..., out)
-                return y if bias is None else y + bias
-        return func(*args, **kwargs)
 
 
 class _SlotWriter:
@@ -104,10 +75,10 @@ class CompiledDecoder:
             raise ValueError(f"max_seq_len must be in [1, {cfg.max_seq_len}] (model.max_seq_len), got {max_seq_len}")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        self.model = model
+        # Shares the model's tensors: in-place updates reach the step; a model moved to another device
+        # or dtype needs a new decoder (the compiled graph is specialised to its tensors anyway).
+        self.model = decoding_view(model)
         self.device = next(model.parameters()).device
-        threads = torch.get_num_threads()
-        self._split = _SplitRows(threads) if self.device.type == "cpu" and threads > 1 else None
         if cfg.sliding_window is not None and cfg.sliding_window < max_seq_len:
             self.cache = RollingKVCache.for_model(model, batch_size, dtype=dtype)
         else:
@@ -130,10 +101,7 @@ class CompiledDecoder:
         B = tokens.shape[0]
         filled = (self._slot_ids <= pos).expand(B, self.slots)  # (B, slots); all True once the ring is full
         cache = _SlotWriter(self._layers, pos % self.slots)
-        if self._split is None:
-            return self.model(tokens, positions=pos, cache=cache, attn_mask=filled)[:, -1]
-        with self._split:
-            return self.model(tokens, positions=pos, cache=cache, attn_mask=filled)[:, -1]
+        return self.model(tokens, positions=pos, cache=cache, attn_mask=filled)[:, -1]
 
     @torch.no_grad()
     def prefill(self, input_ids: torch.Tensor) -> torch.Tensor:

@@ -12,6 +12,7 @@ from typing import Callable, Iterator, Optional, Sequence
 import torch
 
 from llmstack.config import is_int
+from llmstack.inference.cpu import decoding_view
 from llmstack.inference.sampling import SamplingParams, TokenHistory, sample
 from llmstack.model import KVCache
 from llmstack.model.kv_cache import RollingKVCache
@@ -184,6 +185,7 @@ def _decode_steps(model: torch.nn.Module, rows: list[torch.Tensor], max_new_toke
         cache = RollingKVCache.for_model(model, B)  # memory of one window, however long the text
     else:
         cache = KVCache.for_model(model, B, T + steps)
+    model = decoding_view(model)  # on a multi-core CPU, the products split across threads
     with evaluating(model), torch.inference_mode():
         mask = key_mask[:, :T] if ragged else None
         logits = model(ids, cache=cache, positions=positions, attn_mask=mask, logits_to_keep=1)[:, -1]  # (B, V)

@@ -26,6 +26,7 @@ from typing import Optional, Sequence
 import torch
 
 from llmstack.config import is_int
+from llmstack.inference.cpu import decoding_view
 from llmstack.inference.generate import check_max_new_tokens, check_prompts, evaluating, prompt_rows
 from llmstack.inference.loading import from_pretrained
 from llmstack.inference.sampling import SamplingParams, process_logits
@@ -235,6 +236,8 @@ def speculative_generate(target: torch.nn.Module, input_ids, max_new_tokens: int
         q = sampling_probs(logits, temperature=temperature, top_k=top_k, top_p=top_p)
         return int(torch.multinomial(q, 1, generator=generator)), q
 
+    target = decoding_view(target)  # on a multi-core CPU, the products split across threads
+    draft = decoding_view(draft) if draft is not None else None
     drafter = _ModelDrafter(draft, total) if draft is not None else _LookupDrafter(ngram)
     stats = SpeculativeStats()
     stop = set(int(t) for t in stop_tokens)
