@@ -55,10 +55,9 @@ def render() -> str:
         for key, type_name, default, meaning in reference_rows(schema, ""):
             key = key.lstrip(".")
             if default == "(section)":  # a section of the job: a heading, then its keys
-                lines += ["", f"### `{key}`: {meaning}", "", "| key | type | default | meaning |",
-                          "| --- | --- | --- | --- |"]
+                lines += ["", f"### `{key}`: {meaning}", "", "| key | type and default | meaning |", "| --- | --- | --- |"]
                 continue
-            lines.append(f"| `{key}` | {cell(type_name)} | `{default}` | {cell(meaning)} |")
+            lines.append(f"| `{key}` | {cell(type_name)}; default `{default}` | {cell(meaning)} |")
         lines.append("")
     return "\n".join(lines).replace("\n\n\n", "\n\n")
 
