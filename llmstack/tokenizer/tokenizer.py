@@ -1,6 +1,8 @@
 """`Tokenizer`: our trained BPE (or a named tiktoken encoding) behind tiktoken's fast encoder.
 
-Saved as one JSON file beside checkpoints (`tokenizer.json`).
+Saved as one JSON file beside checkpoints (`tokenizer.json`), which lists its special tokens:
+a file keeps the ones it was trained with when this list changes. Chats use ChatML
+(`<|im_start|>{role}\n{content}<|im_end|>\n`) when the file has its two tokens.
 """
 from __future__ import annotations
 
@@ -10,25 +12,40 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Any, Iterable, Optional, Sequence
 
 import tiktoken
 
 from llmstack.tokenizer.bpe import GPT4_PATTERN, count_chunks, encode_reference, train_bpe
+from llmstack.tokenizer.chat import CHATML, end_of_turn_ids, render_chat
 
 BOS, EOS, PAD = "<|begin_of_text|>", "<|end_of_text|>", "<|pad|>"
-CHAT_TOKENS = ["<|system|>", "<|user|>", "<|assistant|>", "<|end_of_turn|>"]
-SPECIAL_TOKENS = [BOS, EOS, PAD, *CHAT_TOKENS, *(f"<|reserved_{i}|>" for i in range(4))]
+IM_START, IM_END = "<|im_start|>", "<|im_end|>"
+CHAT_TOKENS = [IM_START, IM_END]
+# Eleven in all, as before ChatML (which needs two chat tokens where there were four): the same
+# vocabulary size gives the same merges and the same ids for BOS, EOS and PAD.
+SPECIAL_TOKENS = [BOS, EOS, PAD, *CHAT_TOKENS, *(f"<|reserved_{i}|>" for i in range(6))]
 
 
 class Tokenizer:
+    """`encode` treats text as text: a special token's spelling in it (say "<|im_end|>") is encoded as
+    ordinary characters, never as the special token, so no document can forge one. Special tokens
+    enter only through `bos`/`eos` and `apply_chat_template`."""
+
+    add_bos_token = False  # models trained here see documents separated by EOS, with no BOS in front
+
     def __init__(self, encoding: tiktoken.Encoding, *, bos: str, eos: str, pad: str, spec: dict):
         self.encoding = encoding
         self.special_tokens: dict[str, int] = dict(encoding._special_tokens)
-        self.bos_id = self.special_tokens[bos]
-        self.eos_id = self.special_tokens[eos]
-        self.pad_id = self.special_tokens[pad]
+        self.bos_id: Optional[int] = self.special_tokens.get(bos)
+        self.eos_id: Optional[int] = self.special_tokens.get(eos)
+        self.pad_id: Optional[int] = self.special_tokens.get(pad)
+        self._bos, self._eos = bos, eos
         self._spec = spec  # what `save` writes
+        chatml = IM_START in self.special_tokens and IM_END in self.special_tokens
+        self.chat_template: Optional[str] = CHATML if chatml else None
+        stops = [self.eos_id, *end_of_turn_ids(self.special_tokens)]
+        self.stop_ids: list[int] = list(dict.fromkeys(i for i in stops if i is not None))
 
     # ------------------------------------------------------------------ construction
 
@@ -51,14 +68,17 @@ class Tokenizer:
         return cls._from_merges(merges, pattern)
 
     @classmethod
-    def _from_merges(cls, merges: list[bytes], pattern: str) -> "Tokenizer":
+    def _from_merges(cls, merges: list[bytes], pattern: str,
+                     special_tokens: Sequence[str] = tuple(SPECIAL_TOKENS)) -> "Tokenizer":
         ranks = {bytes([i]): i for i in range(256)}
         for i, token in enumerate(merges):
             ranks[token] = 256 + i
-        special = {name: len(ranks) + i for i, name in enumerate(SPECIAL_TOKENS)}
+        special = {name: len(ranks) + i for i, name in enumerate(special_tokens)}
+        if len(special) != len(special_tokens) or not all(isinstance(t, str) and t for t in special_tokens):
+            raise ValueError(f"the special tokens must be distinct non-empty strings, not {list(special_tokens)}")
         spec = {"type": "bpe", "pattern": pattern,
                 "merges": [base64.b64encode(t).decode("ascii") for t in merges],
-                "special_tokens": SPECIAL_TOKENS}
+                "special_tokens": list(special_tokens)}
         enc = tiktoken.Encoding(name="llmstack-bpe", pat_str=pattern, mergeable_ranks=ranks, special_tokens=special)
         return cls(enc, bos=BOS, eos=EOS, pad=PAD, spec=spec)
 
@@ -93,11 +113,12 @@ class Tokenizer:
             spec = json.loads(path.read_text())
             if spec["type"] == "tiktoken":
                 return cls.from_tiktoken(spec["name"])
-            if spec.get("special_tokens") != SPECIAL_TOKENS:
-                raise ValueError("special tokens differ from this version's")
-            merges = [base64.b64decode(m) for m in spec["merges"]]
-            return cls._from_merges(merges, spec["pattern"])
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+            if spec["type"] != "bpe":
+                raise ValueError(f"unknown type {spec['type']!r}")
+            merges = [base64.b64decode(m, validate=True) for m in spec["merges"]]
+            # the file's own special tokens: one saved by an earlier version keeps the ones it was trained with
+            return cls._from_merges(merges, spec["pattern"], spec["special_tokens"])
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:  # binascii.Error is a ValueError
             raise ValueError(f"tokenizer file {str(path)!r} is corrupt or truncated ({e})") from None
 
     def fingerprint(self) -> str:
@@ -148,26 +169,58 @@ class Tokenizer:
         """The same ids as `encode`, computed in plain Python from the merge ranks (slow; for tests)."""
         return encode_reference(text, self.encoding._mergeable_ranks, self.encoding._pat_str)
 
+    # ------------------------------------------------------------------ chat
+
+    def apply_chat_template(self, messages: Sequence[dict], *, add_generation_prompt: bool = True,
+                            tokenize: bool = True, **kwargs: Any) -> list[int] | str:
+        """The conversation in ChatML, ending with `<|im_start|>assistant\n` (`add_generation_prompt`):
+        ids, the chat tokens as their special ids and the messages as text, or the string with
+        `tokenize=False`. A tokenizer saved before ChatML has no chat template (a ValueError)."""
+        if self.chat_template is None:
+            raise ValueError(f"this tokenizer has no chat template: its special tokens {sorted(self.special_tokens)} "
+                             f"lack {IM_START} and {IM_END} (it was saved before llmstack used ChatML)")
+        variables = {"bos_token": self._bos, "eos_token": self._eos}
+        text = render_chat(self.chat_template, messages, add_generation_prompt=add_generation_prompt,
+                           **{**variables, **kwargs})
+        if not tokenize:
+            return text
+        # The rendered text holds the template's chat tokens; a message that spells one out gets it too,
+        # as with transformers' apply_chat_template.
+        return self.encoding.encode(text, allowed_special="all")
+
 
 class StreamDecoder:
-    """Turns a stream of token ids into text as soon as it is valid UTF-8 (a character
-    may be split across tokens, so bytes are held back until it is complete)."""
+    """Turns a stream of token ids into text as soon as it is final, for either tokenizer class.
 
-    def __init__(self, tokenizer: Tokenizer):
-        self.tokenizer = tokenizer
-        self.pending = b""
+    It decodes a short window of the latest tokens whole (merges and byte fallback can span
+    token boundaries, and a SentencePiece decoder drops the space before the first token of
+    what it decodes) and emits what is new, holding back a trailing U+FFFD: an incomplete
+    UTF-8 character, until its last byte arrives. The window restarts at each point where
+    the text is complete, keeping the tokens since the point before as context, so each
+    push decodes a few tokens, not the whole continuation."""
+
+    def __init__(self, tokenizer):
+        self.decode = tokenizer.decode
+        self.ids: list[int] = []
+        self._start = 0  # the window: ids[_start:] are decoded together
+        self._shown = 0  # characters of the window's text already emitted
+        self._complete = 0  # the latest point where the text was complete
 
     def push(self, token_id: int) -> str:
-        self.pending += self.tokenizer.decode_bytes([token_id])
-        for cut in range(len(self.pending), max(len(self.pending) - 4, -1), -1):
-            try:
-                text = self.pending[:cut].decode("utf-8")
-            except UnicodeDecodeError:
-                continue
-            self.pending = self.pending[cut:]
-            return text
-        return ""
+        self.ids.append(token_id)
+        text = self.decode(self.ids[self._start:])
+        stable = len(text.rstrip("\ufffd"))
+        new = text[self._shown:stable]
+        self._shown = max(self._shown, stable)
+        if stable == len(text):  # complete: restart the window at the previous complete point
+            if self._complete > self._start:
+                self._start = self._complete
+                self._shown = len(self.decode(self.ids[self._start:]))
+            self._complete = len(self.ids)
+        return new
 
     def flush(self) -> str:
-        text, self.pending = self.pending.decode("utf-8", errors="replace"), b""
+        """What is held back (call once the stream has ended); the decoder starts afresh."""
+        text = self.decode(self.ids[self._start:])[self._shown:]
+        self.ids, self._start, self._shown, self._complete = [], 0, 0, 0
         return text
