@@ -255,12 +255,13 @@ def reference_rows(cls: type, prefix: str) -> list[tuple[str, str, str, str]]:
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         key, tp = f"{prefix}.{f.name}", hints[f.name]
-        if f.default is not dataclasses.MISSING:
-            default = "null" if f.default is None else yaml.safe_dump(f.default, default_flow_style=True).strip()
+        nested = _field_type(cls, f.name)
+        if f.default is not dataclasses.MISSING or (nested is None and f.default_factory is not dataclasses.MISSING):
+            value = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            default = "null" if value is None else yaml.safe_dump(value, default_flow_style=True).strip()
             default = default.removesuffix("\n...").strip()
         else:
             default = "(section)"
-        nested = _field_type(cls, f.name)
         type_name = "section" if nested is not None and default == "(section)" else _type_name(tp)
         if nested is not None:
             type_name = type_name.replace(nested.__name__, "section")

@@ -6,6 +6,7 @@ r"""Generate text from a checkpoint, streaming it to the terminal as it is produ
     python scripts/generate.py --checkpoint runs/quickstart --prompt "class Foo:" --num-beams 4 --max-new-tokens 30
     python scripts/generate.py --checkpoint runs/quickstart --prompt "import os" --temperature 0 --prompt-lookup
     python scripts/generate.py --checkpoint runs/quickstart --prompt "import os" --draft runs/quickstart-draft
+    python scripts/generate.py --checkpoint path/to/model.gguf --chat --prompt "What is a KV cache?" --temperature 0
 """
 import dataclasses
 import re
@@ -17,7 +18,7 @@ from llmstack.cli import add_device_argument, add_dtype_argument, script_parser
 from llmstack.config import ConfigError
 from llmstack.inference import GenerationConfig, beam_search, load_draft, speculative_generate, stream_generate
 from llmstack.inference.config import EARLY_STOPPING
-from llmstack.inference.generate import StopText, cut_at_stop
+from llmstack.inference.generate import StopText, cut_at_stop, text_stop_tokens
 from llmstack.interop import load_tokenizer, resolve_checkpoint
 from llmstack.runtime import resolve_device, resolve_dtype, set_threads
 from llmstack.tokenizer import StreamDecoder
@@ -30,9 +31,13 @@ def flag(name: str) -> str:
 
 def main() -> None:
     parser = script_parser(__doc__)
-    parser.add_argument("--checkpoint", required=True, help="a run directory, checkpoint directory or Hugging Face "
-                                                           "directory")
-    parser.add_argument("--prompt", default="", help="text to continue")
+    parser.add_argument("--checkpoint", required=True, help="a run directory, checkpoint directory, Hugging Face "
+                                                           "directory or GGUF file")
+    parser.add_argument("--prompt", default="", help="text to continue (with --chat: the user's message)")
+    parser.add_argument("--chat", action="store_true",
+                        help="an instruct model: send --prompt as a user message through the model's chat template "
+                             "and print the reply")
+    parser.add_argument("--system", default=None, help="with --chat: a system message before the user's")
     doc = {f.name: f.metadata["doc"] for f in dataclasses.fields(GenerationConfig)}
     parser.add_argument("--max-new-tokens", type=int, default=200, help=doc["max_new_tokens"] + " (default 200)")
     for name, kind in (("temperature", float), ("top_k", int), ("top_p", float), ("min_p", float),
@@ -55,6 +60,8 @@ def main() -> None:
     options = {f.name: getattr(args, f.name) for f in dataclasses.fields(GenerationConfig) if f.name != "stop"}
     try:
         cfg = GenerationConfig(**options, stop=stops).validate(name=flag)
+        if args.system is not None and not args.chat:
+            raise ValueError("--system needs --chat (it is the system message of a conversation)")
     except ValueError as e:
         sys.exit(f"error: {e}")
 
@@ -68,9 +75,18 @@ def main() -> None:
         draft = load_draft(ckpt, cfg.draft, device=device, dtype=dtype) if cfg.draft is not None else None
     except (ConfigError, ValueError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
-    ids = tok.encode(args.prompt, bos=False)
-    if not ids:
-        ids = [tok.eos_id]  # an empty prompt starts a new document
+    prompt = args.prompt
+    try:
+        if args.chat:
+            messages = ([{"role": "system", "content": args.system}] if args.system is not None else []) + \
+                [{"role": "user", "content": args.prompt}]
+            ids, prompt = tok.apply_chat_template(messages, add_generation_prompt=True), ""  # print the reply only
+        else:
+            ids = tok.encode(args.prompt, bos=getattr(tok, "add_bos_token", False))  # as the model was trained
+    except ValueError as e:  # no chat template, a message it refuses
+        sys.exit(f"error: {e}")
+    if not ids:  # an empty prompt starts a new document
+        ids = [tok.bos_id if tok.bos_id is not None else tok.eos_id]
     limit = model.config.max_seq_len - 1
     if len(ids) > limit:
         warnings.warn(f"prompt of {len(ids)} tokens is longer than the context ({model.config.max_seq_len}); "
@@ -78,11 +94,11 @@ def main() -> None:
         ids = ids[-limit:]
     try:
         if cfg.mode == "beam":
-            print_beams(model, tok, cfg, args.prompt, ids)
+            print_beams(model, tok, cfg, prompt, ids)
         elif cfg.mode == "speculative":
-            print_speculative(model, draft, tok, cfg, args.prompt, ids)
+            print_speculative(model, draft, tok, cfg, prompt, ids)
         else:
-            stream_text(model, tok, cfg, args.prompt, ids)
+            stream_text(model, tok, cfg, prompt, ids)
     except ValueError as e:  # a bad value for the model (top_k past its vocabulary, an id its tokenizer lacks)
         sys.exit(f"error: {e}")
 
@@ -93,7 +109,8 @@ def unescape(text: str) -> str:
 
 
 def stream_text(model, tok, cfg: GenerationConfig, prompt: str, ids: list[int]) -> None:
-    tokens = stream_generate(model, ids, cfg.max_new_tokens, **cfg.sampling(), stop_tokens=[tok.eos_id])  # checks args
+    stops = text_stop_tokens(model, tok)  # end of text and end of turn
+    tokens = stream_generate(model, ids, cfg.max_new_tokens, **cfg.sampling(), stop_tokens=stops)  # checks args
     sys.stdout.write(prompt)
     sys.stdout.flush()
     # StopText holds back text that may be the start of a stop string; StreamDecoder only
@@ -101,7 +118,7 @@ def stream_text(model, tok, cfg: GenerationConfig, prompt: str, ids: list[int]) 
     text = StopText(cfg.stop, tok.decode) if cfg.stop else StreamDecoder(tok)
     try:
         for token in tokens:
-            if token == tok.eos_id:
+            if token in stops:
                 break
             sys.stdout.write(text.push(token))
             sys.stdout.flush()
@@ -112,25 +129,26 @@ def stream_text(model, tok, cfg: GenerationConfig, prompt: str, ids: list[int]) 
 
 
 def print_beams(model, tok, cfg: GenerationConfig, prompt: str, ids: list[int]) -> None:
-    hyps = beam_search(model, ids, cfg.max_new_tokens, **cfg.beam(), eos_token_id=tok.eos_id)
+    stops = text_stop_tokens(model, tok)
+    hyps = beam_search(model, ids, cfg.max_new_tokens, **cfg.beam(), stop_tokens=stops)
     for rank, hyp in enumerate(hyps, 1):
         print(f"--- {rank}: score {hyp.score:.4f} (log-prob {hyp.log_prob:.3f} over {len(hyp.tokens) - len(ids)} "
               f"tokens)")
-        print(prompt + continuation_text(tok, hyp.tokens[len(ids):].tolist(), cfg.stop))
+        print(prompt + continuation_text(tok, hyp.tokens[len(ids):].tolist(), stops, cfg.stop))
 
 
-def continuation_text(tok, continuation: list[int], stops) -> str:
-    """The text of new tokens that end at EOS or the token limit, cut before the first stop string."""
-    if continuation and continuation[-1] == tok.eos_id:
+def continuation_text(tok, continuation: list[int], stop_tokens: list[int], stop_strings: list[str]) -> str:
+    """The text of new tokens that end at a stop token or the token limit, cut before the first stop string."""
+    if continuation and continuation[-1] in stop_tokens:
         continuation = continuation[:-1]
-    return cut_at_stop(tok.decode(continuation), stops)
+    return cut_at_stop(tok.decode(continuation), stop_strings)
 
 
 def print_speculative(model, draft, tok, cfg: GenerationConfig, prompt: str, ids: list[int]) -> None:
     """The whole continuation at once (tokens arrive in bursts of up to k + 1), then how the drafts fared."""
-    out = speculative_generate(model, ids, cfg.max_new_tokens, draft=draft, **cfg.speculative(),
-                               stop_tokens=[tok.eos_id])
-    print(prompt + continuation_text(tok, out.ids[len(ids):].tolist(), cfg.stop))
+    stops = text_stop_tokens(model, tok)
+    out = speculative_generate(model, ids, cfg.max_new_tokens, draft=draft, **cfg.speculative(), stop_tokens=stops)
+    print(prompt + continuation_text(tok, out.ids[len(ids):].tolist(), stops, cfg.stop))
     s = out.stats
     print(f"speculative decoding ({'draft model' if draft is not None else 'prompt lookup'}): {s.new_tokens} "
           f"tokens in {s.target_passes} target passes ({s.tokens_per_pass:.2f} per pass), "

@@ -61,7 +61,7 @@ def test_width_one_is_greedy(model50):
     assert torch.equal(hyp.tokens, generate(model50, prompt, 12, temperature=0))
     # With an EOS, width 1 stops where greedy decoding with that stop token does.
     eos = int(hyp.tokens[len(prompt) + 4])
-    hyp, = beam_search(model50, prompt, 12, num_beams=1, eos_token_id=eos)
+    hyp, = beam_search(model50, prompt, 12, num_beams=1, stop_tokens=[eos])
     assert torch.equal(hyp.tokens, generate(model50, prompt, 12, temperature=0, stop_tokens=[eos]))
 
 
@@ -81,7 +81,7 @@ def test_wide_enough_beam_is_exact_with_eos(model5, length_penalty):
     prompt, steps, width = [4], 2, 5
     eos = int(generate(model5, prompt, 1, temperature=0)[-1])  # the likeliest first token ends a hypothesis
     best = exhaustive(model5, prompt, steps, eos, length_penalty)
-    hyps = beam_search(model5, prompt, steps, num_beams=width, num_return_sequences=width, eos_token_id=eos,
+    hyps = beam_search(model5, prompt, steps, num_beams=width, num_return_sequences=width, stop_tokens=[eos],
                        length_penalty=length_penalty, early_stopping="never")
     assert [h.tokens[len(prompt):].tolist() for h in hyps] == [cont for _, cont in best[:width]]
     assert [h.score for h in hyps] == pytest.approx([s for s, _ in best[:width]], rel=1e-5, abs=1e-5)
@@ -92,7 +92,7 @@ def test_wide_enough_beam_is_exact_with_eos(model5, length_penalty):
 def test_n_best_is_sorted_and_scores_are_log_probs(model50):
     prompt, eos = [7, 8, 9], 11
     for length_penalty, early_stopping in [(1.0, False), (0.5, True), (-0.5, "never")]:
-        hyps = beam_search(model50, prompt, 10, num_beams=6, num_return_sequences=6, eos_token_id=eos,
+        hyps = beam_search(model50, prompt, 10, num_beams=6, num_return_sequences=6, stop_tokens=[eos],
                            length_penalty=length_penalty, early_stopping=early_stopping)
         assert len(hyps) == 6
         assert [h.score for h in hyps] == sorted((h.score for h in hyps), reverse=True)
@@ -105,7 +105,7 @@ def test_n_best_is_sorted_and_scores_are_log_probs(model50):
 
 def test_exhaustive_stopping_is_never_worse(model50):
     prompt, eos = [2, 4, 6, 8], 11
-    best = {es: beam_search(model50, prompt, 10, num_beams=3, eos_token_id=eos, length_penalty=2.0,
+    best = {es: beam_search(model50, prompt, 10, num_beams=3, stop_tokens=[eos], length_penalty=2.0,
                             early_stopping=es)[0].score for es in (True, False, "never")}
     assert best["never"] >= best[False] - 1e-6 and best["never"] >= best[True] - 1e-6
 
@@ -128,7 +128,7 @@ def test_matches_transformers_beam_search(tmp_path):
                            num_beams=width, num_return_sequences=width, length_penalty=length_penalty,
                            early_stopping=early_stopping, eos_token_id=eos, pad_token_id=pad,
                            return_dict_in_generate=True, output_scores=True)
-        hyps = beam_search(ours, prompt, 6, num_beams=width, num_return_sequences=width, eos_token_id=eos,
+        hyps = beam_search(ours, prompt, 6, num_beams=width, num_return_sequences=width, stop_tokens=[eos],
                            length_penalty=length_penalty, early_stopping=early_stopping)
         assert len(hyps) == width
         for h, seq, score in zip(hyps, out.sequences.tolist(), out.sequences_scores.tolist()):
@@ -145,8 +145,8 @@ def test_bad_arguments_are_named(model5):
         beam_search(model5, [1], 2, num_beams=6)
     with pytest.raises(ValueError, match=r"num_return_sequences must be an integer in \[1, num_beams=3\], got 4"):
         beam_search(model5, [1], 2, num_beams=3, num_return_sequences=4)
-    with pytest.raises(ValueError, match=r"eos_token_id must be in \[0, 4\], got 5"):
-        beam_search(model5, [1], 2, num_beams=2, eos_token_id=5)
+    with pytest.raises(ValueError, match=r"stop token 5 is outside the vocabulary \[0, 4\]"):
+        beam_search(model5, [1], 2, num_beams=2, stop_tokens=[5])
     with pytest.raises(ValueError, match="early_stopping must be True, False or 'never'"):
         beam_search(model5, [1], 2, num_beams=2, early_stopping="sometimes")
     with pytest.raises(ValueError, match="length_penalty must be a finite number"):

@@ -51,9 +51,26 @@ class Value:
                      lambda g: (_unbroadcast(g * other.data, self.shape), _unbroadcast(g * self.data, other.shape)))
 
     def __matmul__(self, other):
-        return Value(self.data @ other.data, (self, other),
-                     lambda g: (_unbroadcast(g @ np.swapaxes(other.data, -1, -2), self.shape),
-                                _unbroadcast(np.swapaxes(self.data, -1, -2) @ g, other.shape)))
+        other = other if isinstance(other, Value) else Value(other)
+        # NumPy's rules: a 1-D left operand is a row (K,) -> (1, K), a 1-D right one a column
+        # (K,) -> (K, 1), and the added axis is dropped from the result. The gradients are the
+        # 2-D ones, computed on those views and reshaped back.
+        a = self.data[None, :] if self.data.ndim == 1 else self.data
+        b = other.data[:, None] if other.data.ndim == 1 else other.data
+
+        def backward(g):
+            if other.data.ndim == 1:
+                g = g[..., None]
+            if self.data.ndim == 1:
+                g = g[..., None, :]
+            ga = _unbroadcast(g @ np.swapaxes(b, -1, -2), a.shape)
+            gb = _unbroadcast(np.swapaxes(a, -1, -2) @ g, b.shape)
+            return ga.reshape(self.shape), gb.reshape(other.shape)
+
+        return Value(self.data @ other.data, (self, other), backward)
+
+    def __rmatmul__(self, other):
+        return Value(other) @ self
 
     def __neg__(self):
         return self * -1.0
@@ -68,7 +85,23 @@ class Value:
     __radd__ = __add__
     __rmul__ = __mul__
 
-    def __pow__(self, exponent: float):
+    # Reflected operators: Python calls these for `1 - x`, `2 / x`, `2 ** x`, where the left
+    # operand is a number that does not know about Value.
+    def __rsub__(self, other):
+        return Value(other) - self
+
+    def __rtruediv__(self, other):
+        return Value(other) / self
+
+    def __rpow__(self, base):
+        return Value(base) ** self
+
+    def __pow__(self, exponent):
+        if isinstance(exponent, Value):  # d(a^b)/da = b a^(b-1),  d(a^b)/db = a^b ln a
+            out = self.data**exponent.data
+            return Value(out, (self, exponent),
+                         lambda g: (_unbroadcast(g * exponent.data * self.data ** (exponent.data - 1), self.shape),
+                                    _unbroadcast(g * out * np.log(self.data), exponent.shape)))
         return Value(self.data**exponent, (self,), lambda g: (g * exponent * self.data ** (exponent - 1),))
 
     def exp(self):
@@ -116,6 +149,11 @@ class Value:
 
     # -------------------------------------------------------------- backward
 
+    def zero_grad(self) -> None:
+        """Forget the gradient: `backward` adds to what a leaf holds, as torch does, so a
+        training loop clears its parameters' gradients before each step."""
+        self.grad = np.zeros_like(self.data)
+
     def backward(self) -> None:
         order, seen = [], set()
 
@@ -137,3 +175,40 @@ class Value:
                 continue
             for parent, g in zip(node._parents, node._backward(node.grad)):
                 parent.grad = parent.grad + g
+
+
+class MLP:
+    """A multi-layer perceptron on Values: tanh between layers, linear output. Enough to train a
+    small classifier with `backward()` and plain gradient descent:
+
+        mlp = MLP([2, 16, 3], np.random.default_rng(0))
+        for x, y in batches:
+            mlp.zero_grad()
+            loss = mlp(Value(x)).cross_entropy(y)
+            loss.backward()
+            for p in mlp.parameters():
+                p.data -= lr * p.grad
+    """
+
+    def __init__(self, sizes: list[int], rng: np.random.Generator):
+        # Weights stored (in, out) so a batch (B, in) multiplies from the left; uniform in
+        # +-1/sqrt(fan_in), torch's nn.Linear default.
+        self.layers = []
+        for fan_in, fan_out in zip(sizes[:-1], sizes[1:]):
+            bound = 1 / np.sqrt(fan_in)
+            self.layers.append((Value(rng.uniform(-bound, bound, (fan_in, fan_out))),
+                                Value(rng.uniform(-bound, bound, fan_out))))
+
+    def __call__(self, x: Value) -> Value:
+        for i, (w, b) in enumerate(self.layers):
+            x = x @ w + b  # (B, out)
+            if i < len(self.layers) - 1:
+                x = x.tanh()
+        return x
+
+    def parameters(self) -> list[Value]:
+        return [p for layer in self.layers for p in layer]
+
+    def zero_grad(self) -> None:
+        for p in self.parameters():
+            p.zero_grad()

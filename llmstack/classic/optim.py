@@ -10,8 +10,13 @@ each `step` is the textbook formula for one parameter tensor:
     AdamW:      Adam, with the weight decay applied to the weights directly
                 (p -= lr * wd * p) instead of being added to the gradient, so it
                 is not rescaled by Adam's per-parameter step size.
+    Muon:       for weight matrices: momentum, then the update's matrix replaced by
+                its nearest orthogonal one (U V^T of its SVD, approximated by five
+                Newton-Schulz iterations), so every direction moves at the same rate.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -87,3 +92,59 @@ class AdamW(Adam):
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 1e-2):
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+
+
+def newton_schulz(g: torch.Tensor, steps: int = 5, coefficients: tuple[float, float, float] = (3.4445, -4.775, 2.0315),
+                  eps: float = 1e-7, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """An approximation of U V^T for g = U S V^T (a matrix with every singular value near 1):
+    X <- a X + (b X X^T + c (X X^T)^2) X, from X = g / ||g|| (so all singular values are <= 1).
+    The quintic's coefficients push small singular values up fast rather than converging
+    exactly: the result has them in roughly [0.7, 1.2], which trains as well (Jordan et al.
+    2024). Run in bfloat16, as torch and the reference do: it is only an approximation."""
+    a, b, c = coefficients
+    x = g.to(dtype)
+    tall = g.shape[0] > g.shape[1]
+    if tall:  # iterate on the wide orientation: X X^T is then the smaller Gram matrix
+        x = x.T
+    x = x / x.norm().clamp(min=eps)
+    for _ in range(steps):
+        gram = x @ x.T
+        poly = torch.addmm(gram, gram, gram, beta=b, alpha=c)  # b X X^T + c (X X^T)^2, one rounding as torch's
+        x = torch.addmm(x, poly, x, beta=a)  # a X + poly X
+    return x.T if tall else x
+
+
+class Muon(torch.optim.Optimizer):
+    """Muon (MomentUm Orthogonalized by Newton-schulz; Jordan et al. 2024) for 2-D weights, as
+    `torch.optim.Muon`: Nesterov momentum, the update orthogonalised by `newton_schulz`, its
+    step scaled by sqrt(max(1, rows / cols)), and decoupled weight decay. Embeddings, norms
+    and biases go to another optimizer (AdamW)."""
+
+    def __init__(self, params, lr: float = 1e-3, weight_decay: float = 0.1, momentum: float = 0.95,
+                 nesterov: bool = True, ns_steps: int = 5):
+        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov,
+                                      ns_steps=ns_steps))
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.dim() != 2:
+                    raise ValueError(f"Muon updates matrices only; got a parameter of shape {tuple(p.shape)} "
+                                     "(give embeddings, norms and biases to AdamW)")
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = closure() if closure is not None else None
+        for group in self.param_groups:
+            lr, wd, mu = group["lr"], group["weight_decay"], group["momentum"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if "momentum" not in state:
+                    state["momentum"] = torch.zeros_like(p)
+                buf = state["momentum"]
+                buf.lerp_(p.grad, 1 - mu)  # buf = mu * buf + (1 - mu) * g
+                update = p.grad.lerp(buf, mu) if group["nesterov"] else buf
+                update = newton_schulz(update, group["ns_steps"])
+                p.mul_(1 - lr * wd)
+                p.add_(update, alpha=-lr * math.sqrt(max(1.0, p.shape[0] / p.shape[1])))
+        return loss

@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 
 from llmstack.config import is_int
 from llmstack.inference.cpu import decoding_view
-from llmstack.inference.generate import check_max_new_tokens, check_prompts, evaluating, prompt_rows
+from llmstack.inference.generate import (check_max_new_tokens, check_prompts, evaluating, prompt_rows,
+                                         resolve_stop_tokens)
 from llmstack.model import KVCache
 
 
@@ -29,8 +30,8 @@ class Hypothesis:
     log_prob: float  # sum of the n continuation tokens' log-probabilities
 
 
-def _check(model, prompt: torch.Tensor, max_new_tokens, num_beams, length_penalty, early_stopping, eos_token_id,
-           num_return_sequences) -> int:
+def _check(model, prompt: torch.Tensor, max_new_tokens, num_beams, length_penalty, early_stopping,
+           stop_tokens: list[int], num_return_sequences) -> int:
     """Validate the arguments; return the number of steps (max_new_tokens capped by the context)."""
     V = model.config.vocab_size
     check_max_new_tokens(max_new_tokens)
@@ -46,16 +47,19 @@ def _check(model, prompt: torch.Tensor, max_new_tokens, num_beams, length_penalt
         raise ValueError(f"length_penalty must be a finite number, got {length_penalty}")
     if early_stopping not in (True, False, "never"):
         raise ValueError(f"early_stopping must be True, False or 'never', got {early_stopping!r}")
-    if eos_token_id is not None and not 0 <= eos_token_id < V:
-        raise ValueError(f"eos_token_id must be in [0, {V - 1}], got {eos_token_id}")
+    for token in stop_tokens:
+        if not 0 <= token < V:
+            raise ValueError(f"stop token {token} is outside the vocabulary [0, {V - 1}]")
     return steps
 
 
 def beam_search(model: torch.nn.Module, input_ids, max_new_tokens: int, *, num_beams: int,
-                length_penalty: float = 1.0, early_stopping: bool | str = False, eos_token_id: Optional[int] = None,
-                num_return_sequences: int = 1) -> list[Hypothesis]:
+                length_penalty: float = 1.0, early_stopping: bool | str = False,
+                stop_tokens: Optional[Sequence[int]] = None, num_return_sequences: int = 1) -> list[Hypothesis]:
     """The `num_return_sequences` best hypotheses for one prompt, best first.
 
+    stop_tokens:    a hypothesis that produces one of these has finished; default: the model's
+                    end-of-text and end-of-turn tokens (`model.config.eos_token_ids`), `()` for none.
     length_penalty: > 0 favours longer hypotheses, < 0 shorter ones (only matters with EOS).
     early_stopping: True: stop once num_beams hypotheses have finished. False: stop once the
                     best running beam, scored at its current length, cannot beat the worst
@@ -69,12 +73,16 @@ def beam_search(model: torch.nn.Module, input_ids, max_new_tokens: int, *, num_b
     if len(rows) != 1:
         raise ValueError(f"beam_search takes one prompt (T,) or (1, T), got {len(rows)}")
     prompt = rows[0]
-    steps = _check(model, prompt, max_new_tokens, num_beams, length_penalty, early_stopping, eos_token_id,
+    stop_tokens = resolve_stop_tokens(model, stop_tokens)
+    steps = _check(model, prompt, max_new_tokens, num_beams, length_penalty, early_stopping, stop_tokens,
                    num_return_sequences)
     if steps == 0:
         return [Hypothesis(prompt.clone(), 0.0, 0.0)]
     W, V, T = num_beams, model.config.vocab_size, len(prompt)
-    K = min(2 * W, W * V)  # twice the beams, so W candidates that did not just finish always remain
+    # Each beam can finish through every stop token: with W * (1 + stops) candidates, W that did not
+    # just finish always remain.
+    K = min(W * (1 + len(stop_tokens)), W * V)
+    stop = torch.tensor(stop_tokens, dtype=torch.long, device=device)
     neg_inf = float("-inf")
     finished: list[tuple[float, float, torch.Tensor]] = []  # (score, log_prob, continuation), best first
     running = torch.zeros(W, 0, dtype=torch.long, device=device)  # (W, n) continuations so far
@@ -95,8 +103,7 @@ def beam_search(model: torch.nn.Module, input_ids, max_new_tokens: int, *, num_b
             top_scores, top_index = candidates.flatten().topk(K)  # (K,) best first
             origin, token = top_index // V, top_index % V
             last = step + 1 == steps
-            finishing = torch.ones_like(token, dtype=torch.bool) if last else \
-                (token == eos_token_id if eos_token_id is not None else torch.zeros_like(token, dtype=torch.bool))
+            finishing = torch.ones_like(token, dtype=torch.bool) if last else torch.isin(token, stop)
             # Only the best W candidates may finish; the rest are there to keep W beams running.
             for r in finishing[:W].nonzero().flatten().tolist():
                 if top_scores[r] > neg_inf:

@@ -113,6 +113,14 @@ def _token_list(tokens: int | Sequence[int]) -> list[int]:
     return [int(tokens)] if isinstance(tokens, int) else [int(t) for t in tokens]
 
 
+def resolve_stop_tokens(model: torch.nn.Module, stop_tokens: Optional[int | Sequence[int]]) -> list[int]:
+    """The tokens that end a row: `stop_tokens` as given (`()` for none), or by default (None) the
+    model's own end-of-text and end-of-turn tokens (`model.config.eos_token_ids`)."""
+    if stop_tokens is None:
+        return list(getattr(model.config, "eos_token_ids", ()))
+    return _token_list(stop_tokens)
+
+
 def check_token_ids(ids: torch.Tensor, vocab_size: int) -> None:
     """Raise naming the first token id outside [0, vocab_size)."""
     bad = ids[(ids < 0) | (ids >= vocab_size)]
@@ -160,7 +168,7 @@ def _decode_steps(model: torch.nn.Module, rows: list[torch.Tensor], max_new_toke
     device = rows[0].device
     cfg = model.config
     B = len(rows)
-    stop_tokens = _token_list(stop_tokens)
+    stop_tokens = resolve_stop_tokens(model, stop_tokens)
     lengths = torch.tensor([len(r) for r in rows], device=device)  # (B,)
     T = int(lengths.max())
     # Each row stops where its own single-prompt run would: at the model's context.
@@ -181,7 +189,9 @@ def _decode_steps(model: torch.nn.Module, rows: list[torch.Tensor], max_new_toke
     history = TokenHistory(rows, cfg.vocab_size, device) if params.has_penalties else None
     stop = torch.tensor(stop_tokens, dtype=torch.long, device=device)
     live = limits > 0
-    if cfg.sliding_window is not None and cfg.sliding_window < T + steps:
+    if hasattr(model, "make_cache"):  # a model with its own kind of cache (a recurrent LM's state)
+        cache = model.make_cache(B, T + steps)
+    elif cfg.sliding_window is not None and cfg.sliding_window < T + steps:
         cache = RollingKVCache.for_model(model, B)  # memory of one window, however long the text
     else:
         cache = KVCache.for_model(model, B, T + steps)
@@ -237,7 +247,7 @@ def _start(model, input_ids, max_new_tokens, params: SamplingParams, seed, stop_
 def stream_generate(model: torch.nn.Module, input_ids, max_new_tokens: int, *, temperature: float = 1.0,
                     top_k: Optional[int] = None, top_p: Optional[float] = None, min_p: Optional[float] = None,
                     repetition_penalty: float = 1.0, frequency_penalty: float = 0.0, presence_penalty: float = 0.0,
-                    seed: Optional[int | Sequence[int]] = None, stop_tokens: Sequence[int] = (),
+                    seed: Optional[int | Sequence[int]] = None, stop_tokens: Optional[Sequence[int]] = None,
                     stop_strings: Sequence[str] = (), decode: Optional[Decode] = None) -> Iterator:
     """An iterator over the new tokens as they are produced: ints for one prompt, (B,) tensors
     for a batch (a (B, T) tensor or a list of prompts of any lengths). Arguments as in
@@ -258,7 +268,7 @@ def stream_generate(model: torch.nn.Module, input_ids, max_new_tokens: int, *, t
 def generate(model: torch.nn.Module, input_ids, max_new_tokens: int, *, temperature: float = 1.0,
              top_k: Optional[int] = None, top_p: Optional[float] = None, min_p: Optional[float] = None,
              repetition_penalty: float = 1.0, frequency_penalty: float = 0.0, presence_penalty: float = 0.0,
-             seed: Optional[int | Sequence[int]] = None, stop_tokens: Sequence[int] = (),
+             seed: Optional[int | Sequence[int]] = None, stop_tokens: Optional[Sequence[int]] = None,
              stop_strings: Sequence[str] = (), decode: Optional[Decode] = None,
              on_token: Optional[Callable] = None):
     """Return prompt + continuation token ids, using the KV cache; temperature 0 is greedy.
@@ -271,7 +281,8 @@ def generate(model: torch.nn.Module, input_ids, max_new_tokens: int, *, temperat
     Sampling arguments: see `SamplingParams` (`**asdict(params)` passes one; `seed` may also
     be one seed per prompt, so each row samples exactly what it would alone with that seed).
     max_new_tokens: capped per prompt by the model's context.
-    stop_tokens:  a row ends after producing one of these.
+    stop_tokens:  a row ends after producing one of these; default: the model's end-of-text and
+                  end-of-turn tokens (`model.config.eos_token_ids`); `()` for none.
     stop_strings: a row ends once `decode(continuation)` contains one (the token that
                   completed it is kept; `generate_text` returns the text cut before it).
     on_token:     called with each step's tokens, as `stream_generate` yields them.
@@ -296,15 +307,40 @@ def generate(model: torch.nn.Module, input_ids, max_new_tokens: int, *, temperat
     return [torch.cat([row, tokens[i][keep[i]]]) for i, row in enumerate(rows)]
 
 
+def text_stop_tokens(model: torch.nn.Module, tokenizer, stop_tokens: Optional[Sequence[int]] = None) -> list[int]:
+    """What ends a text generation: `stop_tokens` when given, else the model's end-of-text and
+    end-of-turn tokens together with the tokenizer's (`stop_ids`, or its `eos_id`)."""
+    if stop_tokens is not None:
+        return _token_list(stop_tokens)
+    ids = getattr(tokenizer, "stop_ids", None)
+    if ids is None:
+        ids = [tokenizer.eos_id] if getattr(tokenizer, "eos_id", None) is not None else []
+    return list(dict.fromkeys([*resolve_stop_tokens(model, None), *ids]))
+
+
 def generate_text(model: torch.nn.Module, tokenizer, prompt: str | Sequence[str], max_new_tokens: int, *,
-                  stop_strings: Sequence[str] = (), **sampling) -> str | list[str]:
+                  stop_strings: Sequence[str] = (), stop_tokens: Optional[Sequence[int]] = None,
+                  **sampling) -> str | list[str]:
     """The continuation text of one prompt (or of each prompt of a list, batched), cut before the
-    first stop string. Stops at the tokenizer's `eos_id` when it has one; `sampling`: the keyword
-    arguments of `generate`."""
+    first stop string and without the token that ended it (`text_stop_tokens`); `sampling`: the
+    keyword arguments of `generate`."""
     prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-    ids = [tokenizer.encode(p) for p in prompts]
-    eos = getattr(tokenizer, "eos_id", None)
-    stop_tokens = _token_list(sampling.pop("stop_tokens", ())) + ([eos] if eos is not None else [])
+    return _continuations(model, tokenizer, [tokenizer.encode(p) for p in prompts], max_new_tokens, stop_strings,
+                          stop_tokens, sampling, single=isinstance(prompt, str))
+
+
+def chat(model: torch.nn.Module, tokenizer, messages: Sequence[dict], max_new_tokens: int = 256, *,
+         stop_strings: Sequence[str] = (), stop_tokens: Optional[Sequence[int]] = None, **sampling) -> str:
+    """The assistant's reply to a conversation ([{"role": "user", "content": ...}, ...]), rendered with
+    the tokenizer's chat template and a generation prompt, as the model was trained to read it; it ends
+    at the model's end-of-turn token. `sampling`: the keyword arguments of `generate`."""
+    ids = tokenizer.apply_chat_template(list(messages), add_generation_prompt=True)
+    return _continuations(model, tokenizer, [ids], max_new_tokens, stop_strings, stop_tokens, sampling, single=True)
+
+
+def _continuations(model, tokenizer, ids: list[list[int]], max_new_tokens: int, stop_strings, stop_tokens,
+                   sampling: dict, single: bool) -> str | list[str]:
+    stop_tokens = text_stop_tokens(model, tokenizer, stop_tokens)
     out = generate(model, ids, max_new_tokens, stop_tokens=stop_tokens, stop_strings=stop_strings,
                    decode=tokenizer.decode, **sampling)
     texts = []
@@ -313,4 +349,4 @@ def generate_text(model: torch.nn.Module, tokenizer, prompt: str | Sequence[str]
         if continuation and continuation[-1] in stop_tokens:
             continuation = continuation[:-1]
         texts.append(cut_at_stop(tokenizer.decode(continuation), stop_strings))
-    return texts[0] if isinstance(prompt, str) else texts
+    return texts[0] if single else texts

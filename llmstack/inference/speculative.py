@@ -27,7 +27,8 @@ import torch
 
 from llmstack.config import is_int
 from llmstack.inference.cpu import decoding_view
-from llmstack.inference.generate import check_max_new_tokens, check_prompts, evaluating, prompt_rows
+from llmstack.inference.generate import (check_max_new_tokens, check_prompts, evaluating, prompt_rows,
+                                         resolve_stop_tokens)
 from llmstack.inference.loading import from_pretrained
 from llmstack.inference.sampling import SamplingParams, process_logits
 from llmstack.interop import load_tokenizer, resolve_checkpoint
@@ -180,7 +181,7 @@ def load_draft(target_checkpoint, draft_checkpoint, *, device=None, dtype=None) 
 def speculative_generate(target: torch.nn.Module, input_ids, max_new_tokens: int, *,
                          draft: Optional[torch.nn.Module] = None, k: int = 4, ngram: Optional[int] = None,
                          temperature: float = 0.0, top_k: Optional[int] = None, top_p: Optional[float] = None,
-                         seed: Optional[int] = None, stop_tokens: Sequence[int] = (),
+                         seed: Optional[int] = None, stop_tokens: Optional[Sequence[int]] = None,
                          cache: Optional[KVCache] = None) -> SpeculativeOutput:
     """Generate like `generate(target, ...)` for one prompt, several tokens per target pass.
 
@@ -240,7 +241,7 @@ def speculative_generate(target: torch.nn.Module, input_ids, max_new_tokens: int
     draft = decoding_view(draft) if draft is not None else None
     drafter = _ModelDrafter(draft, total) if draft is not None else _LookupDrafter(ngram)
     stats = SpeculativeStats()
-    stop = set(int(t) for t in stop_tokens)
+    stop = set(resolve_stop_tokens(target, stop_tokens))
     tokens = list(prompt)
     with evaluating(target, draft), torch.inference_mode():
         while len(tokens) < total:

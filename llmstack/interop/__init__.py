@@ -20,13 +20,26 @@ import yaml
 from llmstack.config import from_dict, to_dict
 from llmstack.interop.hf import (config_from_hf, config_to_hf, fuse_projections, read_hf_config, state_dict_from_hf,
                                  state_dict_to_hf)
+from llmstack.classic.recurrent import build_recurrent_lm
+from llmstack.interop.gguf import read_gguf, read_gguf_config
 from llmstack.interop.weights import load_weights, read_metadata, save_weights
 from llmstack.io import atomic_directory
 from llmstack.model import ModelConfig, Transformer, build_model
 
-__all__ = ["finish_loading", "from_pretrained", "latest_named", "load_model_config", "load_state_into",
+__all__ = ["build", "finish_loading", "from_pretrained", "latest_named", "load_model_config", "load_state_into",
            "load_tokenizer", "load_weights", "read_metadata", "resolve_checkpoint", "run_checkpoints", "save_hf",
            "save_pretrained", "save_weights"]
+
+
+def build(config: ModelConfig, *, device: torch.device | str | None = None,
+          dtype: Optional[torch.dtype] = None) -> torch.nn.Module:
+    """The model `config.arch` names, built on the meta device and allocated uninitialised on
+    `device` (call `init_weights()` or load a state dict next): the decoder-only `Transformer`
+    (`llmstack.model.build_model`), or an LSTM or GRU language model
+    (`llmstack.classic.recurrent.RecurrentLM`). The one place that picks a model class."""
+    if config.arch == "transformer":
+        return build_model(config, device=device, dtype=dtype)
+    return build_recurrent_lm(config, device=device, dtype=dtype)
 
 
 def latest_named(run_dir: str | os.PathLike) -> Optional[Path]:
@@ -74,12 +87,15 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
 
 
 def load_tokenizer(path: str | os.PathLike):
-    """The tokenizer saved beside a checkpoint: give a run directory (its newest checkpoint),
-    a checkpoint directory, or the tokenizer file itself."""
-    from llmstack.tokenizer import Tokenizer
+    """The tokenizer saved beside a checkpoint: give a run directory (its newest checkpoint), a
+    checkpoint directory, a Hugging Face model directory, a tokenizer file (llmstack's or Hugging
+    Face's tokenizer.json) or a GGUF file. `llmstack.tokenizer.load` says what each gives."""
+    from llmstack import tokenizer
 
     path = Path(path)
-    return Tokenizer.load(path if path.is_file() else resolve_checkpoint(path) / "tokenizer.json")
+    if path.is_file() or (path / "tokenizer.json").is_file():
+        return tokenizer.load(path)
+    return tokenizer.load(resolve_checkpoint(path))
 
 
 def load_model_config(directory: str | os.PathLike) -> ModelConfig:
@@ -91,6 +107,8 @@ def load_model_config(directory: str | os.PathLike) -> ModelConfig:
         return from_dict(ModelConfig, data, "model").validate()
     if (directory / "config.json").is_file():
         return config_from_hf(read_hf_config(directory))
+    if directory.suffix == ".gguf" and directory.is_file():
+        return read_gguf_config(directory)
     if not directory.exists():
         raise FileNotFoundError(f"checkpoint directory {str(directory)!r} does not exist")
     raise FileNotFoundError(f"{str(directory)!r} holds neither config.yaml (llmstack) nor config.json (Hugging Face)")
@@ -129,9 +147,12 @@ def finish_loading(model: Transformer, state: dict[str, torch.Tensor], *,
 
 def from_pretrained(path: str | os.PathLike, *, device: torch.device | str | None = None,
                     dtype: Optional[torch.dtype] = None) -> Transformer:
-    """Load a float llmstack checkpoint directory or a Hugging Face directory (Llama, Mistral,
-    Qwen2, Mixtral; sharded or not). Returns the model in eval mode. (`llmstack.from_pretrained`
-    also loads quantized checkpoints.)"""
+    """Load a float llmstack checkpoint directory, a Hugging Face directory (Llama, Mistral, Qwen2,
+    Mixtral, GPT-2; sharded or not) or a GGUF file (Llama, Mistral, Qwen2; dequantized to float32).
+    Returns the model in eval mode. (`llmstack.from_pretrained` also loads quantized checkpoints.)"""
+    if Path(path).suffix == ".gguf":
+        cfg, state = read_gguf(path)
+        return finish_loading(build(cfg, device="cpu"), state, device=device, dtype=dtype)
     path = resolve_checkpoint(path)
     cfg = load_model_config(path)
     state, metadata = load_weights(path)
@@ -140,7 +161,7 @@ def from_pretrained(path: str | os.PathLike, *, device: torch.device | str | Non
                          "llmstack.from_pretrained or llmstack.inference.load_quantized")
     if (path / "config.json").is_file() and not (path / "config.yaml").is_file():
         state = state_dict_from_hf(state, cfg)
-    return finish_loading(build_model(cfg, device="cpu"), state, device=device, dtype=dtype)
+    return finish_loading(build(cfg, device="cpu"), state, device=device, dtype=dtype)
 
 
 def save_pretrained(model: Transformer, directory: str | os.PathLike, *, metadata: Optional[dict[str, str]] = None,

@@ -81,6 +81,7 @@ def config_from_hf(hf: dict) -> ModelConfig:
         bias=bool(hf.get("attention_bias", False)) and model_type == "llama",
         sliding_window=window,
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        **special_token_ids(hf),
         moe=MoEConfig(n_experts=hf["num_local_experts"], top_k=hf["num_experts_per_tok"],
                       aux_loss_coef=hf.get("router_aux_loss_coef", 0.01)) if model_type == "mixtral" else None,
     )
@@ -112,6 +113,7 @@ def _gpt2_config_from_hf(hf: dict) -> ModelConfig:
         bias=True,
         qkv_bias=True,
         tie_embeddings=bool(hf.get("tie_word_embeddings", True)),
+        **special_token_ids(hf),
     )
     return cfg.validate()
 
@@ -147,9 +149,8 @@ def _gpt2_config_to_hf(cfg: ModelConfig) -> dict:
         "scale_attn_by_inverse_layer_idx": False,
         "reorder_and_upcast_attn": False,
         "tie_word_embeddings": cfg.tie_embeddings,
-        # Without these GPT2Config defaults to GPT-2's own 50256, outside a smaller vocabulary.
-        "bos_token_id": None,
-        "eos_token_id": None,
+        # Explicit even when null: GPT2Config defaults to GPT-2's own 50256, outside a smaller vocabulary.
+        **special_token_ids_to_hf(cfg),
         "torch_dtype": "float32",
     }
 
@@ -207,6 +208,7 @@ def config_to_hf(cfg: ModelConfig) -> dict:
         "rope_parameters": rope,
         "tie_word_embeddings": cfg.tie_embeddings,
         "sliding_window": cfg.sliding_window,
+        **special_token_ids_to_hf(cfg),
         "torch_dtype": "float32",
     }
     if model_type == "qwen2":
@@ -386,5 +388,26 @@ def state_dict_to_hf(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[s
     return out
 
 
+def special_token_ids(hf: dict) -> dict:
+    """bos_token_id and eos_token_ids for ModelConfig from a config.json (or generation_config.json,
+    whose eos_token_id often lists the end-of-turn tokens too)."""
+    eos = hf.get("eos_token_id")
+    eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+    return {"bos_token_id": hf.get("bos_token_id"), "eos_token_ids": eos}
+
+
+def special_token_ids_to_hf(cfg: ModelConfig) -> dict:
+    eos = cfg.eos_token_ids
+    return {"bos_token_id": cfg.bos_token_id, "eos_token_id": eos[0] if len(eos) == 1 else (list(eos) or None)}
+
+
 def read_hf_config(directory: str | Path) -> dict:
-    return json.loads((Path(directory) / "config.json").read_text())
+    """config.json, with the special token ids of generation_config.json when there is one (it
+    is what transformers' generate stops at)."""
+    directory = Path(directory)
+    hf = json.loads((directory / "config.json").read_text())
+    generation = directory / "generation_config.json"
+    if generation.is_file():
+        gen = json.loads(generation.read_text())
+        hf.update({k: gen[k] for k in ("bos_token_id", "eos_token_id") if gen.get(k) is not None})
+    return hf

@@ -68,6 +68,9 @@ class MoEConfig:
 class ModelConfig:
     """The shape of one decoder-only Transformer. Unset fields are derived in __post_init__."""
 
+    arch: Literal["transformer", "lstm", "gru"] = option(
+        "transformer", "transformer, or a recurrent LM (lstm, gru: reads vocab_size, dim, n_layers, dropout, "
+        "tie_embeddings, max_seq_len, init_std and ignores the attention fields); build with llmstack.interop.build")
     vocab_size: int = option(8192, "tokens in the vocabulary (>= the tokenizer's)")
     dim: int = option(256, "width of the residual stream")
     n_layers: int = option(4, "Transformer blocks")
@@ -94,12 +97,15 @@ class ModelConfig:
     tie_embeddings: bool = option(False, "the output head reuses the embedding matrix")
     moe: Optional[MoEConfig] = option(None, "mixture of experts replacing every MLP; null: dense")
     init_std: float = option(0.02, "std of the normal init; residual projections get std/sqrt(2*n_layers)")
+    bos_token_id: Optional[int] = option(None, "the token a text starts with, when the model was trained with one")
+    eos_token_ids: list[int] = option(doc="tokens that end a generation (end of text, end of turn); "
+                                          "generate stops at them unless told otherwise", factory=list)
 
     def __post_init__(self) -> None:
         if self.n_kv_heads is None:
             self.n_kv_heads = self.n_heads
         if self.head_dim is None and self.n_heads > 0:
-            if self.dim % self.n_heads:
+            if self.dim % self.n_heads and self.arch == "transformer":  # a recurrent LM has no heads
                 raise ConfigError(
                     f"model.n_heads={self.n_heads} does not divide model.dim={self.dim}; "
                     "change one of them or set model.head_dim explicitly"
@@ -114,6 +120,17 @@ class ModelConfig:
     def validate(self) -> "ModelConfig":
         check_at_least("model", self, 1, "vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "head_dim",
                        "ffn_hidden", "max_seq_len", "sliding_window")
+        for name in ("dropout", "attn_dropout"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ConfigError(f"model.{name} must be in [0, 1), got {getattr(self, name)}")
+        for name in ("norm_eps", "rope_theta", "init_std"):
+            if not getattr(self, name) > 0 or not math.isfinite(getattr(self, name)):
+                raise ConfigError(f"model.{name} must be a finite number > 0, got {getattr(self, name)}")
+        if self.arch != "transformer":  # a recurrent LM reads none of the attention fields checked below
+            if self.moe is not None:
+                raise ConfigError(f"model.moe is set but model.arch={self.arch} has no MLP to replace; "
+                                  "set model.moe to null or model.arch to transformer")
+            return self
         if self.n_heads % self.n_kv_heads:
             raise ConfigError(
                 f"model.n_heads={self.n_heads} is not a multiple of model.n_kv_heads={self.n_kv_heads} "
@@ -121,12 +138,10 @@ class ModelConfig:
             )
         if self.pos == "rope" and self.head_dim % 2:
             raise ConfigError(f"RoPE needs an even model.head_dim, got {self.head_dim}")
-        for name in ("dropout", "attn_dropout"):
-            if not 0.0 <= getattr(self, name) < 1.0:
-                raise ConfigError(f"model.{name} must be in [0, 1), got {getattr(self, name)}")
-        for name in ("norm_eps", "rope_theta", "init_std"):
-            if not getattr(self, name) > 0 or not math.isfinite(getattr(self, name)):
-                raise ConfigError(f"model.{name} must be a finite number > 0, got {getattr(self, name)}")
+        for token in ([self.bos_token_id] if self.bos_token_id is not None else []) + list(self.eos_token_ids):
+            if not 0 <= token < self.vocab_size:
+                raise ConfigError(f"model: special token id {token} is outside the vocabulary "
+                                  f"(model.vocab_size={self.vocab_size})")
         if self.rope_scaling is not None:
             self.rope_scaling.validate()
         if self.moe is not None:

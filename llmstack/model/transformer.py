@@ -188,6 +188,9 @@ class Transformer(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         config.validate()
+        if config.arch != "transformer":  # also what build_model and count_params see
+            raise ValueError(f"model.arch={config.arch!r} is not a Transformer: build it with "
+                             "llmstack.interop.build(config), which picks the model class from model.arch")
         self.config = config
         self.embed = nn.Embedding(config.vocab_size, config.dim)
         self.pos_embed = nn.Embedding(config.max_seq_len, config.dim) if config.pos == "learned" else None
@@ -225,7 +228,7 @@ class Transformer(nn.Module):
     def init_buffers(self) -> None:
         """Recompute non-persistent buffers (needed after `to_empty` from the meta device)."""
         inv_freq, _ = rope_frequencies(self.config.head_dim, self.config.rope_theta, self.config.rope_scaling)
-        self.rope_inv_freq = inv_freq.to(self.embed.weight.device)
+        self.rope_inv_freq = inv_freq.to(self.rope_inv_freq.device)
 
     # ------------------------------------------------------------------ forward
 
@@ -318,8 +321,8 @@ class Transformer(nn.Module):
 
     def num_params(self, *, exclude_embeddings: bool = False) -> int:
         n = sum(p.numel() for p in self.parameters())
-        if exclude_embeddings:
-            n -= self.embed.weight.numel()
+        if exclude_embeddings:  # counted by module: a quantized embedding (from outside) holds buffers, not parameters
+            n -= sum(p.numel() for p in self.embed.parameters())
             if self.pos_embed is not None:
                 n -= self.pos_embed.weight.numel()
         return n

@@ -16,8 +16,8 @@ import yaml
 
 from llmstack.config import ConfigError, from_dict, to_dict
 from llmstack.data import TokenBatches, corpus_fingerprint, default_cache_dir, load_corpus, prepare_tokens, token_stats
-from llmstack.interop import resolve_checkpoint
-from llmstack.model import build_model, flops_per_token
+from llmstack.interop import build, resolve_checkpoint
+from llmstack.model import flops_per_token
 from llmstack.runtime import resolve_device
 from llmstack.tokenizer import Tokenizer
 from llmstack.train.config import PretrainConfig
@@ -52,6 +52,9 @@ def check_run_dir(cfg: PretrainConfig, resume: bool) -> bool:
         return False
     old = yaml.safe_load((ckpt / "config.yaml").read_text()) or {}
     new = to_dict(cfg)
+    for job in (old, new):  # the stop tokens are the tokenizer's (compared in its own section), filled in later
+        if isinstance(job.get("model"), dict):
+            job["model"] = {k: v for k, v in job["model"].items() if k != "eos_token_ids"}
     differs = [s for s in RUN_IDENTITY if old.get(s) != new.get(s)]
     if differs:
         raise ConfigError(f"train.out_dir={str(run_dir)!r} holds a different run ({', '.join(differs)} differ); "
@@ -98,6 +101,8 @@ def pretrain(cfg: PretrainConfig, *, resume: bool = False, progress: bool = True
     if tok.vocab_size > cfg.model.vocab_size:
         raise ConfigError(f"the tokenizer has {tok.vocab_size} tokens but model.vocab_size={cfg.model.vocab_size}; "
                           f"set model.vocab_size >= {tok.vocab_size}")
+    if not cfg.model.eos_token_ids:  # saved with the run: generation then stops where the model learned texts end
+        cfg.model.eos_token_ids = list(getattr(tok, "stop_ids", [tok.eos_id]))
     tokens = prepare_tokens(cfg.data.source, tok, cache_dir=cfg.data.cache_dir, val_fraction=cfg.data.val_fraction,
                             text_field=cfg.data.text_field, progress=progress)
     batches = TokenBatches(tokens["train"], cfg.train.batch_size, cfg.data.seq_len, seed=cfg.train.seed,
@@ -107,15 +112,16 @@ def pretrain(cfg: PretrainConfig, *, resume: bool = False, progress: bool = True
     stats = token_stats(tokens["val"])
     bytes_per_token = stats["bytes"] / stats["tokens"] if stats.get("tokens") else None
     torch.manual_seed(cfg.train.seed)
-    model = build_model(cfg.model, device=device)
+    model = build(cfg.model, device=device)  # a Transformer, or an LSTM / GRU LM (model.arch)
     model.init_weights()
     run_dir.mkdir(parents=True, exist_ok=True)
     if progress:
         print(f"model: {model.num_params() / 1e6:.2f}M parameters on {device} | train {len(tokens['train']):,} "
               f"tokens, val {len(tokens['val']):,} tokens | out_dir {run_dir}")
+    # FLOPs per token feed the MFU estimate (reported on GPUs); the formula is the Transformer's.
+    flops = flops_per_token(cfg.model, cfg.data.seq_len) if cfg.model.arch == "transformer" else None
     return train(model, cfg.train, batches, val_batches=val, run_dir=run_dir, tokenizer=tok, job_config=cfg,
-                 resume=resume, bytes_per_token=bytes_per_token,
-                 flops_per_token=flops_per_token(cfg.model, cfg.data.seq_len), progress=progress)
+                 resume=resume, bytes_per_token=bytes_per_token, flops_per_token=flops, progress=progress)
 
 
 def load_run_config(path: str | os.PathLike) -> PretrainConfig:
