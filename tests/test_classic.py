@@ -262,6 +262,41 @@ def test_backpropagation_through_time_by_hand_equals_autograd():
     assert torch.all(norms[:-2] > 0) and norms[0] < norms[-3]
 
 
+def test_the_long_range_problem_rnn_gradient_shrinks_geometrically_and_the_lstm_cell_path_keeps_it():
+    """An RNN's gradient from a loss at the last step reaches h_t through T-1-t factors
+    diag(1 - h^2) W_hh, so with ||W_hh||_2 = 0.9 it is at most 0.9^(T-1-t) of the last step's.
+    An LSTM's cell adds the old c to the new one: along that path dc_T/dc_0 is the product of the
+    forget gates, which a bias can hold near 1 over any distance."""
+    from llmstack.classic.rnn import LSTM, RNN, rnn_bptt, rnn_forward
+
+    torch.manual_seed(0)
+    T, H = 40, 8
+    rnn = RNN(4, H).double()
+    w_ih, w_hh, b_ih, b_hh = (w.detach() for w in rnn.layer_weights(0))
+    w_hh = 0.9 * w_hh / torch.linalg.matrix_norm(w_hh, ord=2)
+    x, h0 = torch.randn(T, 2, 4, dtype=torch.float64), torch.zeros(2, H, dtype=torch.float64)
+    hs = rnn_forward(x, h0, w_ih, w_hh, b_ih, b_hh)
+    grad_hs = torch.zeros_like(hs)
+    grad_hs[-1] = torch.randn(2, H, dtype=torch.float64)  # the loss reads only the last state
+    norms = rnn_bptt(x, h0, hs, grad_hs, w_ih, w_hh)["h"].norm(dim=(1, 2))
+    bound = 0.9 ** torch.arange(T - 1, -1, -1, dtype=torch.float64) * norms[-1]
+    assert torch.all(norms <= bound * (1 + 1e-12))
+    assert norms[0] / norms[-1] < 0.9 ** (T - 1)  # < 0.017: forty steps back, almost nothing arrives
+
+    lstm = LSTM(4, H).double()
+    with torch.no_grad():
+        lstm.weight_ih_l0.mul_(0.1)
+        lstm.weight_hh_l0.zero_()  # only the cell path carries the past
+        lstm.bias_ih_l0[H:2 * H].fill_(8.0)  # forget gate bias: sigmoid(8) = 0.9997
+    c0 = torch.randn(1, 2, H, dtype=torch.float64, requires_grad=True)
+    _, (_, c) = lstm(x, (torch.zeros_like(c0), c0))
+    (grad_c0,) = torch.autograd.grad(c.sum(), c0)
+    xw = torch.nn.functional.linear(x, lstm.weight_ih_l0, lstm.bias_ih_l0) + lstm.bias_hh_l0
+    forget = torch.sigmoid(xw[..., H:2 * H]).prod(dim=0)  # (B, H): the product of the forget gates
+    torch.testing.assert_close(grad_c0[0], forget, rtol=1e-12, atol=0)
+    assert forget.min() > 0.95
+
+
 def test_muon_matches_torch():
     from llmstack.classic.optim import Muon
 

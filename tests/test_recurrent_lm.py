@@ -168,3 +168,19 @@ def test_pretrain_save_load_and_generate_a_recurrent_lm(tmp_path):
     x = torch.tensor([prompt])
     torch.testing.assert_close(again(x), model(x))
     assert isinstance(model.make_cache(2), RecurrentState)
+
+
+def test_the_lstm_and_gru_jobs_are_the_quickstart_job_with_another_model_of_its_size():
+    """What the README's comparison rests on: the same corpus, tokenizer, batches, optimizer and
+    schedule, and parameter counts within 0.5% of the quickstart Transformer's."""
+    from llmstack.config import to_dict
+
+    jobs = {name: load_config(PretrainConfig, f"configs/pretrain/{name}.yaml") for name in ("quickstart", "lstm", "gru")}
+    base = {k: v for k, v in to_dict(jobs["quickstart"]).items() if k != "model"}
+    params = {name: build(job.model).num_params() for name, job in jobs.items()}
+    for name in ("lstm", "gru"):
+        job = to_dict(jobs[name])
+        assert job["model"]["arch"] == name and job["train"]["out_dir"] == f"runs/{name}"
+        assert {k: v for k, v in job.items() if k != "model"} == {
+            **base, "train": {**base["train"], "out_dir": f"runs/{name}"}}
+        assert abs(params[name] / params["quickstart"] - 1) < 0.005

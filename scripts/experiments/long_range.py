@@ -77,6 +77,22 @@ def build(kind: str, max_len: int) -> nn.Module:
     return RecurrentClassifier(kind, {"RNN": 128, "LSTM": 64, "GRU": 74}[kind])  # 33-36k parameters each
 
 
+def draw(results: dict, path) -> None:
+    plt = common.pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    distances = results["distances"]
+    for i, kind in enumerate(results["kinds"]):
+        ax.plot(distances, results["accuracy"][kind], marker="o", color=f"C{i}",
+                label=f"{kind} ({results['params'][kind] / 1e3:.0f}k params)")
+    ax.axhline(results["chance"], color="k", ls="--", lw=0.8, label="chance")
+    ax.set(xscale="log", xlabel="distance between the key and the query (tokens)", ylabel="test accuracy",
+           ylim=(0, 1.05), title=f"Recall across a gap: {results['steps']} training steps per model and distance")
+    ax.set_xticks(distances, [str(d) for d in distances])
+    ax.minorticks_off()
+    ax.legend(fontsize=8)
+    common.save_figure(fig, path)
+
+
 def main() -> None:
     args = common.parser(__doc__, "long_range").parse_args()
     out = common.start(args)
@@ -106,16 +122,7 @@ def main() -> None:
             results["accuracy"][kind].append(accuracy)
             print(f"{kind:<11} distance {distance:>4}: accuracy {accuracy:.1%}")
 
-    plt = common.pyplot()
-    fig, ax = plt.subplots(figsize=(7, 4.2))
-    for i, kind in enumerate(kinds):
-        ax.plot(distances, results["accuracy"][kind], marker="o", color=f"C{i}",
-                label=f"{kind} ({results['params'][kind] / 1e3:.0f}k params)")
-    ax.axhline(1 / KEYS, color="k", ls="--", lw=0.8, label="chance")
-    ax.set(xscale="log", xlabel="distance between the key and the query (tokens)", ylabel="test accuracy",
-           ylim=(0, 1.05), title=f"Recall across a gap: {steps} training steps per model and distance")
-    ax.legend(fontsize=8)
-    common.save_figure(fig, out / "long_range.png")
+    draw(results, out / "long_range.png")
     common.write_results(out, results, started)
 
 
