@@ -3,7 +3,8 @@
 Both are built from the same blocks (`Block`; the encoder's attention bidirectional,
 `llmstack.classic.masked_lm.MaskedLM`) with the same width, depth and vocabulary, and trained
 for the same steps on the same windows of the standard library: the decoder on next-token
-prediction (every token a target), the encoder on BERT's 15% masking (80/10/10).
+prediction (every token a target), the encoder on BERT's 15% masking (80/10/10), each
+checked at its own job six times during training.
 
 On held-out windows of 128 tokens:
 
@@ -13,7 +14,7 @@ On held-out windows of 128 tokens:
                  job ([MASK] at p); the decoder reads only the left side, or, at 16 times the
                  cost, rescores its 16 likeliest candidates by the whole window's likelihood.
 
-    python scripts/experiments/masked_vs_causal.py          # about 5 minutes
+    python scripts/experiments/masked_vs_causal.py          # about 6 minutes
     python scripts/experiments/masked_vs_causal.py --quick
 """
 from __future__ import annotations
@@ -51,9 +52,10 @@ def next_token_scores(decoder, encoder, windows: torch.Tensor, positions: list[i
 @torch.no_grad()
 def fill_in_scores(decoder, encoder, windows: torch.Tensor, positions: list[int], k: int = 16) -> dict:
     """Predict windows[:, p] from both sides: the encoder with [MASK] at p; the decoder from the
-    left only; the decoder rescoring its top-k left-context candidates by the whole window's log-likelihood."""
+    left only; the decoder rescoring its top-k left-context candidates by the whole window's
+    log-likelihood (k = 0: not)."""
     mask_id = encoder.mask_id
-    acc = {"encoder": [], "decoder (left context)": [], f"decoder (rescoring top {k})": []}
+    acc = {"encoder": [], "decoder (left context)": [], **({f"decoder (rescoring top {k})": []} if k else {})}
     loss = {"encoder": [], "decoder (left context)": []}
     for p in positions:
         target = windows[:, p]
@@ -64,6 +66,8 @@ def fill_in_scores(decoder, encoder, windows: torch.Tensor, positions: list[int]
         for name, logits in (("encoder", enc), ("decoder (left context)", left)):
             acc[name].append((logits.argmax(-1) == target).float().mean().item())
             loss[name].append(F.cross_entropy(logits.float(), target).item())
+        if not k:
+            continue
         candidates = left.topk(k, dim=-1).indices  # (B, k)
         B, T = windows.shape
         filled = windows[:, None, :].repeat(1, k, 1)  # (B, k, T): each candidate put in at p
@@ -83,9 +87,9 @@ def main() -> None:
     out = common.start(args)
     started = time.perf_counter()
     train, val, tok = common.lm_tokens(args.quick)
-    dim, layers, steps, n_windows = 96, 3, 400, 128
+    dim, layers, steps, n_windows, n_checks = 96, 3, 1200, 128, 6
     if args.quick:
-        dim, layers, steps, n_windows = 32, 1, 10, 8
+        dim, layers, steps, n_windows, n_checks = 32, 1, 10, 8, 2
     vocab = tok.vocab_size + 1  # and [MASK], which the tokenizer never produces
     cfg = ModelConfig(vocab_size=vocab, dim=dim, n_layers=layers, n_heads=4, max_seq_len=SEQ + 1, tie_embeddings=True)
     torch.manual_seed(args.seed)
@@ -106,21 +110,33 @@ def main() -> None:
         inputs, targets = mask_tokens(x, mask_id=encoder.mask_id, vocab_size=tok.vocab_size, generator=g)
         return encoder(inputs, targets=targets) / max(1, int((targets != -100).sum()))
 
-    results = {"model": {"dim": dim, "n_layers": layers, "vocab_size": vocab, "decoder_params": decoder.num_params(),
-                         "encoder_params": encoder.num_params()}, "steps": steps, "seq_len": SEQ, "quick": args.quick}
-    curves = {}
-    for name, model, loss_fn in (("decoder", decoder, causal_loss), ("encoder", encoder, masked_loss)):
-        t0 = time.perf_counter()
-        curves[name] = common.fit(model, loss_fn, steps, [torch.optim.AdamW(model.parameters(), lr=3e-3,
-                                                                            betas=(0.9, 0.95), weight_decay=0.1)],
-                                  lr=3e-3, warmup=steps // 10)
-        print(f"{name}: trained in {time.perf_counter() - t0:.0f} s, final training loss {curves[name][-1]:.3f}")
-    results["training_loss"] = {k: v[::5] for k, v in curves.items()}
-
     rng = np.random.default_rng(args.seed)
     starts = rng.integers(0, len(val) - SEQ, n_windows)
     windows = torch.from_numpy(np.stack([val[s:s + SEQ] for s in starts]).astype(np.int64))
     positions = [SEQ // 4, SEQ // 2, 3 * SEQ // 4]
+
+    results = {"model": {"dim": dim, "n_layers": layers, "vocab_size": vocab, "decoder_params": decoder.num_params(),
+                         "encoder_params": encoder.num_params()}, "steps": steps, "seq_len": SEQ, "quick": args.quick}
+    curves, checks = {}, {"decoder": [], "encoder": []}  # checks: (step, accuracy at its own job) during training
+    own_job = {"decoder": "decoder (left context)", "encoder": "encoder"}  # next token = fill-in from the left
+    for name, model, loss_fn in (("decoder", decoder, causal_loss), ("encoder", encoder, masked_loss)):
+
+        def check(step, loss, name=name, model=model):
+            if (step + 1) % max(1, steps // n_checks) == 0:
+                model.eval()
+                scores = fill_in_scores(decoder, encoder, windows, positions, k=0)
+                checks[name].append((step + 1, scores[own_job[name]]["accuracy"]))
+                model.train()
+
+        t0 = time.perf_counter()
+        curves[name] = common.fit(model, loss_fn, steps, [torch.optim.AdamW(model.parameters(), lr=3e-3,
+                                                                            betas=(0.9, 0.95), weight_decay=0.1)],
+                                  lr=3e-3, warmup=steps // 10, log=check)
+        print(f"{name}: trained in {time.perf_counter() - t0:.0f} s, final training loss {curves[name][-1]:.3f}; "
+              "accuracy at its own job by step: " + " ".join(f"{s}:{a:.1%}" for s, a in checks[name]))
+    results["training_loss"] = {k: v[::5] for k, v in curves.items()}
+    results["accuracy_during_training"] = checks
+
     decoder.eval(), encoder.eval()
     results["next_token"] = next_token_scores(decoder, encoder, windows, positions)
     results["fill_in"] = fill_in_scores(decoder, encoder, windows, positions)
@@ -131,7 +147,7 @@ def main() -> None:
                   (f", loss {r['loss']:.3f}" if "loss" in r else ""))
 
     plt = common.pyplot()
-    fig, (ax, ax_curve) = plt.subplots(1, 2, figsize=(12, 4.3))
+    fig, (ax, ax_curve, ax_acc) = plt.subplots(1, 3, figsize=(17, 4.3))
     bars = [("next token", "decoder", results["next_token"]["decoder"]),
             ("next token", "encoder", results["next_token"]["encoder"])]
     bars += [("fill in", name, r) for name, r in results["fill_in"].items()]
@@ -148,6 +164,12 @@ def main() -> None:
                       label=f"{name} ({'next token, all positions' if name == 'decoder' else '15% masked positions'})")
     ax_curve.set(xlabel="step", ylabel="training loss (its own objective)", title="Training")
     ax_curve.legend(fontsize=8)
+    for name, label in (("decoder", "decoder: next token (= fill-in from the left)"), ("encoder", "encoder: fill-in")):
+        at, acc = zip(*checks[name])
+        ax_acc.plot(at, acc, marker="o", color=colors[name], label=label)
+    ax_acc.set(xlabel="step", ylabel="top-1 accuracy on held-out windows", ylim=(0, None),
+               title="Each at its own job, during training")
+    ax_acc.legend(fontsize=8)
     common.save_figure(fig, out / "masked_vs_causal.png")
     common.write_results(out, results, started)
 
