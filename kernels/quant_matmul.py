@@ -5,10 +5,10 @@ stored in one of two forms:
 
     int8, per output channel:   qweight int8 (N, K), scale (N,)
                                 W[n, k] = qweight[n, k] * scale[n]
-    int4, group-wise (size G):  qweight uint8 (N, K // 2), scale (N, K // G), zero uint8 (N, K // G)
-                                W[n, k] = (q[n, k] - zero[n, k // G]) * scale[n, k // G]
+    int4, group-wise (size G):  qweight uint8 (N, K // 2), scale and offset (N, K // G)
+                                W[n, k] = q[n, k] * scale[n, k // G] + offset[n, k // G]
                                 with q[n, 2j] the low nibble of qweight[n, j] and
-                                q[n, 2j + 1] its high nibble
+                                q[n, 2j + 1] its high nibble (GGUF's Q4_1 grid)
 
 Made for decoding, where M (batch x new tokens) is a handful of rows and the
 time goes into reading W: the weight crosses memory once, in its packed form
@@ -90,7 +90,7 @@ def _int8_matmul(X, W, S, Y, M, N, K,
 
 @autotuned(_configs(), _KEY + ["GROUP_SIZE"])
 @triton.jit
-def _int4_matmul(X, W, S, Z, Y, M, N, K,
+def _int4_matmul(X, W, S, O, Y, M, N, K,
                  s_xm, s_xk, s_wn, s_wk, s_sn, s_sg, s_ym, s_yn, M_BUCKET,
                  GROUP_SIZE: tl.constexpr, DOT_PRECISION: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -110,13 +110,13 @@ def _int4_matmul(X, W, S, Z, Y, M, N, K,
         w_mask = j_ok[:, None] & n_ok[None, :]
         packed = tl.load(W + offs_n[None, :] * s_wn + j[:, None] * s_wk, mask=w_mask, other=0)  # (BLOCK_K/2, BLOCK_N)
         # Both nibbles of a byte share a group (G is even). Tiles need not align with
-        # groups, so scale and zero are gathered per element; neighbours hit one cache line.
+        # groups, so scale and offset are gathered per element; neighbours hit one cache line.
         g = (2 * j) // GROUP_SIZE
-        sz_offs = offs_n[None, :] * s_sn + g[:, None] * s_sg
-        scale = tl.load(S + sz_offs, mask=w_mask, other=0.0).to(tl.float32)
-        zero = tl.load(Z + sz_offs, mask=w_mask, other=0).to(tl.int32)
-        w_lo = ((packed & 0xF).to(tl.int32) - zero).to(tl.float32) * scale
-        w_hi = ((packed >> 4).to(tl.int32) - zero).to(tl.float32) * scale
+        so_offs = offs_n[None, :] * s_sn + g[:, None] * s_sg
+        scale = tl.load(S + so_offs, mask=w_mask, other=0.0).to(tl.float32)
+        offset = tl.load(O + so_offs, mask=w_mask, other=0.0).to(tl.float32)
+        w_lo = (packed & 0xF).to(tl.float32) * scale + offset
+        w_hi = (packed >> 4).to(tl.float32) * scale + offset
         acc = tl.dot(x_even, w_lo.to(x_even.dtype), acc, input_precision=DOT_PRECISION)
         acc = tl.dot(x_odd, w_hi.to(x_odd.dtype), acc, input_precision=DOT_PRECISION)
     tl.store(Y + offs_m[:, None] * s_ym + offs_n[None, :] * s_yn, acc.to(Y.dtype.element_ty),
@@ -167,27 +167,25 @@ def int8_matmul(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor) -> 
     return y.reshape(*x.shape[:-1], N)
 
 
-def int4_matmul(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
+def int4_matmul(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor,
                 group_size: int) -> torch.Tensor:
     """x (..., K) @ dequant(W)^T -> (..., N) in x's dtype, W group-wise int4 (see the module docstring).
 
-    qweight: uint8 (N, K // 2); scale: (N, K // group_size), any float dtype; zero: uint8 like scale."""
+    qweight: uint8 (N, K // 2); scale and offset: (N, K // group_size), any float dtype (read as fp32)."""
     N, K = qweight.shape[0], 2 * qweight.shape[1]
     n_groups = K // group_size if group_size > 0 and group_size % 2 == 0 and K % group_size == 0 else None
     if n_groups is None:
         raise ValueError(f"group_size={group_size} must be an even number that divides K={K}")
-    if (qweight.dtype != torch.uint8 or zero.dtype != torch.uint8 or scale.shape != (N, n_groups)
-            or zero.shape != (N, n_groups)):
-        raise ValueError(f"expected qweight uint8 (N, K/2), scale and zero (N, K/{group_size}) with zero uint8; got "
-                         f"{qweight.dtype} {tuple(qweight.shape)}, {tuple(scale.shape)}, {zero.dtype} "
-                         f"{tuple(zero.shape)}")
-    if scale.stride() != zero.stride():
-        raise ValueError("scale and zero must have the same strides (they share one index in the kernel)")
+    if qweight.dtype != torch.uint8 or scale.shape != (N, n_groups) or offset.shape != (N, n_groups):
+        raise ValueError(f"expected qweight uint8 (N, K/2), scale and offset (N, K/{group_size}); got "
+                         f"{qweight.dtype} {tuple(qweight.shape)}, {tuple(scale.shape)}, {tuple(offset.shape)}")
+    if scale.stride() != offset.stride():
+        raise ValueError("scale and offset must have the same strides (they share one index in the kernel)")
     _check_x(x, K)
     x2 = x.reshape(-1, K)  # (M, K)
     y = torch.empty((x2.shape[0], N), dtype=x.dtype, device=x.device)
     grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), triton.cdiv(x2.shape[0], meta["BLOCK_M"]))  # noqa: E731
     with _device_ctx(x):
-        _int4_matmul[grid](x2, qweight, scale, zero, y, x2.shape[0], N, K, *x2.stride(), *qweight.stride(),
+        _int4_matmul[grid](x2, qweight, scale, offset, y, x2.shape[0], N, K, *x2.stride(), *qweight.stride(),
                            *scale.stride(), *y.stride(), GROUP_SIZE=group_size, **_launch_args(x2))
     return y.reshape(*x.shape[:-1], N)

@@ -257,8 +257,8 @@ def decode_bytes_per_token(model: Transformer, context: int) -> int:
     from llmstack.model.moe import MoE
 
     cfg = model.config
-    embed = model.embed.weight
-    lookups = {id(embed)} if not cfg.tie_embeddings else set()
+    embed = [*model.embed.parameters(), *model.embed.buffers()]  # float, or a quantized embedding's codes and scales
+    lookups = {id(t) for t in embed} if not cfg.tie_embeddings else set()
     if model.pos_embed is not None:
         lookups.add(id(model.pos_embed.weight))
     tensors = {id(t): t for t in (*model.parameters(), *model.buffers())}  # each stored tensor once
@@ -268,7 +268,7 @@ def decode_bytes_per_token(model: Transformer, context: int) -> int:
             experts = sum(t.nbytes for t in (*module.experts.parameters(), *module.experts.buffers()))
             total -= experts - experts * module.top_k // module.n_experts
     kv_tokens = min(context, cfg.sliding_window or context)
-    kv_bytes = embed.element_size()  # the cache takes the model's float dtype
+    kv_bytes = model.norm.weight.element_size()  # the cache takes the model's float dtype
     return total + 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * kv_bytes * kv_tokens
 
 

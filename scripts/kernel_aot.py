@@ -131,15 +131,14 @@ def decode_launches(batch: int = 1, q_heads: int = 32, kv_heads: int = 8, q_len:
 
 
 def matmul_launches(m: int = 1, n: int = 4096, k: int = 4096, dtype: torch.dtype = torch.bfloat16,
-                    group_size: int = 64) -> list[Launch]:
+                    group_size: int = 32) -> list[Launch]:
     """The launches of one int8 and one int4 dequantize-matmul (decode shapes: m rows)."""
     x = torch.empty(m, k, dtype=dtype, device="meta")
     with recording(qm, ["_int8_matmul", "_int4_matmul"]) as launches:
         qm.int8_matmul(x, torch.empty(n, k, dtype=torch.int8, device="meta"),
                        torch.empty(n, dtype=torch.float32, device="meta"))
-        groups = torch.empty(n, k // group_size, device="meta")
-        qm.int4_matmul(x, torch.empty(n, k // 2, dtype=torch.uint8, device="meta"), groups.to(dtype),
-                       groups.to(torch.uint8), group_size)
+        groups = torch.empty(n, k // group_size, dtype=torch.float16, device="meta")
+        qm.int4_matmul(x, torch.empty(n, k // 2, dtype=torch.uint8, device="meta"), groups, groups, group_size)
     return launches
 
 

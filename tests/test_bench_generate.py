@@ -115,8 +115,11 @@ def test_decode_bytes_count_quantized_codes_and_only_the_experts_used():
     base = decode_bytes_per_token(tied, 0)
     linear = L * (C * (H + 2 * HKV) * D + H * D * C + 3 * C * F)  # quantized weights (elements)
     rows = L * ((H + 2 * HKV) * D + C + 2 * F + C)  # their output channels: one float32 scale each
-    int8 = quantize_(_model(tie_embeddings=True), "int8")
+    int8 = quantize_(_model(tie_embeddings=True), "int8", embedding=None)
     assert decode_bytes_per_token(int8, 0) == base - 4 * linear + linear + 4 * rows
+    # The tied embedding quantized too: its codes and one scale per row, read whole by the head.
+    both = quantize_(_model(tie_embeddings=True), "int8")
+    assert decode_bytes_per_token(both, 0) == base - 4 * (linear + V * C) + (linear + V * C) + 4 * (rows + V)
     # Four experts, each the size of the dense MLP, one used per token: the dense model's bytes
     # plus each layer's router and its per-expert bias.
     moe = _model(moe=MoEConfig(n_experts=4, top_k=1, expert_hidden=F))

@@ -8,8 +8,9 @@ from torch import nn
 
 import llmstack
 from llmstack.model import ModelConfig
-from llmstack.inference.quantize import (QuantizedLinear, dequantize_int4, dequantize_int8, load_quantized,
-                                         pack_int4, quantize_, quantize_int4, quantize_int8, save_quantized,
+from llmstack.inference.quantize import (QuantizedEmbedding, QuantizedLinear, TiedQuantizedHead, dequantize_int4,
+                                         dequantize_int8, int8_matmul_cpu, load_quantized, pack_int4,
+                                         quantization_of, quantize_, quantize_int4, quantize_int8, save_quantized,
                                          unpack_int4)
 from llmstack.model import Transformer
 
@@ -46,14 +47,29 @@ def test_int8_error_within_half_a_step():
 @pytest.mark.parametrize("group_size", [8, 16, 32])
 def test_int4_error_within_half_a_step_per_group(group_size):
     w = skewed_weight()
-    packed, scale, zero = quantize_int4(w, group_size)
+    packed, scale, offset = quantize_int4(w, group_size)
     assert packed.dtype == torch.uint8 and packed.shape == (w.shape[0], w.shape[1] // 2)
-    assert scale.shape == zero.shape == (w.shape[0], w.shape[1] // group_size)
-    assert int(zero.max()) <= 15
-    err = (w - dequantize_int4(packed, scale, zero, group_size)).abs()
-    step = scale.repeat_interleave(group_size, dim=1)
-    assert (err <= step / 2 * (1 + 1e-5) + 1e-12).all()
-    assert (dequantize_int4(packed, scale, zero, group_size)[3] == 0).all()  # an all-zero row stays zero
+    assert scale.shape == offset.shape == (w.shape[0], w.shape[1] // group_size)
+    assert scale.dtype == offset.dtype == torch.float16  # stored as GGUF's Q4_1 stores them
+    err = (w - dequantize_int4(packed, scale, offset, group_size)).abs()
+    step = scale.float().repeat_interleave(group_size, dim=1)
+    # Half a step, plus float32 rounding of q * scale + offset (the values reach 40).
+    assert (err <= step / 2 * (1 + 1e-5) + 1e-5).all()
+    assert (dequantize_int4(packed, scale, offset, group_size)[3] == 0).all()  # an all-zero row stays zero
+
+
+def test_int4_reproduces_weights_already_on_the_q4_1_grid_exactly():
+    # What a GGUF Q4_1 file holds: per group of 32, a float16 scale and offset and 4-bit codes.
+    # Quantizing its dequantized weights again must give the same grid, hence the same weights.
+    torch.manual_seed(0)
+    rows, groups = 64, 6
+    scale = (torch.rand(rows, groups) * 0.01 + 1e-4).half()
+    offset = (-torch.rand(rows, groups) * 0.1).half()
+    codes = torch.randint(0, 16, (rows, groups, 32))
+    codes[:, :, 0], codes[:, :, 1] = 0, 15  # every group spans its whole grid, as Q4_1's do
+    w = (codes.float() * scale.float()[..., None] + offset.float()[..., None]).reshape(rows, -1)
+    packed, s, o = quantize_int4(w, 32)
+    assert torch.equal(dequantize_int4(packed, s, o, 32), w)
 
 
 def test_int4_asymmetric_beats_the_symmetric_step_on_a_skewed_group():
@@ -85,15 +101,18 @@ def test_quantized_linear_equals_linear_with_dequantized_weight(scheme, group_si
         linear.weight.copy_(skewed_weight())
     qlinear = QuantizedLinear.from_linear(linear, scheme, group_size)
     x = torch.randn(3, 5, 64)
-    expected = F.linear(x.double(), qlinear.dequantize(torch.float64),
-                        None if linear.bias is None else linear.bias.double())
-    torch.testing.assert_close(qlinear(x).double(), expected, rtol=1e-5, atol=1e-4)
+    weight = qlinear.dequantize(torch.float64)
+    expected = F.linear(x.double(), weight, None if linear.bias is None else linear.bias.double())
+    # int8 on the CPU represents x to within max|x_row| / 64516 (int8_matmul_cpu); int4 is float.
+    bound = (x.abs().amax(-1, keepdim=True).double() / 64516) * weight.abs().sum(1) if scheme == "int8" else 0
+    assert ((qlinear(x).double() - expected).abs() <= bound + 1e-5 * expected.abs() + 1e-4).all()
 
 
 @pytest.mark.parametrize("scheme", ["int8", "int4"])
 def test_quantized_linear_follows_the_activation_dtype(scheme):
     qlinear = QuantizedLinear.from_linear(nn.Linear(32, 8), scheme, 16).to(torch.bfloat16)
-    assert qlinear.qweight.dtype in (torch.int8, torch.uint8) and qlinear.scale.dtype == torch.bfloat16
+    assert qlinear.qweight.dtype in (torch.int8, torch.uint8)
+    assert qlinear.scale.dtype == (torch.bfloat16 if scheme == "int8" else torch.float16)  # int4: the Q4_1 grid
     x = torch.randn(2, 3, 32, dtype=torch.bfloat16)
     y = qlinear(x)
     assert y.dtype == torch.bfloat16 and y.shape == (2, 3, 8)
@@ -106,35 +125,68 @@ def test_quantized_linear_follows_the_activation_dtype(scheme):
 
 @pytest.mark.parametrize("scheme,tol", [("int8", 0.01), ("int4", 0.08)])
 def test_quantized_model_logits_close_to_float(scheme, tol):
-    model = tiny_model()
+    model = tiny_model(tie_embeddings=True)
     ids = torch.randint(0, 50, (2, 16))
     with torch.no_grad():
         ref = model(ids)
         quantize_(model, scheme, group_size=16)
         got = model(ids)
-    n_quantized = sum(isinstance(m, QuantizedLinear) for m in model.modules())
-    assert n_quantized == 2 * 5  # qkv, o, gate, up, down in each layer
-    assert isinstance(model.embed, nn.Embedding)  # the (tied) embedding stays float
-    # Relative error of the logits: measured ~0.2% (int8) and ~2.5% (int4, g=16) over seeds.
+    layers = [m for m in model.modules() if isinstance(m, QuantizedLinear)]
+    assert len(layers) == 2 * 5 and {m.scheme for m in layers} == {scheme}  # qkv, o, gate, up, down per layer
+    # The embedding and the head tied to it: int8 whatever the layers' scheme.
+    assert isinstance(model.embed, QuantizedEmbedding) and model.embed.scheme == "int8"
+    assert isinstance(model.lm_head, TiedQuantizedHead) and model.lm_head.embedding is model.embed
+    assert quantization_of(model) == {"scheme": scheme, "group_size": 16 if scheme == "int4" else None,
+                                      "embedding": "int8"}
+    # Relative error of the logits: measured ~0.3% (int8) and ~3% (int4, g=16) over seeds.
     assert ((got - ref).norm() / ref.norm()).item() < tol
     assert (got.argmax(-1) == ref.argmax(-1)).float().mean() > (0.95 if scheme == "int8" else 0.85)
 
 
-def test_untied_head_skipped_by_default_and_quantized_on_request():
-    model = tiny_model(tie_embeddings=False)
-    quantize_(model, "int8")
-    assert isinstance(model.lm_head, nn.Linear)
-    model = tiny_model(tie_embeddings=False)
-    quantize_(model, "int8", skip=())
-    assert isinstance(model.lm_head, QuantizedLinear)
+def test_quantized_embedding_and_tied_head_use_one_stored_matrix():
+    model = quantize_(tiny_model(tie_embeddings=True), "int4", group_size=16, embedding="int4")
+    weight = model.embed.dequantize(torch.float64)
+    ids = torch.randint(0, 50, (3, 7))
+    torch.testing.assert_close(model.embed(ids).double(), weight[ids], rtol=1e-6, atol=1e-7)
+    x = torch.randn(3, 7, 32)
+    torch.testing.assert_close(model.lm_head(x).double(), x.double() @ weight.T, rtol=1e-5, atol=1e-5)
+    assert not any(k.startswith("lm_head") for k in model.state_dict())  # the matrix is stored once
+
+
+def test_head_follows_the_embedding_scheme():
+    model = quantize_(tiny_model(tie_embeddings=False), "int4", group_size=16)
+    assert model.lm_head.scheme == model.embed.scheme == "int8"
+    assert model.layers[0].mlp.down_proj.scheme == "int4"
     x, y = torch.randint(0, 50, (2, 9)), torch.randint(0, 50, (2, 9))
     with torch.no_grad():  # model(x, targets=y) goes through the quantized head's own logits
         expected = F.cross_entropy(model(x).flatten(0, 1), y.flatten(), reduction="sum")
         torch.testing.assert_close(model(x, targets=y), expected)
-    model = tiny_model()
-    quantize_(model, "int8", skip=("lm_head", "layers.0.mlp.down_proj"))
-    assert isinstance(model.layers[0].mlp.down_proj, nn.Linear)
-    assert isinstance(model.layers[1].mlp.down_proj, QuantizedLinear)
+    model = quantize_(tiny_model(tie_embeddings=False), "int8", embedding=None)
+    assert type(model.lm_head) is nn.Linear and type(model.embed) is nn.Embedding
+    assert quantization_of(model)["embedding"] is None
+    model = quantize_(tiny_model(), "int8", skip=("lm_head", "embed", "layers.0.mlp.down_proj"))
+    assert type(model.layers[0].mlp.down_proj) is nn.Linear and type(model.lm_head) is nn.Linear
+    assert isinstance(model.layers[1].mlp.down_proj, QuantizedLinear) and type(model.embed) is nn.Embedding
+
+
+@pytest.mark.parametrize("rows", [1, 5, 64])
+def test_cpu_int8_product_equals_the_weight_only_product(rows):
+    # x in two int8 parts times int8 codes: the float64 product with the dequantized weight, up to
+    # the representation of x (|error| <= max|x_row| / 64516 per element) and float32 rounding.
+    torch.manual_seed(0)
+    w = skewed_weight(40, 96)
+    q, scale = quantize_int8(w)
+    x = torch.randn(rows, 96) * torch.logspace(-3, 2, rows)[:, None]  # rows of very different sizes
+    x[0, :3] = torch.tensor([50.0, -0.001, 0.0])  # an outlier beside tiny values
+    if rows > 1:
+        x[1] = 0.0  # a zero row
+    expected = x.double() @ dequantize_int8(q, scale, torch.float64).T
+    got = int8_matmul_cpu(x.reshape(1, rows, 96), q, scale).reshape(rows, 40)
+    assert got.dtype == torch.float32
+    bound = (x.abs().amax(1, keepdim=True).double() / 64516) @ dequantize_int8(q, scale, torch.float64).abs().sum(1)[None]
+    assert ((got.double() - expected).abs() <= bound + 1e-5 * expected.abs() + 1e-6).all()
+    if rows > 1:
+        assert (got[1] == 0).all()
 
 
 def test_generate_runs_on_a_quantized_model():
@@ -154,7 +206,7 @@ def test_quantizing_a_model_after_generating_with_it(scheme):
     quantize_(fresh, scheme, group_size=16)
     for (name, a), b in zip(used.state_dict().items(), fresh.state_dict().values()):
         assert torch.equal(a, b), name
-        assert a.is_contiguous() or not name.endswith(("qweight", "scale", "zero")), name
+        assert a.is_contiguous() or not name.endswith(("qweight", "scale", "offset")), name
     assert torch.equal(llmstack.generate(used, [1, 2, 3], 10, temperature=0),
                        llmstack.generate(fresh, [1, 2, 3], 10, temperature=0))
 
@@ -198,7 +250,9 @@ def test_save_load_round_trip_gives_identical_logits(tmp_path, scheme):
     assert not any(scheme in p.name for p in (tmp_path / "q").iterdir())  # recorded in metadata, not names
 
     loaded = llmstack.from_pretrained(tmp_path / "q")
-    assert isinstance(loaded.lm_head, QuantizedLinear) and loaded.lm_head.scheme == scheme
+    assert isinstance(loaded.lm_head, QuantizedLinear) and loaded.lm_head.scheme == "int8"  # the embedding's scheme
+    assert loaded.layers[0].attn.o_proj.scheme == scheme and quantization_of(loaded) == quantization_of(model)
+    assert meta["quantization_embedding"] == "int8"
     for (name, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
         assert a.dtype == b.dtype and torch.equal(a, b), name
     with torch.no_grad():
@@ -215,8 +269,9 @@ def test_loading_keeps_the_saved_structure(tmp_path):
 def test_load_in_another_dtype_converts_scales_not_codes(tmp_path):
     save_quantized(quantize_(tiny_model(), "int4", group_size=16), tmp_path / "q")
     model = llmstack.from_pretrained(tmp_path / "q", dtype=torch.bfloat16)
-    layer = model.layers[0].attn.qkv_proj
-    assert layer.qweight.dtype == layer.zero.dtype == torch.uint8 and layer.scale.dtype == torch.bfloat16
+    layer = model.layers[0].attn.qkv_proj  # int4: codes and the float16 scales and offsets of the Q4_1 grid
+    assert layer.qweight.dtype == torch.uint8 and layer.scale.dtype == layer.offset.dtype == torch.float16
+    assert model.embed.qweight.dtype == torch.int8 and model.embed.scale.dtype == torch.bfloat16  # int8
     assert model(torch.randint(0, 50, (1, 8))).dtype == torch.bfloat16
 
 
@@ -268,20 +323,20 @@ def test_int8_kernel_matches_reference(M, N, K):
 def test_int4_kernel_matches_reference(M, N, K, group_size):
     # group_size 48: groups that straddle the 32-wide K tiles.
     qm = _kernels()
-    packed, scale, zero = quantize_int4(torch.randn(N, K), group_size)
+    packed, scale, offset = quantize_int4(torch.randn(N, K), group_size)
     x = torch.randn(2, M, K)  # leading batch dims are flattened
-    expected = x.double() @ dequantize_int4(packed, scale, zero, group_size, torch.float64).T
-    torch.testing.assert_close(qm.int4_matmul(x, packed, scale, zero, group_size).double(), expected,
+    expected = x.double() @ dequantize_int4(packed, scale, offset, group_size, torch.float64).T
+    torch.testing.assert_close(qm.int4_matmul(x, packed, scale, offset, group_size).double(), expected,
                                rtol=1e-5, atol=1e-5)
 
 
 def test_kernel_rejects_bad_arguments():
     qm = _kernels()
-    packed, scale, zero = quantize_int4(torch.randn(8, 32), 16)
+    packed, scale, offset = quantize_int4(torch.randn(8, 32), 16)
     with pytest.raises(ValueError, match="group_size=12"):
-        qm.int4_matmul(torch.randn(1, 32), packed, scale, zero, 12)
+        qm.int4_matmul(torch.randn(1, 32), packed, scale, offset, 12)
     with pytest.raises(ValueError, match="x has 16 features"):
-        qm.int4_matmul(torch.randn(1, 16), packed, scale, zero, 16)
+        qm.int4_matmul(torch.randn(1, 16), packed, scale, offset, 16)
 
 
 @pytest.mark.gpu
@@ -300,9 +355,9 @@ def test_kernel_on_gpu_matches_dequantize_then_matmul(dtype, scheme, M):
         got = qm.int8_matmul(x, q, scale)
         weight = dequantize_int8(q, scale, torch.float32)
     else:
-        packed, scale, zero = quantize_int4(w.to(dtype), group_size)
-        got = qm.int4_matmul(x, packed, scale, zero, group_size)
-        weight = dequantize_int4(packed, scale, zero, group_size, torch.float32)
+        packed, scale, offset = quantize_int4(w.to(dtype), group_size)
+        got = qm.int4_matmul(x, packed, scale, offset, group_size)
+        weight = dequantize_int4(packed, scale, offset, group_size, torch.float32)
     expected = x.float() @ weight.T
     # Per-dtype tolerances of the output rounding (fp16 ~1e-3, bf16 ~1e-2 relative) on sums of 1024 terms.
     tol = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype]
