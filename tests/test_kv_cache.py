@@ -135,6 +135,28 @@ def test_compiled_decode_equals_eager_and_compiles_once(sliding_window):
         assert torch.equal(decoder.generate(prompt, 12, temperature=0), generate(model, prompt, 12, temperature=0))
 
 
+@pytest.mark.parametrize("sliding_window", [None, 24])
+def test_compiled_decoder_sizes_its_cache_to_the_request_and_grows(sliding_window):
+    from llmstack.inference import generate
+    from llmstack.inference.compiled import CompiledDecoder
+
+    model = tiny(sliding_window)
+    decoder = CompiledDecoder(model, 1, backend="eager")
+    decoder.SLOTS_STEP = 16
+    assert decoder.cache is None and decoder.max_seq_len == 64
+    prompt = torch.randint(0, 50, (1, 5))
+    assert torch.equal(decoder.generate(prompt, 6, temperature=0), generate(model, prompt, 6, temperature=0))
+    assert decoder.slots == 16  # 11 tokens, rounded up to a multiple of SLOTS_STEP
+    # Past the slots mid-sequence (prefill and step by hand): the cache grows and keeps what it held;
+    # a sliding window of 24 turns it into a ring of 24 slots.
+    logits, tokens = decoder.prefill(prompt), []
+    for _ in range(40):
+        tokens.append(logits.argmax(-1))
+        logits = decoder.step(tokens[-1])
+    assert torch.equal(torch.cat([prompt[0], *tokens]), generate(model, prompt[0], 40, temperature=0))
+    assert decoder.slots == (48 if sliding_window is None else 24)
+
+
 def test_compiled_decoder_rejects_bad_input():
     from llmstack.inference.compiled import CompiledDecoder
 

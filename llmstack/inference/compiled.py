@@ -61,17 +61,23 @@ class _SlotWriter:
 class CompiledDecoder:
     """Prefill eagerly, then decode one token per call with a `torch.compile`d step of fixed shapes.
 
+    max_seq_len: the longest sequence (prompt + new tokens) the decoder takes. Left out, the
+    cache is sized to each request instead, rounded up to a multiple of `SLOTS_STEP` (every
+    step attends over all the slots, so a cache of the model's full context would make a
+    short request pay for 8k slots); a longer request grows it, and a new size compiles the
+    step once more. Given, the cache is allocated at that size now and never changes.
     mode: `torch.compile` mode; default "reduce-overhead" (CUDA graphs) on a GPU, the
     default mode on the CPU. backend: "inductor", or e.g. "eager"/"aot_eager" to check
     tracing without code generation. The model runs in eval mode and is left as it was;
     the compiled step reads its weights, so it must keep their shapes and devices.
     """
 
+    SLOTS_STEP = 256
+
     def __init__(self, model: nn.Module, batch_size: int = 1, max_seq_len: Optional[int] = None, *,
                  mode: Optional[str] = None, backend: str = "inductor", dtype: Optional[torch.dtype] = None):
         cfg = model.config
-        max_seq_len = cfg.max_seq_len if max_seq_len is None else max_seq_len
-        if not 1 <= max_seq_len <= cfg.max_seq_len:
+        if max_seq_len is not None and not 1 <= max_seq_len <= cfg.max_seq_len:
             raise ValueError(f"max_seq_len must be in [1, {cfg.max_seq_len}] (model.max_seq_len), got {max_seq_len}")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -79,22 +85,48 @@ class CompiledDecoder:
         # or dtype needs a new decoder (the compiled graph is specialised to its tensors anyway).
         self.model = decoding_view(model)
         self.device = next(model.parameters()).device
-        if cfg.sliding_window is not None and cfg.sliding_window < max_seq_len:
-            self.cache = RollingKVCache.for_model(model, batch_size, dtype=dtype)
-        else:
-            self.cache = KVCache.for_model(model, batch_size, max_seq_len, dtype=dtype)
-        self.max_seq_len, self.batch_size = max_seq_len, batch_size
-        self.slots = self.cache.k.shape[3]
-        # The buffers never move: CUDA graphs may bake their addresses in.
-        torch._dynamo.mark_static_address(self.cache.k)
-        torch._dynamo.mark_static_address(self.cache.v)
-        self._layers = self.cache._layers
-        self._slot_ids = torch.arange(self.slots, device=self.device)
+        self.batch_size, self.dtype = batch_size, dtype
+        self.max_seq_len = cfg.max_seq_len if max_seq_len is None else max_seq_len
+        self.sized_to_request = max_seq_len is None
         if mode is None:
             mode = "reduce-overhead" if self.device.type == "cuda" else "default"
-        self.mode = mode
-        options = {"mode": mode} if backend == "inductor" else {}
-        self._step = torch.compile(self._decode, backend=backend, dynamic=False, **options)
+        self.mode, self.backend = mode, backend
+        self.cache, self.capacity, self.slots = None, 0, 0
+        if not self.sized_to_request:
+            self._allocate(self.max_seq_len)
+
+    def reserve(self, length: int) -> None:
+        """Make room for a sequence of `length` tokens (prompt + new ones). `generate` calls it; call it
+        before `prefill` to size the cache of a decoder built without max_seq_len yourself."""
+        if length > self.max_seq_len:
+            raise ValueError(f"a sequence of {length} tokens does not fit in max_seq_len={self.max_seq_len}")
+        if length > self.capacity:
+            self._allocate(min(-(-length // self.SLOTS_STEP) * self.SLOTS_STEP, self.max_seq_len))
+
+    def _allocate(self, length: int) -> None:
+        """A cache for sequences of `length` tokens (keeping what the current one holds) and its step."""
+        old = self.cache
+        window = self.model.config.sliding_window
+        if window is not None and window < length:
+            cache = RollingKVCache.for_model(self.model, self.batch_size, dtype=self.dtype)
+        else:
+            cache = KVCache.for_model(self.model, self.batch_size, length, dtype=self.dtype)
+        if old is not None and old.seq_len:  # growing mid-sequence: carry the cached tokens over
+            # The old cache is contiguous (a ring never needs to grow) and shorter than the window when
+            # the new one is a ring: either way position p < seq_len sits in slot p of both.
+            cache.k[..., :old.seq_len, :] = old.k[..., :old.seq_len, :]
+            cache.v[..., :old.seq_len, :] = old.v[..., :old.seq_len, :]
+            cache.seq_len = old.seq_len
+        # A ring holds a sequence of any length.
+        self.capacity = self.max_seq_len if isinstance(cache, RollingKVCache) else length
+        self.cache, self.slots = cache, cache.k.shape[3]
+        # The buffers never move: CUDA graphs may bake their addresses in.
+        torch._dynamo.mark_static_address(cache.k)
+        torch._dynamo.mark_static_address(cache.v)
+        self._layers = cache._layers
+        self._slot_ids = torch.arange(self.slots, device=self.device)
+        options = {"mode": self.mode} if self.backend == "inductor" else {}
+        self._step = torch.compile(self._decode, backend=self.backend, dynamic=False, **options)
 
     def _decode(self, tokens: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         """tokens (B, 1) at position pos (1,) -> next-token logits (B, vocab)."""
@@ -111,6 +143,7 @@ class CompiledDecoder:
             raise ValueError(f"input_ids has batch size {B}, the decoder was built for batch_size={self.batch_size}")
         if not 1 <= T <= self.max_seq_len:
             raise ValueError(f"the prompt has {T} tokens; it must have between 1 and max_seq_len={self.max_seq_len}")
+        self.reserve(T)
         self.cache.reset()
         with evaluating(self.model):
             return self.model(input_ids, cache=self.cache, logits_to_keep=1)[:, -1]
@@ -118,11 +151,13 @@ class CompiledDecoder:
     @torch.no_grad()
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         """Append one token per row (B,) and return the next-token logits (B, vocab)."""
-        pos = self.cache.seq_len
+        pos = self.cache.seq_len if self.cache is not None else 0
         if pos == 0:
             raise ValueError("call prefill(prompt) before step()")
         if pos >= self.max_seq_len:
             raise ValueError(f"the sequence is full: max_seq_len={self.max_seq_len} tokens")
+        if pos >= self.capacity:  # sized to an earlier request: grow (once per SLOTS_STEP tokens)
+            self.reserve(pos + 1)
         if self.mode == "reduce-overhead":
             torch.compiler.cudagraph_mark_step_begin()
         with evaluating(self.model):
@@ -144,6 +179,7 @@ class CompiledDecoder:
             self.model.config.vocab_size).make_generator(self.device)
         batch = torch.stack(rows)  # (B, T)
         max_new_tokens = min(max_new_tokens, self.max_seq_len - batch.shape[1])
+        self.reserve(batch.shape[1] + max_new_tokens)
         new = []
         logits = self.prefill(batch)
         for i in range(max_new_tokens):
