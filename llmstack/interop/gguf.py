@@ -22,6 +22,8 @@ import torch
 
 from llmstack.interop.hf import fuse_projections
 from llmstack.model import ModelConfig
+from llmstack.tokenizer.chat import end_of_turn_ids
+from llmstack.tokenizer.gguf import CONTROL
 
 # Architectures whose tensors map onto the Transformer, and whether their q/k rows are permuted.
 ARCHITECTURES = {"llama": True, "mistral": True, "qwen2": False}
@@ -76,6 +78,11 @@ def config_from_gguf(reader) -> ModelConfig:
     tokens = _field(reader, "tokenizer.ggml.tokens")
     vocab = get("vocab_size") or (len(tokens) if tokens is not None else None)
     eos = [_field(reader, f"tokenizer.ggml.{key}_token_id") for key in ("eos", "eot", "eom")]
+    # and the end-of-turn tokens the vocabulary defines, as control tokens: the stops of the tokenizer
+    types = _field(reader, "tokenizer.ggml.token_type")
+    if tokens is not None and types is not None:
+        control = {t: i for i, (t, kind) in enumerate(zip(tokens, types)) if kind == CONTROL}
+        eos += end_of_turn_ids(control)
     cfg = ModelConfig(
         vocab_size=vocab,
         dim=dim,
