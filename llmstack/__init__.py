@@ -28,6 +28,7 @@ _LAZY = {
     "load_tokenizer": "llmstack.interop",
     "generate": "llmstack.inference",
     "generate_text": "llmstack.inference",
+    "chat": "llmstack.inference",
     "beam_search": "llmstack.inference",
     "speculative_generate": "llmstack.inference",
     "quantize_": "llmstack.inference",

@@ -67,6 +67,16 @@ def test_greedy_continuations_equal_transformers(models, prompt):
         assert len(got) == 64 or got[-1].item() in tok.stop_ids
 
 
+def test_chat_replies_with_the_turn_transformers_generates(models):
+    ours, ref, tok = models
+    reply = llmstack.chat(ours, tok, CHAT, 64, temperature=0)
+    ids = torch.tensor([tok.apply_chat_template(CHAT)])
+    with torch.no_grad():
+        want = ref.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=64, do_sample=False,
+                            eos_token_id=tok.stop_ids, pad_token_id=tok.eos_id)[0, ids.shape[1]:].tolist()
+    assert want[-1] in tok.stop_ids and reply == tok.decode(want[:-1])  # the turn, without its end token
+
+
 def test_q4_1_weights_requantize_to_the_same_grid(models):
     # Every linear layer of the file is Q4_1 (groups of 32, float16 scale and offset): int4 with
     # group 32 reproduces it exactly, so quantizing the imported model loses nothing more.
