@@ -447,6 +447,30 @@ def test_decoding_view_shares_the_model_and_decodes_alike(model):
     assert all(torch.equal(a, b) for a, b in zip(single, split))
 
 
+def test_decoding_view_splits_a_tied_head_over_the_embedding():
+    from llmstack.inference.cpu import SplitLinear, decoding_view
+
+    torch.manual_seed(0)
+    tied = Transformer(ModelConfig(vocab_size=64, dim=32, n_layers=1, n_heads=4, max_seq_len=32,
+                                   tie_embeddings=True))
+    tied.init_weights()
+    tied.eval()
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        view = decoding_view(tied)
+        assert type(view.lm_head) is SplitLinear and view.lm_head.weight is tied.embed.weight
+        assert tied.lm_head is None and "lm_head.weight" not in tied.state_dict()  # the model is untouched
+        x = torch.randint(0, 64, (1, 5))
+        with torch.no_grad():
+            torch.testing.assert_close(view(x), tied(x), rtol=1e-5, atol=1e-6)
+        split = generate(tied, [1, 2, 3], 12, temperature=0)
+        torch.set_num_threads(1)
+        assert torch.equal(generate(tied, [1, 2, 3], 12, temperature=0), split)
+    finally:
+        torch.set_num_threads(before)
+
+
 # ---------------------------------------------------------------- GenerationConfig: which options combine
 
 

@@ -9,8 +9,8 @@ is the same dot product). Measured with `scripts/bench_cpu.py --threads 2`: eage
 decoding 1.4x, the compiled step 3x the tokens/s of the unsplit products.
 
 `decoding_view(model)` is what generation runs: a copy of the model's module structure
-whose `nn.Linear` layers are `SplitLinear`s, sharing every parameter, buffer and setting
-with the model (nothing is copied but the module objects). The caller's model is never
+whose `nn.Linear` layers (and a tied output head) are `SplitLinear`s, sharing every
+parameter, buffer and setting with the model (nothing is copied but the module objects). The caller's model is never
 changed.
 """
 from __future__ import annotations
@@ -66,4 +66,12 @@ def decoding_view(model: nn.Module) -> nn.Module:
                 new.__dict__["splits"] = threads
         return copies[id(module)]
 
-    return clone(model)
+    view = clone(model)
+    embed = getattr(view, "embed", None)
+    if getattr(view, "lm_head", False) is None and type(embed) is nn.Embedding:
+        # A tied output head (`F.linear(x, embed.weight)`, often the largest matrix) is split the same way.
+        head = SplitLinear(embed.embedding_dim, embed.num_embeddings, bias=False, device="meta")
+        head.weight, head.splits = embed.weight, threads
+        del view.lm_head  # a plain attribute (None); the view's own, the model keeps its None
+        view.lm_head = head
+    return view
