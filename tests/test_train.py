@@ -464,6 +464,30 @@ def test_pretrain_end_to_end(job, tmp_path):
     assert len(out) == len(tok.encode("def f1")) + 10
 
 
+def test_pretrain_with_a_hugging_face_tokenizer(job, tmp_path):
+    """tokenizer.path may name a downloaded model's tokenizer: the run trains on its ids, saves it
+    with its config beside the checkpoint, and resumes with it."""
+    from tokenizers import Tokenizer as Backend, decoders, models, pre_tokenizers, trainers
+
+    backend = Backend(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    texts = [p.read_text() for p in sorted((tmp_path / "corpus").glob("*.txt"))]
+    backend.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=290, special_tokens=["<|endoftext|>"],
+                                                           initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    backend.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "tokenizer_config.json").write_text('{"eos_token": "<|endoftext|>"}')
+    job.tokenizer.path = str(tmp_path / "tokenizer.json")
+    job.train.max_steps = 3
+    pretrain(job, progress=False)
+    tok = llmstack.load_tokenizer(tmp_path / "run")
+    assert isinstance(tok, llmstack.tokenizer.HFTokenizer)
+    assert tok.encode("def f1(x): pass") == backend.encode("def f1(x): pass").ids
+    assert llmstack.from_pretrained(tmp_path / "run").config.eos_token_ids == [backend.token_to_id("<|endoftext|>")]
+    job.train.max_steps = 6
+    assert pretrain(job, resume=True, progress=False).step == 6
+
+
 def test_out_dir_guards(job):
     pretrain(job, progress=False)
     with pytest.raises(ConfigError, match="already holds this run"):

@@ -10,7 +10,8 @@ from llmstack.tokenizer.tokenizer import SPECIAL_TOKENS
 
 @dataclass
 class TokenizerConfig:
-    path: Optional[str] = option(None, "a saved llmstack tokenizer file")
+    path: Optional[str] = option(None, "a tokenizer file or folder: llmstack's tokenizer.json, a Hugging Face "
+                                       "tokenizer.json or model folder, or a GGUF file")
     tiktoken: Optional[str] = option(None, '"gpt2", "cl100k_base", "o200k_base" (needs their files cached)')
     vocab_size: int = option(8192, "when trained on the corpus (neither path nor tiktoken set)")
     train_docs_fraction: float = option(1.0, "fraction of training documents used to train it")

@@ -20,6 +20,7 @@ from llmstack.interop import build, resolve_checkpoint
 from llmstack.model import flops_per_token
 from llmstack.runtime import resolve_device
 from llmstack.tokenizer import Tokenizer
+from llmstack.tokenizer import load as load_tokenizer_file
 from llmstack.train.config import PretrainConfig
 from llmstack.train.checkpoint import latest_checkpoint
 from llmstack.train.trainer import TrainResult, train
@@ -67,8 +68,8 @@ def check_run_dir(cfg: PretrainConfig, resume: bool) -> bool:
 
 def build_tokenizer(cfg: PretrainConfig, progress: bool = True) -> Tokenizer:
     tc = cfg.tokenizer
-    if tc.path:
-        return Tokenizer.load(tc.path)
+    if tc.path:  # any kind: llmstack's, a Hugging Face tokenizer.json or folder, a GGUF file
+        return load_tokenizer_file(tc.path)
     if tc.tiktoken:
         return Tokenizer.from_tiktoken(tc.tiktoken)
     # Train on the corpus; cache by corpus and settings so that reruns skip it.
@@ -95,7 +96,7 @@ def pretrain(cfg: PretrainConfig, *, resume: bool = False, progress: bool = True
     device = resolve_device(cfg.train.device)
     run_dir = Path(cfg.train.out_dir)
     if resume:  # the checkpoint's own tokenizer, whatever the cache holds now
-        tok = Tokenizer.load(latest_checkpoint(run_dir) / "tokenizer.json")
+        tok = load_tokenizer_file(latest_checkpoint(run_dir) / "tokenizer.json")
     else:
         tok = build_tokenizer(cfg, progress)
     if tok.vocab_size > cfg.model.vocab_size:
