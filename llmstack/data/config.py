@@ -1,10 +1,14 @@
 """The data section of a job: which corpus, how it is split, the training window."""
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Optional
 
-from llmstack.config import ConfigError, check_at_least, check_fraction, option
+import yaml
+
+from llmstack.config import ConfigError, check_at_least, check_fraction, from_dict, option
 
 
 @dataclass
@@ -23,3 +27,14 @@ class DataConfig:
         if not self.source:
             raise ConfigError("data.source is empty; use stdlib, a file or glob, or hf:NAME")
         return self
+
+
+def saved_data_config(checkpoint: str | os.PathLike) -> Optional[DataConfig]:
+    """The data section of the job config saved in a checkpoint directory (config.yaml), or None
+    where there is none: a Hugging Face directory, a GGUF file, or a checkpoint converted from one
+    (its config.yaml holds only the model)."""
+    path = Path(checkpoint) / "config.yaml"
+    job = yaml.safe_load(path.read_text()) if path.is_file() else None
+    if not isinstance(job, dict) or job.get("data") is None:
+        return None
+    return from_dict(DataConfig, job["data"], "data").validate()

@@ -42,7 +42,7 @@ def _stdlib_dataset(split: str, val_fraction: float) -> datasets.Dataset:
     paths, texts = [], []
     for path in stdlib_files():
         rel = str(path.relative_to(root))
-        if _is_val(rel, val_fraction) != (split == "val"):
+        if split != "all" and _is_val(rel, val_fraction) != (split == "val"):
             continue
         try:
             texts.append(path.read_text(encoding="utf-8"))
@@ -84,6 +84,8 @@ def _local_dataset(source: str, split: str, val_fraction: float, text_field: str
                         f"{', '.join(ds.column_names)} (set data.text_field)")
     if text_field != "text":
         ds = ds.rename_column(text_field, "text")
+    if split == "all":
+        return ds
     keys = ds["path"] if key else [str(i) for i in range(len(ds))]
     keep = [i for i, k in enumerate(keys) if _is_val(k, val_fraction) == (split == "val")]
     return ds.select(keep)
@@ -92,14 +94,17 @@ def _local_dataset(source: str, split: str, val_fraction: float, text_field: str
 def load_corpus(source: str = "stdlib", split: str = "train", *, val_fraction: float = 0.02,
                 text_field: str = "text"):
     """Documents of one split, as a `datasets.Dataset` with a "text" column (an iterable
-    dataset for streamed Hub names)."""
-    if split not in ("train", "val"):
-        raise DataError(f"split must be 'train' or 'val', got {split!r}")
+    dataset for streamed Hub names). split "all": every document of stdlib or local files, unsplit
+    (val_fraction is not used)."""
+    if split not in ("train", "val", "all"):
+        raise DataError(f"split must be 'train', 'val' or 'all', got {split!r}")
     if source == "stdlib":
         ds = _stdlib_dataset(split, val_fraction)
     elif source.startswith("hf:"):
         import datasets
 
+        if split == "all":
+            raise DataError(f"split 'all' is for stdlib and local files; {source!r} is a Hub dataset")
         name, _, config = source[3:].partition(":")
         try:
             return datasets.load_dataset(name, config or None, split="train" if split == "train" else "validation",

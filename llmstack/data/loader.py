@@ -54,5 +54,14 @@ class TokenBatches:
         for b in range(total):
             yield self._windows(picked[b * self.batch_size:(b + 1) * self.batch_size] * self.seq_len)
 
+    def all_windows(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Every complete window of the split, in order: consecutive, non-overlapping (each window's
+        last target is the next one's first input), in batches of batch_size, the last batch smaller
+        when the windows do not fill it. What scoring a whole text needs; only the tail shorter
+        than a window is left out."""
+        starts = np.arange((len(self.tokens) - 1) // self.seq_len) * self.seq_len
+        for b in range(0, len(starts), self.batch_size):
+            yield self._windows(starts[b:b + self.batch_size])
+
     def state_dict(self) -> dict:
         return {"seed": self.seed, "batch_size": self.batch_size, "seq_len": self.seq_len}

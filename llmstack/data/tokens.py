@@ -8,12 +8,13 @@ mid-write never leaves a half file that a later run would trust.
 """
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import os
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import numpy as np
 
@@ -86,6 +87,39 @@ def _tokenize_split(source, split, tokenizer, path: Path, dtype, val_fraction, t
     tmp_meta = meta_path.with_name(meta_path.name + ".tmp")
     tmp_meta.write_text(json.dumps(meta, indent=2))
     os.replace(tmp_meta, meta_path)
+
+
+def text_tokens(sources: str | Sequence[str], tokenizer, *, text_field: str = "text",
+                batch_docs: int = 256) -> tuple[np.ndarray, dict]:
+    """Every document of local files tokenized in memory, with no train/validation split: a text of
+    one's own to evaluate a model on. Each source is a path or a glob (.txt/.md/.py/.rst: one document
+    per file; .jsonl/.json/.parquet: one per row, its `text_field`). Documents are joined as
+    `prepare_tokens` joins them, each followed by the tokenizer's EOS, and each starts with its BOS
+    when the model expects one there (`tokenizer.add_bos_token`, as Llama's do).
+
+    Returns (tokens, {"documents", "bytes", "tokens"}), the counts `token_stats` gives for a cached
+    split. A source that matches nothing, or text with no characters at all, is a DataError."""
+    sources = [sources] if isinstance(sources, str) else list(sources)
+    if not sources:
+        raise DataError("no text source given")
+    dtype = np.uint16 if tokenizer.vocab_size <= 2**16 else np.uint32
+    bos = [tokenizer.bos_id] if getattr(tokenizer, "add_bos_token", False) and tokenizer.bos_id is not None else []
+    eos = getattr(tokenizer, "eos_id", None) is not None
+    pieces, n_docs, n_bytes = [], 0, 0
+    for source in sources:
+        if not glob.glob(os.path.expanduser(source)):
+            raise DataError(f"{source!r} " + ("matches no file" if any(c in source for c in "*?[") else
+                                              "does not exist"))
+        ds = load_corpus(source, "all", text_field=text_field)
+        for start in range(0, len(ds), batch_docs):
+            texts = ds[start:start + batch_docs]["text"]
+            n_docs += len(texts)
+            n_bytes += sum(len(t.encode("utf-8")) for t in texts)
+            pieces += [np.asarray(bos + ids, dtype=dtype) for ids in tokenizer.encode_batch(texts, eos=eos)]
+    if n_bytes == 0:
+        raise DataError(f"{', '.join(sources)}: no text (every document is empty)")
+    tokens = np.concatenate(pieces)
+    return tokens, {"documents": n_docs, "bytes": n_bytes, "tokens": len(tokens)}
 
 
 def token_stats(tokens: np.ndarray) -> dict:
