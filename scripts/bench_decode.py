@@ -15,6 +15,7 @@ anything: on a GPU the default model is Llama-3.2-1B's shape with random weights
     python scripts/bench_decode.py                            # llama-3.2-1b on CUDA, quickstart on a CPU
     python scripts/bench_decode.py --model qwen2.5-0.5b --modes compiled --quantize none int8
     python scripts/bench_decode.py --checkpoint runs/quickstart
+    python scripts/bench_decode.py --checkpoint SmolLM2-135M-Instruct.Q4_1.gguf --dtype fp32
     python scripts/bench_decode.py --quick                    # tiny eager smoke run (explicit flags apply)
 """
 import copy
@@ -33,11 +34,13 @@ from llmstack.cli import (add_device_argument, add_dtype_argument, non_negative_
 from llmstack.config import ConfigError
 from llmstack.inference import quantize_
 from llmstack.inference.compiled import CompiledDecoder
+from llmstack.inference.quantize import DEFAULT_GROUP_SIZE
 from llmstack.interop import resolve_checkpoint
 from llmstack.model import Transformer, model_preset
 from llmstack.runtime import resolve_device, resolve_dtype, set_threads
 
 SCHEMES = ("none", "int8", "int4")
+EMBEDDING = "int8"  # the scheme of the quantized variants' embedding and head (quantize_'s default)
 
 
 def build_model(args, device: torch.device, dtype: torch.dtype) -> Transformer:
@@ -59,7 +62,8 @@ def variants(model: Transformer, args) -> dict:
     out = {}
     context = args.prompt_len + args.max_new_tokens
     for scheme in args.quantize:
-        m = model if scheme == "none" else quantize_(copy.deepcopy(model), scheme, group_size=args.group_size)
+        m = model if scheme == "none" else quantize_(copy.deepcopy(model), scheme, group_size=args.group_size,
+                                                     embedding=EMBEDDING)
         label = "float" if scheme == "none" else (scheme if scheme == "int8" else f"int4 g{args.group_size}")
         for mode in args.modes:
             if mode == "eager":
@@ -76,14 +80,16 @@ def main() -> None:
     parser.add_argument("--model", default=None,
                         help="a preset name or YAML path, random weights (default: llama-3.2-1b on CUDA, quickstart "
                              "on a CPU)")
-    parser.add_argument("--checkpoint", help="a trained llmstack run or checkpoint directory instead of --model")
+    parser.add_argument("--checkpoint", help="a trained model instead of --model: an llmstack run or checkpoint "
+                                             "directory, a Hugging Face directory or a .gguf file")
     parser.add_argument("--prompt-len", type=positive_int, default=None, help="(default 128)")
     parser.add_argument("--max-new-tokens", type=positive_int, default=None, help="(default 128)")
     parser.add_argument("--modes", nargs="+", choices=["eager", "compiled"], default=None,
                         help="(default: eager compiled)")
     parser.add_argument("--quantize", nargs="+", choices=SCHEMES, default=list(SCHEMES),
                         help=f"(default: {' '.join(SCHEMES)})")
-    parser.add_argument("--group-size", type=positive_int, default=64, help="int4 group size (default 64)")
+    parser.add_argument("--group-size", type=positive_int, default=DEFAULT_GROUP_SIZE,
+                        help=f"int4 group size (default {DEFAULT_GROUP_SIZE})")
     parser.add_argument("--iters", type=positive_int, default=None,
                         help="timed runs of each variant, alternated (default 5)")
     parser.add_argument("--warmup", type=non_negative_int, default=1,
@@ -126,7 +132,8 @@ def main() -> None:
           f"threads: {torch.get_num_threads() if device.type == 'cpu' else '-'}")
     what = args.checkpoint or f"{args.model} (random weights)"
     print(f"model: {what}, {model.num_params() / 1e6:.1f}M parameters; batch 1, prompt {args.prompt_len}, "
-          f"{args.max_new_tokens} new tokens, greedy; median of {args.iters} alternated runs")
+          f"{args.max_new_tokens} new tokens, greedy; median of {args.iters} alternated runs; quantized variants: "
+          f"embedding and head {EMBEDDING}")
     copy_gbs = copy_bandwidth_gbs(device)
     print(f"copy bandwidth (read + write): {copy_gbs:.1f} GB/s")
 
@@ -173,7 +180,8 @@ def main() -> None:
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(device=name, date=when, torch=torch.__version__, dtype=str(dtype), model=what,
-                           copy_GBs=copy_gbs, rows=rows, failed=failed), f, indent=1)
+                           copy_GBs=copy_gbs, quantized_embedding=EMBEDDING, group_size=args.group_size, rows=rows,
+                           failed=failed), f, indent=1)
 
 
 if __name__ == "__main__":

@@ -1,13 +1,19 @@
 """Weight-only quantization of a checkpoint: size, perplexity and decode speed against float, one run.
 
-For float, int8 (per channel) and int4 (group-wise, several group sizes), each
+For float, int8 (per channel) and int4 (group-wise, one or more group sizes), each
 model is saved and loaded back through llmstack.from_pretrained, then measured:
-file size on disk, validation perplexity on the same windows for every model
-(the change against float in %), and greedy decode tokens/s (batch 1) timed
-alternately with the float model, medians.
+file size on disk, perplexity on the same windows for every model (the change
+against float in %), and greedy decode tokens/s (batch 1) timed alternately with
+the float model, medians. The embedding and output head take --embedding (int8 by
+default, as quantize.py does), whatever the layers' scheme.
 
     python scripts/bench_quantize.py --checkpoint runs/quickstart --group-size 32 64
     python scripts/bench_quantize.py --checkpoint runs/quickstart --quick    # a fast smoke run (explicit flags apply)
+    python scripts/bench_quantize.py --checkpoint SmolLM2-135M-Instruct.Q4_1.gguf --text notes.txt --seq-len 512
+
+The perplexity windows come from the run's validation split (data.seq_len tokens each), or with
+--text from the files given (as scripts/eval.py --text reads them), which a Hugging Face directory
+or a GGUF file, having no run config, needs.
 """
 import sys
 import tempfile
@@ -19,19 +25,30 @@ import llmstack
 from benchlib import device_name, quick_defaults, time_pair
 from llmstack.cli import add_device_argument, positive_int, script_parser
 from llmstack.config import ConfigError
-from llmstack.data import DataError, TokenBatches, prepare_tokens
+from llmstack.data import DataError, TokenBatches, prepare_tokens, saved_data_config, text_tokens
 from llmstack.eval import evaluate
-from llmstack.inference.quantize import check_group_size, quantization_of, quantize_, save_quantized
+from llmstack.inference.quantize import (DEFAULT_GROUP_SIZE, SCHEMES, check_group_size, quantization_of, quantize_,
+                                         save_quantized)
 from llmstack.interop import load_tokenizer, resolve_checkpoint, save_pretrained
 from llmstack.runtime import resolve_device, set_threads
-from llmstack.train import load_run_config
+
+MAX_DEFAULT_SEQ_LEN = 1024
 
 
 def main() -> None:
     parser = script_parser(__doc__)
-    parser.add_argument("--checkpoint", required=True, help="a float run or checkpoint directory")
-    parser.add_argument("--group-size", type=positive_int, nargs="+", default=[32, 64, 128],
-                        help="int4 group sizes, even (default 32 64 128)")
+    parser.add_argument("--checkpoint", required=True,
+                        help="a float run or checkpoint directory, a Hugging Face directory or a .gguf file")
+    parser.add_argument("--group-size", type=positive_int, nargs="+", default=[DEFAULT_GROUP_SIZE],
+                        help=f"int4 group sizes, even (default {DEFAULT_GROUP_SIZE})")
+    parser.add_argument("--embedding", choices=[*SCHEMES, "none"], default="int8",
+                        help="scheme of the embedding and output head of the quantized models, none to keep them "
+                             "float (default int8)")
+    parser.add_argument("--text", nargs="+", metavar="PATH",
+                        help="perplexity on these files (paths or globs) instead of the run's validation split")
+    parser.add_argument("--seq-len", type=positive_int, default=None,
+                        help=f"tokens per perplexity window (default: the run's data.seq_len, else the model's "
+                             f"max_seq_len up to {MAX_DEFAULT_SEQ_LEN})")
     parser.add_argument("--batches", type=positive_int, default=None,
                         help="validation batches of 8 windows (default 16)")
     parser.add_argument("--max-new-tokens", type=positive_int, default=None, help="greedy tokens decoded (default 128)")
@@ -50,33 +67,52 @@ def main() -> None:
         set_threads(args.threads)
         device = resolve_device(args.device)
         ckpt = resolve_checkpoint(args.checkpoint)
-        cfg = load_run_config(ckpt)
+        data = saved_data_config(ckpt)
+        if data is None and not args.text:
+            raise ConfigError(f"{args.checkpoint} has no llmstack run config naming a validation split; give --text "
+                              "PATH for the perplexity windows")
         float_model = llmstack.from_pretrained(ckpt)
         tok = load_tokenizer(ckpt)
-        tokens = prepare_tokens(cfg.data.source, tok, cache_dir=cfg.data.cache_dir,
-                                val_fraction=cfg.data.val_fraction, text_field=cfg.data.text_field)["val"]
-        batches = TokenBatches(tokens, 8, cfg.data.seq_len, name="val", device=device)
+        if args.text:
+            tokens, _ = text_tokens(args.text, tok)
+            seq_len = args.seq_len or (data.seq_len if data else min(float_model.config.max_seq_len,
+                                                                      MAX_DEFAULT_SEQ_LEN))
+            windows_of = " ".join(args.text)
+        else:
+            tokens = prepare_tokens(data.source, tok, cache_dir=data.cache_dir, val_fraction=data.val_fraction,
+                                    text_field=data.text_field)["val"]
+            seq_len, windows_of = args.seq_len or data.seq_len, f"{data.source} [val]"
+        if len(tokens) < max(seq_len + 1, 16):
+            raise DataError(f"{windows_of} is {len(tokens)} tokens, shorter than one window of {seq_len} (a window "
+                            f"needs {seq_len + 1}); give more text or a smaller --seq-len")
+        batches = TokenBatches(tokens, 8, seq_len, name="val", device=device)
     except (ConfigError, ValueError, FileNotFoundError, DataError) as e:
         sys.exit(f"error: {e}")
     if quantization_of(float_model) is not None:
         sys.exit(f"error: {args.checkpoint} is already quantized ({quantization_of(float_model)['scheme']}); "
                  f"the comparison needs the float checkpoint it was made from")
 
-    in_features = sorted({m.in_features for m in float_model.modules() if isinstance(m, torch.nn.Linear)})
-    variants = [("float32", None, None), ("int8", "int8", None)]
-    for g in args.group_size:
-        try:
-            for k in in_features:
-                check_group_size(g, k)
-            variants.append((f"int4 g={g}", "int4", g))
-        except ValueError:
-            print(f"skipping int4 g={g}: it does not divide every layer's in_features {in_features}")
+    embedding = None if args.embedding == "none" else args.embedding
+    layer_inputs = sorted({m.in_features for m in float_model.modules() if isinstance(m, torch.nn.Linear)})
+    variants = [("float32", None, None)]  # (label, scheme of the linear layers, int4 group size)
+    for scheme, groups in (("int8", [DEFAULT_GROUP_SIZE]), ("int4", args.group_size)):
+        for g in groups:
+            # int4 matrices need group sizes that divide their inputs: the layers', the embedding's (dim)
+            inputs = ((layer_inputs if scheme == "int4" else [])
+                      + ([float_model.config.dim] if embedding == "int4" else []))
+            try:
+                for k in inputs:
+                    check_group_size(g, k)
+            except ValueError:
+                print(f"skipping {scheme} g={g}: it does not divide every int4 matrix's in_features {sorted(inputs)}")
+                continue
+            variants.append((scheme if scheme == "int8" else f"int4 g={g}", scheme, g))
 
-    prompt = torch.as_tensor(tokens[:16].astype("int64"))  # the start of the validation split
+    prompt = torch.as_tensor(tokens[:16].astype("int64"))  # the start of the perplexity text
     print(f"device: {device_name(device)} ({device.type}) | torch {torch.__version__} | "
           f"{torch.get_num_threads()} threads | activations float32")
     print(f"checkpoint: {ckpt} ({float_model.num_params() / 1e6:.2f}M parameters) | perplexity over "
-          f"{n_batches} x 8 windows of {cfg.data.seq_len} tokens | greedy decode: batch 1, 16-token prompt, "
+          f"{n_batches} x 8 windows of {seq_len} tokens of {windows_of} | greedy decode: batch 1, 16-token prompt, "
           f"{new_tokens} new tokens, median of {iters}")
 
     rows = []
@@ -88,7 +124,7 @@ def main() -> None:
             if scheme is None:
                 save_pretrained(model, out)
             else:
-                save_quantized(quantize_(model, scheme, group_size=group_size or 64), out)
+                save_quantized(quantize_(model, scheme, group_size=group_size, embedding=embedding), out)
             size = sum(p.stat().st_size for p in out.glob("*.safetensors"))
             model = llmstack.from_pretrained(out, device=device)  # measure what a user would load
             ppl = evaluate(model, batches.eval_batches(n_batches))["perplexity"]
@@ -105,11 +141,12 @@ def main() -> None:
             rows.append((label, size, ppl, 100 * (ppl / base_ppl - 1), new_tokens / t_model, new_tokens / t_base,
                          t_base / t_model, same))
 
-    print(f"\n| {'weights':<10} | {'file MiB':>8} | {'val ppl':>8} | {'ppl change':>10} | {'decode tok/s':>12} | "
-          f"{'float tok/s':>11} | {'speed vs float':>14} | {'same greedy':>11} |")
-    print(f"|{'-' * 12}|{'-' * 10}|{'-' * 10}|{'-' * 12}|{'-' * 14}|{'-' * 13}|{'-' * 16}|{'-' * 13}|")
+    print(f"\n| {'weights':<10} | {'embed/head':<10} | {'file MiB':>8} | {'ppl':>8} | {'ppl change':>10} | "
+          f"{'decode tok/s':>12} | {'float tok/s':>11} | {'speed vs float':>14} | {'same greedy':>11} |")
+    print(f"|{'-' * 12}|{'-' * 12}|{'-' * 10}|{'-' * 10}|{'-' * 12}|{'-' * 14}|{'-' * 13}|{'-' * 16}|{'-' * 13}|")
     for label, size, ppl, change, tps, base_tps, ratio, same in rows:
-        print(f"| {label:<10} | {size / 2**20:>8.2f} | {ppl:>8.3f} | {change:>+9.2f}% | {tps:>12.1f} | "
+        head = "float32" if label == "float32" else args.embedding
+        print(f"| {label:<10} | {head:<10} | {size / 2**20:>8.2f} | {ppl:>8.3f} | {change:>+9.2f}% | {tps:>12.1f} | "
               f"{base_tps:>11.1f} | {ratio:>13.2f}x | {same:>4} / {new_tokens:<4} |")
     print("\nsame greedy: new tokens the model decodes exactly as the float model does before the first difference.")
 

@@ -1,11 +1,18 @@
-"""Quantize a checkpoint's weights (int8 per channel, or int4 group-wise) into a new checkpoint directory.
+"""Quantize a model's weights (int8 per channel, or int4 group-wise) into a new checkpoint directory.
 
     python scripts/quantize.py --checkpoint runs/quickstart --scheme int8 --out runs/quickstart-int8
-    python scripts/quantize.py --checkpoint runs/quickstart --scheme int4 --group-size 64 --out runs/quickstart-int4
-    python scripts/generate.py --checkpoint runs/quickstart-int4 --prompt "def fib(n):"
+    python scripts/quantize.py --checkpoint runs/quickstart --scheme int4 --out runs/quickstart-int4
+    python scripts/quantize.py --checkpoint SmolLM2-135M-Instruct.Q4_1.gguf --scheme int4 --out smollm2-int4
+    python scripts/quantize.py --checkpoint path/to/Llama-3.2-1B --scheme int4 --embedding none --out llama-int4
+    python scripts/generate.py --checkpoint smollm2-int4 --chat --prompt "What is 2+2?"
 
-The output holds the job config and the tokenizer of the source, so generate.py
-and eval.py work on it; the scheme is recorded in the safetensors metadata.
+--checkpoint is an llmstack run or checkpoint directory, a Hugging Face directory or a GGUF file.
+The linear layers take --scheme; the embedding and the output head take --embedding (int8 by
+default, `none` keeps them float). int4 uses groups of --group-size inputs (default 32, GGUF
+Q4_1's grid). The output holds the model config (with its special token ids), the job config of
+an llmstack source and the source's tokenizer in full (for a Hugging Face or GGUF source, its
+tokenizer.json and tokenizer_config.json with the chat template), so generate.py and eval.py work
+on it; the scheme is recorded in the safetensors metadata.
 --out must be a new or empty directory, or a checkpoint (it is replaced); a directory
 holding other files is replaced only with --force, and the source never.
 """
@@ -19,8 +26,9 @@ import yaml
 import llmstack
 from llmstack.cli import script_parser
 from llmstack.config import ConfigError
-from llmstack.inference.quantize import DEFAULT_SKIP, SCHEMES, QuantizedLinear, quantize_, save_quantized
-from llmstack.interop import resolve_checkpoint
+from llmstack.inference.quantize import (DEFAULT_GROUP_SIZE, DEFAULT_SKIP, SCHEMES, QuantizedLinear, quantize_,
+                                         save_quantized)
+from llmstack.interop import load_tokenizer, resolve_checkpoint
 from llmstack.runtime import set_threads
 
 
@@ -51,9 +59,13 @@ def check_skip(model: torch.nn.Module, skip: list[str]) -> None:
 
 def main() -> None:
     parser = script_parser(__doc__)
-    parser.add_argument("--checkpoint", required=True, help="a run directory or checkpoint directory")
+    parser.add_argument("--checkpoint", required=True, help="a float run or checkpoint directory, a Hugging Face "
+                                                            "directory or a .gguf file")
     parser.add_argument("--scheme", required=True, choices=SCHEMES)
-    parser.add_argument("--group-size", type=int, default=64, help="inputs per scale for int4 (default 64)")
+    parser.add_argument("--group-size", type=int, default=DEFAULT_GROUP_SIZE,
+                        help=f"inputs per scale and offset for int4 (default {DEFAULT_GROUP_SIZE})")
+    parser.add_argument("--embedding", choices=[*SCHEMES, "none"], default="int8",
+                        help="scheme of the embedding and the output head, none to keep them float (default int8)")
     parser.add_argument("--skip", nargs="*", default=list(DEFAULT_SKIP),
                         help=f"Linear modules left in float, by full name or last component "
                              f"(default: {' '.join(DEFAULT_SKIP)}; --skip alone quantizes every one)")
@@ -70,11 +82,16 @@ def main() -> None:
     check_out(out, ckpt)
     try:
         model = llmstack.from_pretrained(ckpt)
+        try:
+            tokenizer = load_tokenizer(ckpt)
+        except FileNotFoundError:
+            tokenizer = None  # weights alone are a valid checkpoint too
         check_skip(model, args.skip)
-        quantize_(model, args.scheme, group_size=args.group_size, skip=tuple(args.skip))
+        embedding = None if args.embedding == "none" else args.embedding
+        quantize_(model, args.scheme, group_size=args.group_size, skip=tuple(args.skip), embedding=embedding)
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
-    src = sum(p.stat().st_size for p in ckpt.glob("*.safetensors"))
+    src = ckpt.stat().st_size if ckpt.is_file() else sum(p.stat().st_size for p in ckpt.glob("*.safetensors"))
     job = yaml.safe_load((ckpt / "config.yaml").read_text()) if (ckpt / "config.yaml").is_file() else {}
     extra = {k: v for k, v in (job or {}).items() if k != "model"} if "model" in (job or {}) else {}
     if args.force:
@@ -83,11 +100,13 @@ def main() -> None:
         save_quantized(model, out, extra_config=extra)
     except FileExistsError as e:
         sys.exit(f"error: {e} (or pass --force)")
-    if (ckpt / "tokenizer.json").is_file():
-        shutil.copy2(ckpt / "tokenizer.json", out / "tokenizer.json")
+    if tokenizer is not None:
+        tokenizer.save(out / "tokenizer.json")  # with an HF tokenizer, tokenizer_config.json beside it
     size = sum(p.stat().st_size for p in out.glob("*.safetensors"))
-    print(f"{ckpt} -> {out}: {args.scheme}" + (f" (group size {args.group_size})" if args.scheme == "int4" else "")
-          + f", weights {src / 2**20:.2f} MiB -> {size / 2**20:.2f} MiB")
+    group = f" (group size {args.group_size})" if "int4" in (args.scheme, embedding) else ""
+    print(f"{ckpt} -> {out}: {args.scheme}{group}, weights {src / 2**20:.2f} MiB -> {size / 2**20:.2f} MiB "
+          f"({size:,} bytes); embedding and head: {args.embedding}"
+          + ("" if tokenizer is not None else "; no tokenizer to copy"))
 
 
 if __name__ == "__main__":

@@ -228,6 +228,52 @@ def test_convert_round_trip_keeps_tokenizer_chat_template_and_special_tokens(tin
     assert f"bos {tok.bos_id}, eos {tok.stop_ids}" in out
 
 
+# ---------------------------------------------------------------------- quantize.py and the benchmarks
+
+
+@pytest.mark.parametrize("scheme, embedding", [("int4", "none"), ("int8", "int8"), ("int4", "int4")])
+def test_quantize_takes_a_hf_directory_and_keeps_its_tokenizer(tiny, tiny_hf, tmp_path, capsys, scheme, embedding):
+    out = tmp_path / "q"
+    args = ["--checkpoint", tiny_hf, "--scheme", scheme, "--out", out]
+    if embedding != "int8":  # int8 is the default
+        args += ["--embedding", embedding]
+    code, stdout, err = call(capsys, "quantize", *args)
+    assert code == 0, err
+    model = llmstack.from_pretrained(out)
+    int4 = "int4" in (scheme, embedding)
+    assert quantization_of(model) == {"scheme": scheme, "group_size": 32 if int4 else None,
+                                      "embedding": None if embedding == "none" else embedding}
+    assert f"embedding and head: {embedding}" in stdout and ("(group size 32)" in stdout) == int4
+    size = (out / "model.safetensors").stat().st_size
+    assert f"({size:,} bytes)" in stdout
+    assert (model.config.bos_token_id, model.config.eos_token_ids) == (tiny["tok"].bos_id, tiny["tok"].stop_ids)
+    tok = load_tokenizer(out)
+    assert tok.apply_chat_template(CHAT) == tiny["tok"].apply_chat_template(CHAT)
+    assert tok.stop_ids == tiny["tok"].stop_ids
+
+
+def test_bench_quantize_on_a_hf_directory_measures_text_windows(tiny, tiny_hf, capsys):
+    code, out, err = call(capsys, "bench_quantize", "--checkpoint", tiny_hf, "--text", tiny["text"], "--seq-len",
+                          "16", "--quick", "--max-new-tokens", "4", "--iters", "1")
+    assert code == 0, err
+    assert f"windows of 16 tokens of {tiny['text']}" in out
+    rows = {line.split("|")[1].strip(): line.split("|")[2].strip() for line in out.splitlines()
+            if line.startswith("| ") and "weights" not in line}
+    assert rows == {"float32": "float32", "int8": "int8", "int4 g=32": "int8"}  # label -> embedding and head
+    assert "give --text" in error_line(call(capsys, "bench_quantize", "--checkpoint", tiny_hf, "--quick"))
+
+
+def test_bench_decode_default_group_size_is_the_library_default(tiny_hf, tmp_path, capsys):
+    report = tmp_path / "decode.json"
+    code, out, err = call(capsys, "bench_decode", "--checkpoint", tiny_hf, "--quick", "--max-new-tokens", "4",
+                          "--prompt-len", "8", "--iters", "1", "--json", report)
+    assert code == 0, err
+    data = json.loads(report.read_text())
+    assert [row["variant"] for row in data["rows"]] == ["float, eager generate", "int8, eager generate",
+                                                        "int4 g32, eager generate"]
+    assert data["quantized_embedding"] == "int8" and "embedding and head int8" in out
+
+
 # ---------------------------------------------------------------------- SmolLM2 (slow)
 
 
@@ -272,3 +318,15 @@ def test_smollm2_gguf_to_hf_loads_in_transformers_with_its_chat_template(smollm2
         logits = model(windows[0]).logits
     expected = F.cross_entropy(logits.flatten(0, 1).double(), windows[1].flatten()).item()
     assert float(re.search(r"loss ([\d.]+) nats/token", stdout)[1]) == pytest.approx(expected, abs=1e-4)
+
+
+@pytest.mark.slow
+def test_smollm2_quantize_keeps_the_tokenizer_and_fits_the_gguf_size(smollm2, tmp_path, capsys):
+    out = tmp_path / "smollm2-int4"
+    code, stdout, err = call(capsys, "quantize", "--checkpoint", smollm2, "--scheme", "int4", "--out", out)
+    assert code == 0, err
+    tok, src = load_tokenizer(out), load_tokenizer(smollm2)
+    assert tok.chat_template == src.chat_template and tok.stop_ids == src.stop_ids
+    assert tok.encode(TEXT) == src.encode(TEXT)
+    assert quantization_of(llmstack.from_pretrained(out)) == {"scheme": "int4", "group_size": 32, "embedding": "int8"}
+    assert (out / "model.safetensors").stat().st_size <= 1.10 * smollm2.stat().st_size
