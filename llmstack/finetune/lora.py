@@ -1,0 +1,463 @@
+"""LoRA: low-rank adapters put on a built model's Linear layers from outside.
+
+    apply_lora(model, rank=8, alpha=16, targets=("q", "v"))  wrap the target layers, freeze the rest
+    merge_lora(model) / unmerge_lora(model)                  fold s * B A into the base weights and back
+    remove_lora(model, merge=True)                           plain nn.Linear layers again
+    save_adapter(model, dir) / load_adapter(model, dir)      PEFT's adapter directory, both ways
+    print_trainable_parameters(model)                        "trainable params: N || all params: M || ..."
+
+An adapted layer computes
+
+    y = base(x) + s * B A dropout(x),    A (r, in), B (out, r), s = alpha / r  (alpha / sqrt(r): rsLoRA)
+
+with B zero at the start, so the adapted model begins equal to its base, and A
+kaiming-uniform (a = sqrt(5)) as PEFT initialises it. Only A and B train.
+
+q, k and v are one matmul here (`attn.qkv_proj`, output rows q, then k, then v);
+Hugging Face models and PEFT keep three Linear layers, each with its own adapter.
+So one `LoRALinear` holds one adapter per *part* of its output rows: an adapter on
+q alone adds to q's rows and leaves k's and v's untouched, and adapters on q, k and
+v are exactly PEFT's three, so saving and loading them renames and never reshapes.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from pathlib import Path
+from typing import Iterable, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from llmstack.io import atomic_directory
+
+TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
+# The layer each target adapts, by its last name component; q, k and v share the fused one.
+_LAYER_OF = {"q": "qkv_proj", "k": "qkv_proj", "v": "qkv_proj", "o": "o_proj",
+             "gate": "gate_proj", "up": "up_proj", "down": "down_proj"}
+_QKV = ("q", "k", "v")
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+# PEFT saves a causal LM's adapter under the Hugging Face model's names behind this prefix
+# (PeftModelForCausalLM.base_model is the LoraModel, whose .model is the transformers model).
+PEFT_PREFIX = "base_model.model."
+# The Hugging Face architectures whose PEFT adapters map onto ours (separate q/k/v/o and
+# gate/up/down Linear layers under the same names).
+PEFT_BASES = ("llama", "mistral", "qwen2", "mixtral")
+_PEFT_KEY = re.compile(r"base_model\.model\.(?P<module>.+)\.lora_(?P<ab>[AB])\.weight")
+
+
+class LoRALinear(nn.Module):
+    """A Linear-like `base` (nn.Linear, or any module with in_features/out_features that
+    computes x W^T + b) plus a low-rank update on each of its `parts`, a part being a
+    range of output rows: {"q": (0, 256), "v": (384, 512)} on a fused qkv layer,
+    {"o": (0, out_features)} on a plain one. Parameters: `base.*`, `lora_A.<part>` (r, in),
+    `lora_B.<part>` (rows, r)."""
+
+    def __init__(self, base: nn.Module, parts: dict[str, tuple[int, int]], *, ranks: dict[str, int],
+                 alphas: dict[str, float], dropout: float = 0.0, rslora: bool = False):
+        super().__init__()
+        self.base = base
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.parts = dict(sorted(parts.items(), key=lambda item: item[1][0]))  # in row order: forward relies on it
+        self.ranks, self.alphas, self.rslora = dict(ranks), dict(alphas), rslora
+        self.scaling = {p: alphas[p] / (math.sqrt(ranks[p]) if rslora else ranks[p]) for p in self.parts}
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        weight = _float_tensor_of(base)
+        kw = dict(device=weight.device, dtype=weight.dtype)
+        self.lora_A = nn.ParameterDict({p: nn.Parameter(torch.empty(ranks[p], self.in_features, **kw))
+                                        for p in self.parts})
+        self.lora_B = nn.ParameterDict({p: nn.Parameter(torch.zeros(stop - start, ranks[p], **kw))
+                                        for p, (start, stop) in self.parts.items()})
+        for a in self.lora_A.values():
+            nn.init.kaiming_uniform_(a, a=math.sqrt(5))  # PEFT's (and nn.Linear's) default
+        self.merged = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
+        if self.merged:
+            return y
+        names = list(self.parts)
+        a = torch.cat([self.lora_A[p] for p in names]) if len(names) > 1 else self.lora_A[names[0]]
+        low = F.linear(self.dropout(x), a)  # (..., sum of ranks): one matmul for every part's A
+        pieces, end = [], 0
+        for p, h in zip(names, low.split([self.ranks[p] for p in names], dim=-1)):
+            start, stop = self.parts[p]
+            if start > end:
+                pieces.append(y[..., end:start])  # rows no adapter touches pass through
+            pieces.append(y[..., start:stop] + F.linear(h * self.scaling[p], self.lora_B[p]))
+            end = stop
+        if end < y.shape[-1]:
+            pieces.append(y[..., end:])
+        return torch.cat(pieces, dim=-1) if len(pieces) > 1 else pieces[0]
+
+    def delta_weight(self, part: str) -> torch.Tensor:
+        """s * B A: what the adapter adds to the rows of `part` of the base weight."""
+        return (self.lora_B[part] @ self.lora_A[part]) * self.scaling[part]
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        if not self.merged:
+            self._add_to_weight(+1)
+            self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if self.merged:
+            self._add_to_weight(-1)
+            self.merged = False
+
+    def _add_to_weight(self, sign: int) -> None:
+        weight = getattr(self.base, "weight", None)
+        if not isinstance(weight, torch.Tensor) or not weight.is_floating_point():
+            raise ValueError(f"cannot merge a LoRA adapter into a {type(self.base).__name__}: its weight is not "
+                             "a float matrix")
+        for p, (start, stop) in self.parts.items():
+            weight[start:stop] += sign * self.delta_weight(p).to(weight.dtype)
+
+    def extra_repr(self) -> str:
+        parts = ", ".join(f"{p}: rows {a}:{b} r={self.ranks[p]} s={self.scaling[p]:g}"
+                          for p, (a, b) in self.parts.items())
+        return f"{parts}, merged={self.merged}"
+
+
+def _float_tensor_of(module: nn.Module) -> torch.Tensor:
+    """A float tensor of `module`, for the device and dtype its adapters take."""
+    for t in [*module.parameters(), *module.buffers()]:
+        if t.is_floating_point():
+            return t
+    return torch.empty(0)
+
+
+# ---------------------------------------------------------------------------- applying
+
+
+def _check_hyperparameters(rank: int, alpha: float, dropout: float) -> None:
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0:
+        raise ValueError(f"LoRA rank must be an integer >= 1, got {rank!r}")
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not (alpha > 0 and math.isfinite(alpha)):
+        raise ValueError(f"LoRA alpha must be a finite number > 0, got {alpha!r}")
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
+        raise ValueError(f"LoRA dropout must be in [0, 1), got {dropout!r}")
+
+
+def _check_targets(targets: Iterable[str] | str) -> tuple[str, ...]:
+    targets = (targets,) if isinstance(targets, str) else tuple(targets)
+    if not targets:
+        raise ValueError(f"no LoRA targets given; choose from {', '.join(TARGETS)}")
+    for t in targets:
+        if t not in TARGETS:
+            raise ValueError(f"unknown LoRA target {t!r}; choose from {', '.join(TARGETS)}")
+    return tuple(dict.fromkeys(targets))
+
+
+def _qkv_rows(model: nn.Module, name: str, layer: nn.Module) -> dict[str, tuple[int, int]]:
+    """Output rows of q, k and v in the fused layer `name`, from its Attention's head layout."""
+    attn = model.get_submodule(name.rpartition(".")[0])
+    head_dim, group = attn.head_dim, attn.group
+    kv = layer.out_features // (head_dim * (group + 2)) * head_dim  # rows of k (and of v)
+    q = kv * group
+    return {"q": (0, q), "k": (q, q + kv), "v": (q + kv, q + 2 * kv)}
+
+
+def _layer_parts(model: nn.Module, *, adapted: bool = False) -> list[tuple[str, nn.Module, dict[str, tuple[int, int]]]]:
+    """Every adaptable layer of `model`: (name, module, {target: output rows}); those already
+    adapted too when `adapted`."""
+    found = []
+    for name, module in model.named_modules():
+        leaf = name.rpartition(".")[2]
+        if leaf not in _LAYER_OF.values() or not hasattr(module, "in_features"):
+            continue
+        if isinstance(module, LoRALinear) and not adapted:
+            continue
+        if leaf == "qkv_proj":
+            found.append((name, module, _qkv_rows(model, name, module)))
+        else:
+            found.append((name, module, {leaf[: -len("_proj")]: (0, module.out_features)}))
+    return found
+
+
+def lora_layers(model: nn.Module) -> list[tuple[str, LoRALinear]]:
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, LoRALinear)]
+
+
+def _check_not_adapted(model: nn.Module) -> None:
+    layers = lora_layers(model)
+    if layers:
+        raise ValueError(f"the model already has LoRA adapters (on {layers[0][0]} and {len(layers) - 1} more); "
+                         "call remove_lora(model) first")
+
+
+def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, new)
+
+
+def _install(model: nn.Module, plan: list[tuple[str, LoRALinear]]) -> None:
+    """Freeze every parameter of `model`, then put the (trainable) adapted layers in place."""
+    model.requires_grad_(False)
+    for name, layer in plan:
+        layer.lora_A.requires_grad_(True)
+        layer.lora_B.requires_grad_(True)
+        layer.train(layer.base.training)  # a new module is in training mode; take the replaced one's
+        _replace(model, name, layer)
+
+
+def apply_lora(model: nn.Module, rank: int = 8, alpha: float = 16, dropout: float = 0.0,
+               targets: Iterable[str] | str = ("q", "k", "v", "o"), rslora: bool = False) -> nn.Module:
+    """Wrap each target layer of `model` (in place) in a `LoRALinear` and freeze every other
+    parameter; returns `model`. targets: any of q, k, v, o, gate, up, down (MoE experts' gate,
+    up and down included). The adapted model computes what the base did until B is trained."""
+    _check_hyperparameters(rank, alpha, dropout)
+    targets = _check_targets(targets)
+    _check_not_adapted(model)
+    layers = _layer_parts(model)
+    present = {t for _, _, parts in layers for t in parts}
+    for t in targets:
+        if t not in present:
+            raise ValueError(f"LoRA target {t!r} matches no layer of this model (it has: "
+                             f"{', '.join(x for x in TARGETS if x in present) or 'none'})")
+    plan = []
+    for name, module, parts in layers:
+        chosen = {t: rows for t, rows in parts.items() if t in targets}
+        if chosen:
+            plan.append((name, LoRALinear(module, chosen, ranks=dict.fromkeys(chosen, rank),
+                                          alphas=dict.fromkeys(chosen, float(alpha)), dropout=dropout,
+                                          rslora=rslora)))
+    _install(model, plan)
+    return model
+
+
+def merge_lora(model: nn.Module) -> nn.Module:
+    """Add s * B A into every adapted base weight; the adapters stay (and are skipped) until
+    `unmerge_lora`. Logits are those of the adapted model, at the cost of a plain matmul."""
+    for _, layer in lora_layers(model):
+        layer.merge()
+    return model
+
+
+def unmerge_lora(model: nn.Module) -> nn.Module:
+    """Subtract what `merge_lora` added: the base weights again (up to rounding in low precision)."""
+    for _, layer in lora_layers(model):
+        layer.unmerge()
+    return model
+
+
+def remove_lora(model: nn.Module, *, merge: bool = True) -> nn.Module:
+    """Put each adapted layer's base back in its place: merged with its adapter (merge=True, a
+    model that computes what the adapted one did) or without it (merge=False, the base model).
+    Parameters keep their requires_grad: the base stays frozen."""
+    for name, layer in lora_layers(model):
+        layer.merge() if merge else layer.unmerge()
+        _replace(model, name, layer.base)
+    return model
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, all) parameter counts."""
+    params = list(model.parameters())
+    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+
+
+def trainable_summary(model: nn.Module) -> str:
+    """PEFT's line: "trainable params: N || all params: M || trainable%: x"."""
+    trainable, total = count_parameters(model)
+    return (f"trainable params: {trainable:,d} || all params: {total:,d} || "
+            f"trainable%: {100 * trainable / max(total, 1):.4f}")
+
+
+def print_trainable_parameters(model: nn.Module) -> None:
+    print(trainable_summary(model))
+
+
+# ---------------------------------------------------------------------------- PEFT format
+
+
+def _hf_type(model: nn.Module) -> str:
+    from llmstack.interop.hf import config_to_hf
+
+    config = getattr(model, "config", None)
+    kind = config_to_hf(config)["model_type"] if config is not None else None
+    if kind not in PEFT_BASES:
+        raise ValueError(f"PEFT adapters map onto {', '.join(PEFT_BASES)} bases; this model exports as {kind!r}")
+    return kind
+
+
+def _to_hf_module(model: nn.Module, name: str, part: str) -> str:
+    """Hugging Face module name of adapter `part` of our layer `name` (its q/k/v apart)."""
+    from llmstack.interop.hf import state_dict_to_hf
+
+    if ".experts." in name:
+        raise ValueError(f"cannot save the adapter of {name}: transformers >= 5 keeps MoE experts as fused "
+                         "tensors, which PEFT's LoRA does not adapt")
+    ours = f"{name.rpartition('.')[0]}.{part}_proj.weight" if part in _QKV else f"{name}.weight"
+    (theirs,) = state_dict_to_hf({ours: torch.empty(0)}, model.config)
+    return theirs[: -len(".weight")]
+
+
+def _from_hf_module(model: nn.Module, module: str) -> tuple[str, str]:
+    """(our layer name, part) of a Hugging Face module name; a ValueError naming it when this model
+    has no such layer."""
+    from llmstack.interop.hf import state_dict_from_hf
+
+    try:
+        ours = next(iter(state_dict_from_hf({f"{module}.weight": torch.empty(0)}, model.config)))
+    except (ValueError, StopIteration):
+        ours = None
+    m = re.fullmatch(r"(?P<prefix>.*)\.(?P<leaf>[a-z]+)_proj\.weight", ours or "")
+    if m is None or m["leaf"] not in TARGETS or ".experts." in ours:
+        raise ValueError(f"the adapter has a LoRA on {module!r}, which is not one of the layers llmstack adapts "
+                         f"({', '.join(TARGETS)} projections)")
+    if m["leaf"] in _QKV:
+        return f"{m['prefix']}.qkv_proj", m["leaf"]
+    return ours[: -len(".weight")], m["leaf"]
+
+
+def _pattern_value(patterns: dict, module: str, default):
+    """PEFT's rank_pattern / alpha_pattern lookup: the first key matching the end of the name."""
+    for key, value in (patterns or {}).items():
+        if re.match(rf"(.*\.)?({key})$", module):
+            return value
+    return default
+
+
+def save_adapter(model: nn.Module, directory: str | os.PathLike, *,
+                 base_model_name_or_path: Optional[str] = None) -> None:
+    """Write the model's adapters as PEFT does: adapter_config.json and adapter_model.safetensors,
+    under the names of the model's Hugging Face export (`llmstack.save_hf`), q, k and v as three
+    modules. `PeftModel.from_pretrained(hf_model, directory)` reads it. Written to a temporary
+    directory and renamed into place."""
+    from safetensors.torch import save_file
+
+    layers = lora_layers(model)
+    if not layers:
+        raise ValueError("the model has no LoRA adapters to save; call apply_lora or load_adapter first")
+    _hf_type(model)
+    tensors, ranks, alphas, dropouts, rslora = {}, {}, {}, set(), set()
+    for name, layer in layers:
+        dropouts.add(layer.dropout.p if isinstance(layer.dropout, nn.Dropout) else 0.0)
+        rslora.add(layer.rslora)
+        for part in layer.parts:
+            module = _to_hf_module(model, name, part)
+            tensors[f"{PEFT_PREFIX}{module}.lora_A.weight"] = layer.lora_A[part].detach().cpu().contiguous()
+            tensors[f"{PEFT_PREFIX}{module}.lora_B.weight"] = layer.lora_B[part].detach().cpu().contiguous()
+            ranks[module], alphas[module] = layer.ranks[part], layer.alphas[part]
+    if len(rslora) > 1:
+        raise ValueError("the model mixes rsLoRA and plain LoRA scaling, which one PEFT config cannot express")
+    rank = max(set(ranks.values()), key=list(ranks.values()).count)  # the most common: the rest are patterns
+    alpha = max(set(alphas.values()), key=list(alphas.values()).count)
+    leaves = sorted({m.rpartition(".")[2] for m in ranks})
+    config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model_name_or_path,
+        "r": rank,
+        "lora_alpha": alpha,
+        "lora_dropout": max(dropouts),
+        "use_rslora": rslora.pop(),
+        # Every layer's leaf name, as PEFT writes it, when the adapters cover every such layer.
+        "target_modules": leaves if _covers_all(model, ranks) else sorted(ranks),
+        "rank_pattern": {m: r for m, r in ranks.items() if r != rank},
+        "alpha_pattern": {m: a for m, a in alphas.items() if a != alpha},
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "use_dora": False,
+        "modules_to_save": None,
+        "init_lora_weights": True,
+        "inference_mode": True,
+        "layers_to_transform": None,
+    }
+
+    def write(tmp: Path) -> None:
+        (tmp / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2))
+        save_file(tensors, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+
+    atomic_directory(directory, write)
+
+
+def _covers_all(model: nn.Module, adapted: dict[str, int]) -> bool:
+    """Whether the adapted Hugging Face modules are all of the model's modules with their leaf names."""
+    leaves = {m.rpartition(".")[2] for m in adapted}
+    every = {_to_hf_module(model, name, part) for name, _, parts in _layer_parts(model, adapted=True)
+             for part in parts if ".experts." not in name}
+    return {m for m in every if m.rpartition(".")[2] in leaves} == set(adapted)
+
+
+def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
+    """Put the PEFT LoRA adapter in `directory` (adapter_config.json + adapter_model.safetensors,
+    made for the Hugging Face Llama, Mistral or Qwen2 model this one was loaded from) on `model`,
+    in place, and freeze everything else; returns `model`. Everything is checked before the model
+    is touched: an adapter of another kind or for another base is a ValueError naming what differs."""
+    from safetensors.torch import load_file
+
+    directory = Path(directory)
+    config_path, weights_path = directory / ADAPTER_CONFIG, directory / ADAPTER_WEIGHTS
+    for path in (config_path, weights_path):
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} not found: a PEFT adapter directory holds {ADAPTER_CONFIG} "
+                                    f"and {ADAPTER_WEIGHTS}")
+    config = json.loads(config_path.read_text())
+    if config.get("peft_type") != "LORA":
+        raise ValueError(f"{directory} holds a PEFT adapter of type {config.get('peft_type')!r}; "
+                         "load_adapter reads LORA adapters only")
+    for option, fine in (("use_dora", False), ("bias", "none"), ("fan_in_fan_out", False), ("lora_bias", False)):
+        if config.get(option, fine) != fine:
+            raise ValueError(f"unsupported LoRA option {option}={config[option]!r} in {config_path} "
+                             f"(llmstack reads {option}={fine!r})")
+    if config.get("modules_to_save"):
+        raise ValueError(f"unsupported LoRA option modules_to_save={config['modules_to_save']!r} in {config_path}: "
+                         "llmstack loads low-rank adapters only")
+    dropout = float(config.get("lora_dropout") or 0.0)
+    _check_hyperparameters(int(config.get("r", 8)), float(config.get("lora_alpha", 8)), dropout)
+    _check_not_adapted(model)
+    _hf_type(model)
+
+    matrices: dict[str, dict[str, torch.Tensor]] = {}
+    for key, t in load_file(str(weights_path)).items():
+        m = _PEFT_KEY.fullmatch(key)
+        if m is None:
+            raise ValueError(f"unexpected tensor {key!r} in {weights_path}: not a LoRA A or B matrix of a "
+                             f"causal LM ({PEFT_PREFIX}<module>.lora_A.weight)")
+        matrices.setdefault(m["module"], {})[m["ab"]] = t
+    if not matrices:
+        raise ValueError(f"{weights_path} holds no LoRA matrices")
+
+    layers = {name: (module, parts) for name, module, parts in _layer_parts(model)}
+    specs: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor, float]]] = {}
+    for module, ab in matrices.items():
+        if set(ab) != {"A", "B"}:
+            raise ValueError(f"{weights_path} has lora_{''.join(ab)} but not lora_{'B' if 'A' in ab else 'A'} "
+                             f"for {module!r}")
+        name, part = _from_hf_module(model, module)
+        if name not in layers or part not in layers[name][1]:
+            raise ValueError(f"the adapter was made for another base: it adapts {module!r}, which this model "
+                             f"does not have")
+        base, parts = layers[name]
+        a, b = ab["A"], ab["B"]
+        start, stop = parts[part]
+        rank = a.shape[0]
+        if a.dim() != 2 or b.dim() != 2 or a.shape[1] != base.in_features or b.shape != (stop - start, rank):
+            raise ValueError(f"the adapter was made for another base: {module!r} has lora_A {tuple(a.shape)} and "
+                             f"lora_B {tuple(b.shape)}, this model needs ({rank}, {base.in_features}) and "
+                             f"({stop - start}, {rank})")
+        alpha = float(_pattern_value(config.get("alpha_pattern"), module, config.get("lora_alpha", 8)))
+        _check_hyperparameters(rank, alpha, dropout)
+        specs.setdefault(name, {})[part] = (a, b, alpha)
+
+    plan = []
+    for name, adapters in specs.items():
+        base, parts = layers[name]
+        layer = LoRALinear(base, {p: parts[p] for p in adapters}, ranks={p: a.shape[0] for p, (a, _, _) in adapters.items()},
+                           alphas={p: alpha for p, (_, _, alpha) in adapters.items()}, dropout=dropout,
+                           rslora=bool(config.get("use_rslora", False)))
+        with torch.no_grad():
+            for p, (a, b, _) in adapters.items():
+                layer.lora_A[p].copy_(a)
+                layer.lora_B[p].copy_(b)
+        plan.append((name, layer))
+    _install(model, plan)
+    return model

@@ -1,0 +1,322 @@
+"""LoRA from outside: starts equal to the base, trains only adapters, q alone touches only q's rows
+of the fused qkv matmul, merges exactly (float64), and PEFT reads our adapters and we read PEFT's
+(logits within 1e-4 relative, float32)."""
+import json
+import math
+import re
+
+import pytest
+import torch
+import torch.nn as nn
+
+import llmstack
+from llmstack.finetune import (TARGETS, LoRALinear, apply_lora, count_parameters, load_adapter, lora_layers,
+                               merge_lora, remove_lora, save_adapter, trainable_summary, unmerge_lora)
+from llmstack.model import ModelConfig, MoEConfig, build_model
+
+transformers = pytest.importorskip("transformers")
+peft = pytest.importorskip("peft")
+
+SMALL = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, vocab_size=128, max_position_embeddings=64)
+HF_NAMES = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj", "gate": "gate_proj", "up": "up_proj",
+            "down": "down_proj"}
+
+
+def tiny(dtype=torch.float32, **overrides):
+    torch.manual_seed(0)
+    cfg = ModelConfig(**{**dict(vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_hidden=48,
+                                max_seq_len=32), **overrides})
+    model = build_model(cfg)
+    model.init_weights()
+    return model.to(dtype).eval()
+
+
+def ids(vocab=64, batch=2, length=12, seed=1):
+    return torch.randint(0, vocab, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def perturb(model, std=0.05, seed=2):
+    """Random nonzero A and B, so that every adapter changes the output."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * std)
+
+
+def rel_err(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+# ------------------------------------------------------------------------------ apply
+
+
+def test_adapted_model_starts_equal_and_a_step_trains_only_adapters():
+    model = tiny()
+    x = ids()
+    with torch.no_grad():  # SDPA's CPU kernel choice depends on whether gradients are needed
+        base_logits = model(x)
+        apply_lora(model, rank=4, alpha=8, targets=TARGETS)
+        assert torch.equal(model(x), base_logits)  # B = 0
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(".lora_A." in n or ".lora_B." in n for n in trainable)
+    assert all(".lora_" not in n for n, p in model.named_parameters() if not p.requires_grad)
+
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    model.train()
+    for step in range(2):
+        opt.zero_grad()
+        model(x[:, :-1], targets=x[:, 1:]).backward()
+        opt.step()
+        if step == 0:  # B was zero, so A's gradient was too: only B moves on the first step
+            assert all(torch.equal(p, before[n]) for n, p in model.named_parameters() if ".lora_A." in n)
+    for n, p in model.named_parameters():
+        assert torch.equal(p, before[n]) != (n in trainable), n
+
+
+def test_trainable_count_is_rank_times_in_plus_out_per_adapter():
+    model = tiny()
+    total_base = sum(p.numel() for p in model.parameters())
+    cfg = model.config
+    apply_lora(model, rank=4, alpha=8, targets=("q", "v", "down"))
+    q_rows, kv_rows = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
+    per_layer = 4 * (cfg.dim + q_rows) + 4 * (cfg.dim + kv_rows) + 4 * (cfg.ffn_hidden + cfg.dim)
+    trainable, total = count_parameters(model)
+    assert trainable == cfg.n_layers * per_layer
+    assert total == total_base + trainable
+    m = re.fullmatch(r"trainable params: ([\d,]+) \|\| all params: ([\d,]+) \|\| trainable%: ([\d.]+)",
+                     trainable_summary(model))
+    assert m and int(m[1].replace(",", "")) == trainable and int(m[2].replace(",", "")) == total
+    assert float(m[3]) == pytest.approx(100 * trainable / total, abs=1e-4)
+
+
+def test_init_is_peft_kaiming_uniform_a_and_zero_b():
+    model = apply_lora(tiny(), rank=8, targets=TARGETS)
+    for _, layer in lora_layers(model):
+        bound = 1 / math.sqrt(layer.in_features)  # kaiming_uniform with a=sqrt(5) on fan_in = in
+        for p in layer.parts:
+            a = layer.lora_A[p]
+            assert a.abs().max() <= bound and a.abs().max() > 0.8 * bound
+            assert torch.count_nonzero(layer.lora_B[p]) == 0
+
+
+def test_q_alone_updates_only_q_rows_of_the_fused_matmul():
+    model = tiny()
+    cfg = model.config
+    apply_lora(model, rank=4, alpha=8, targets=("q",))
+    perturb(model)
+    q_rows = cfg.n_heads * cfg.head_dim
+    x = torch.randn(2, 5, cfg.dim)
+    for block in model.layers:
+        layer = block.attn.qkv_proj
+        assert isinstance(layer, LoRALinear) and list(layer.parts) == ["q"]
+        adapted, base = layer(x), layer.base(x)
+        assert torch.equal(adapted[..., q_rows:], base[..., q_rows:])  # k and v exactly as before
+        expected = base[..., :q_rows] + (8 / 4) * x @ layer.lora_A["q"].T @ layer.lora_B["q"].T
+        torch.testing.assert_close(adapted[..., :q_rows], expected)
+        assert not torch.allclose(adapted[..., :q_rows], base[..., :q_rows])
+
+
+@pytest.mark.parametrize("rslora", [False, True])
+def test_scaling_is_alpha_over_rank_or_its_root(rslora):
+    model = apply_lora(tiny(torch.float64), rank=9, alpha=6, targets=("k", "v", "o"), rslora=rslora)
+    perturb(model)
+    layer = model.layers[0].attn.qkv_proj
+    s = 6 / (math.sqrt(9) if rslora else 9)
+    x = torch.randn(3, model.config.dim, dtype=torch.float64)
+    q_rows = model.config.n_heads * model.config.head_dim
+    kv = model.config.n_kv_heads * model.config.head_dim
+    delta = layer(x) - layer.base(x)
+    assert torch.equal(delta[:, :q_rows], torch.zeros_like(delta[:, :q_rows]))
+    for part, rows in (("k", slice(q_rows, q_rows + kv)), ("v", slice(q_rows + kv, None))):
+        torch.testing.assert_close(delta[:, rows], s * x @ (layer.lora_B[part] @ layer.lora_A[part]).T)
+
+
+@torch.no_grad()  # the same SDPA kernel for every forward
+def test_merge_unmerge_and_remove_float64():
+    model = tiny(torch.float64)
+    x = ids()
+    base_logits = model(x)
+    base_weights = {n: p.detach().clone() for n, p in model.state_dict().items()}
+    apply_lora(model, rank=4, alpha=8, targets=TARGETS)
+    perturb(model)
+    adapted = model(x)
+    assert rel_err(adapted, base_logits) > 1e-3  # the adapters do something
+
+    merge_lora(model)
+    assert rel_err(model(x), adapted) < 1e-12
+    assert not torch.equal(model.layers[0].attn.qkv_proj.base.weight, base_weights["layers.0.attn.qkv_proj.weight"])
+    unmerge_lora(model)
+    assert rel_err(model(x), adapted) < 1e-12
+    for name, layer in lora_layers(model):
+        torch.testing.assert_close(layer.base.weight, base_weights[f"{name}.weight"], rtol=0, atol=1e-14)
+
+    remove_lora(model, merge=True)
+    assert not lora_layers(model)
+    assert all(type(m) is nn.Linear for n, m in model.named_modules() if n.endswith("_proj"))
+    assert set(model.state_dict()) == set(base_weights)
+    assert rel_err(model(x), adapted) < 1e-12
+
+    other = apply_lora(tiny(torch.float64), rank=4, targets=TARGETS)
+    perturb(other)
+    remove_lora(other, merge=False)
+    assert torch.equal(other(x), base_logits)
+
+
+def test_adapters_on_moe_experts_and_dropout_only_in_training():
+    model = tiny(moe=MoEConfig(n_experts=4, top_k=2))
+    apply_lora(model, rank=2, targets=("gate", "up", "down"), dropout=0.5)
+    names = [n for n, _ in lora_layers(model)]
+    assert "layers.0.mlp.experts.3.down_proj" in names and len(names) == 2 * 4 * 3
+    perturb(model)
+    x = ids()
+    assert torch.equal(model(x), model(x))  # eval: no dropout
+    model.train()
+    torch.manual_seed(0)
+    assert not torch.equal(model(x), model(x))
+
+
+# ------------------------------------------------------------------------------ PEFT both ways
+
+
+def hf_model(family):
+    torch.manual_seed(0)
+    if family == "llama":
+        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**SMALL))
+    else:  # Qwen2: q/k/v biases and a tied head
+        model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**SMALL, tie_word_embeddings=True))
+    with torch.no_grad():  # random norms and biases so that every tensor's mapping matters
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight") or name.endswith("bias"):
+                p.normal_(1.0 if name.endswith("weight") else 0.0, 0.2)
+    return model.eval()
+
+
+@pytest.fixture(scope="module", params=["llama", "qwen2"])
+def base_dir(request, tmp_path_factory):
+    path = tmp_path_factory.mktemp(request.param)
+    hf_model(request.param).save_pretrained(path)
+    return path
+
+
+def hf_logits(model, x):
+    with torch.no_grad():
+        return model(input_ids=x).logits
+
+
+@pytest.mark.parametrize("targets,rslora", [(TARGETS, False), (("q", "v"), True)])
+def test_our_adapter_loads_in_peft_with_the_same_logits(base_dir, tmp_path, targets, rslora):
+    ours = apply_lora(llmstack.from_pretrained(base_dir), rank=4, alpha=8, targets=targets, rslora=rslora)
+    perturb(ours)
+    save_adapter(ours, tmp_path / "adapter")
+
+    # The file holds exactly the names PEFT itself writes for the same targets.
+    reference = peft.get_peft_model(transformers.AutoModelForCausalLM.from_pretrained(base_dir),
+                                    peft.LoraConfig(r=4, lora_alpha=8, target_modules=[HF_NAMES[t] for t in targets]))
+    reference.save_pretrained(tmp_path / "reference")
+    from safetensors.torch import load_file
+    assert set(load_file(tmp_path / "adapter" / "adapter_model.safetensors")) == \
+        set(load_file(tmp_path / "reference" / "adapter_model.safetensors"))
+
+    theirs = peft.PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(base_dir),
+                                            tmp_path / "adapter").eval()
+    x = ids(vocab=SMALL["vocab_size"])
+    with torch.no_grad():
+        ours_logits = ours(x)
+    base = hf_logits(transformers.AutoModelForCausalLM.from_pretrained(base_dir), x)
+    assert rel_err(ours_logits, base) > 1e-2  # the adapter matters
+    assert rel_err(ours_logits, hf_logits(theirs, x)) <= 1e-4
+
+
+@pytest.mark.parametrize("rslora", [False, True])
+def test_peft_adapter_loads_into_llmstack_with_the_same_logits(base_dir, tmp_path, rslora):
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=list(HF_NAMES.values()), use_rslora=rslora,
+                             rank_pattern={"v_proj": 2}, alpha_pattern={"o_proj": 3}, lora_dropout=0.1,
+                             init_lora_weights=False)  # random nonzero B
+    theirs = peft.get_peft_model(transformers.AutoModelForCausalLM.from_pretrained(base_dir), config).eval()
+    theirs.save_pretrained(tmp_path / "peft")
+    ours = load_adapter(llmstack.from_pretrained(base_dir), tmp_path / "peft")
+    assert len(lora_layers(ours)) == 2 * 5  # per layer: qkv, o, gate, up, down
+    assert ours.layers[1].attn.qkv_proj.ranks == {"q": 4, "k": 4, "v": 2}
+    trainable, _ = count_parameters(ours)
+    assert trainable == sum(p.numel() for n, p in theirs.named_parameters() if "lora_" in n)
+    x = ids(vocab=SMALL["vocab_size"])
+    with torch.no_grad():
+        assert rel_err(ours(x), hf_logits(transformers.AutoModelForCausalLM.from_pretrained(base_dir), x)) > 1e-2
+        assert rel_err(ours(x), hf_logits(theirs, x)) <= 1e-4
+
+    # And back: what we save from it loads into PEFT with the same logits, patterns included.
+    save_adapter(ours, tmp_path / "again")
+    again = peft.PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(base_dir),
+                                           tmp_path / "again").eval()
+    with torch.no_grad():
+        assert rel_err(ours(x), hf_logits(again, x)) <= 1e-4
+
+
+# ------------------------------------------------------------------------------ bad input
+
+
+def one_line_error(match, fn, *args, **kwargs):
+    with pytest.raises(ValueError, match=match) as info:
+        fn(*args, **kwargs)
+    assert "\n" not in str(info.value)
+    return str(info.value)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(targets=("q", "query")), r"'query'.*q, k, v, o, gate, up, down"),
+    (dict(rank=0), r"rank.*0"),
+    (dict(rank=-2), r"rank.*-2"),
+    (dict(rank=2.5), r"rank.*2.5"),
+    (dict(alpha=0), r"alpha.*0"),
+    (dict(alpha=-1.0), r"alpha.*-1.0"),
+    (dict(dropout=1.0), r"dropout.*1.0"),
+    (dict(dropout=-0.1), r"dropout.*-0.1"),
+])
+def test_bad_arguments_are_one_line_errors_and_leave_the_model_alone(kwargs, match):
+    model = tiny()
+    one_line_error(match, apply_lora, model, **kwargs)
+    assert not lora_layers(model) and all(p.requires_grad for p in model.parameters())
+
+
+def test_target_missing_from_the_model_and_applying_twice_are_errors():
+    one_line_error(r"'gate' matches no layer.*q, k, v, o, up, down", apply_lora, tiny(mlp="gelu"), targets=("gate",))
+    model = apply_lora(tiny(), targets=("q",))
+    one_line_error(r"already has LoRA adapters.*remove_lora", apply_lora, model, targets=("v",))
+
+
+def test_adapter_for_another_base_or_of_another_type_is_refused(tmp_path):
+    bigger = apply_lora(tiny(dim=48, n_heads=4, n_kv_heads=2), rank=2, targets=("q",))
+    save_adapter(bigger, tmp_path / "wide")
+    model = tiny()
+    one_line_error(r"another base.*self_attn\.q_proj.*\(2, 48\).*\(2, 32\)", load_adapter, model, tmp_path / "wide")
+
+    deeper = apply_lora(tiny(n_layers=3), rank=2, targets=("o",))
+    save_adapter(deeper, tmp_path / "deep")
+    one_line_error(r"another base.*model\.layers\.2\.self_attn\.o_proj", load_adapter, model, tmp_path / "deep")
+    assert not lora_layers(model)  # nothing was put on before the error
+
+    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**SMALL))
+    peft.get_peft_model(hf, peft.IA3Config(target_modules=["k_proj", "v_proj", "down_proj"],
+                                           feedforward_modules=["down_proj"])).save_pretrained(tmp_path / "ia3")
+    one_line_error(r"type 'IA3'.*LORA", load_adapter, model, tmp_path / "ia3")
+
+    config = json.loads((tmp_path / "deep" / "adapter_config.json").read_text())
+    (tmp_path / "deep" / "adapter_config.json").write_text(json.dumps({**config, "use_dora": True}))
+    one_line_error(r"use_dora=True", load_adapter, tiny(n_layers=3), tmp_path / "deep")
+
+
+def test_nothing_half_written_on_disk(tmp_path, monkeypatch):
+    one_line_error(r"no LoRA adapters to save", save_adapter, tiny(), tmp_path / "none")
+    model = apply_lora(tiny(), rank=2)
+    import safetensors.torch
+
+    def crash(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", crash)
+    with pytest.raises(OSError, match="disk full"):
+        save_adapter(model, tmp_path / "adapter")
+    assert list(tmp_path.iterdir()) == []  # neither the directory nor a temporary one
