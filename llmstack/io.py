@@ -17,7 +17,7 @@ from typing import Callable, Iterable, Optional
 
 # What a checkpoint directory holds (ours, Hugging Face's weights, the trainer's state). Swapping a new
 # checkpoint in replaces the old directory whole, so one holding anything else is refused.
-CHECKPOINT_FILE = re.compile(r"config\.(yaml|json)|tokenizer(_config)?\.json|trainer_state\.pt"
+CHECKPOINT_FILE = re.compile(r"(generation_)?config\.(yaml|json)|tokenizer(_config)?\.json|trainer_state\.pt"
                              r"|model(-\d+-of-\d+)?\.safetensors|model\.safetensors\.index\.json")
 # What atomic_directory and atomic_write_text name their temporaries: `.NAME.tmp-*` and `.NAME.old-*`.
 TEMPORARY = re.compile(r"\.(.+)\.(?:tmp|old)-[^.]*")

@@ -20,7 +20,6 @@ import llmstack
 from llmstack.cli import add_dtype_argument, script_parser
 from llmstack.config import ConfigError
 from llmstack.interop import load_tokenizer, save_hf
-from llmstack.interop.hf import save_hf_extras
 from llmstack.runtime import DTYPES, set_threads
 
 
@@ -47,8 +46,7 @@ def main() -> None:
             tokenizer = None
             print(f"note: no tokenizer to carry over ({e})", file=sys.stderr)
         if args.to_hf:
-            save_hf(model, args.out)
-            save_hf_extras(args.out, model.config, tokenizer)
+            save_hf(model, args.out, tokenizer)
         else:
             llmstack.save_pretrained(model, args.out)
             if tokenizer is not None:

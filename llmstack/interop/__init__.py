@@ -18,8 +18,8 @@ import torch
 import yaml
 
 from llmstack.config import from_dict, to_dict
-from llmstack.interop.hf import (config_from_hf, config_to_hf, fuse_projections, read_hf_config, state_dict_from_hf,
-                                 state_dict_to_hf)
+from llmstack.interop.hf import (config_from_hf, config_to_hf, fuse_projections, read_hf_config, save_hf_extras,
+                                 state_dict_from_hf, state_dict_to_hf)
 from llmstack.classic.recurrent import build_recurrent_lm
 from llmstack.interop.gguf import read_gguf, read_gguf_config
 from llmstack.interop.weights import load_weights, read_metadata, save_weights
@@ -182,13 +182,16 @@ def save_pretrained(model: Transformer, directory: str | os.PathLike, *, metadat
     atomic_directory(directory, write)
 
 
-def save_hf(model: Transformer, directory: str | os.PathLike) -> None:
-    """Export to the Hugging Face layout (config.json + safetensors) for transformers to load."""
+def save_hf(model: Transformer, directory: str | os.PathLike, tokenizer=None) -> None:
+    """Export to the Hugging Face layout for transformers to load: config.json, the safetensors,
+    generation_config.json (the special token ids) and, given the model's tokenizer, tokenizer.json
+    and tokenizer_config.json with its special tokens and chat template."""
     hf_config = config_to_hf(model.config)
     state = state_dict_to_hf(model.state_dict(), model.config)
 
     def write(tmp: Path) -> None:
         (tmp / "config.json").write_text(json.dumps(hf_config, indent=2))
         save_weights(state, tmp)
+        save_hf_extras(tmp, model.config, tokenizer)
 
     atomic_directory(Path(directory), write)
