@@ -255,6 +255,23 @@ def test_peft_adapter_loads_into_llmstack_with_the_same_logits(base_dir, tmp_pat
         assert rel_err(ours(x), hf_logits(again, x)) <= 1e-4
 
 
+def test_adapter_on_some_layers_only_round_trips_through_peft(base_dir, tmp_path):
+    config = peft.LoraConfig(r=2, lora_alpha=4, target_modules=["k_proj", "up_proj"], layers_to_transform=[1],
+                             init_lora_weights=False)
+    theirs = peft.get_peft_model(transformers.AutoModelForCausalLM.from_pretrained(base_dir), config).eval()
+    theirs.save_pretrained(tmp_path / "peft")
+    ours = load_adapter(llmstack.from_pretrained(base_dir), tmp_path / "peft")
+    assert [name for name, _ in lora_layers(ours)] == ["layers.1.attn.qkv_proj", "layers.1.mlp.up_proj"]
+    save_adapter(ours, tmp_path / "again")  # names every module: "k_proj" alone would adapt layer 0 too
+    again = peft.PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(base_dir),
+                                           tmp_path / "again").eval()
+    assert sum("lora_A" in n for n, _ in again.named_parameters()) == 2
+    x = ids(vocab=SMALL["vocab_size"])
+    with torch.no_grad():
+        assert rel_err(ours(x), hf_logits(theirs, x)) <= 1e-4
+        assert rel_err(ours(x), hf_logits(again, x)) <= 1e-4
+
+
 # ------------------------------------------------------------------------------ bad input
 
 
