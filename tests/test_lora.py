@@ -178,6 +178,24 @@ def test_adapters_on_moe_experts_and_dropout_only_in_training():
     assert not torch.equal(model(x), model(x))
 
 
+def test_the_training_loop_trains_the_adapters_and_nothing_else(tmp_path):
+    import numpy as np
+
+    from llmstack.data.loader import TokenBatches
+    from llmstack.train import TrainConfig, train
+
+    model = apply_lora(tiny(), rank=4, alpha=8, targets=TARGETS)
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    tokens = (np.arange(4000) * 7 % 61).astype(np.uint16)  # a learnable periodic stream
+    cfg = TrainConfig(out_dir=str(tmp_path), max_steps=30, lr=1e-2, warmup_steps=2, eval_every=1000, log_every=1,
+                      save_every=1000, tensorboard=False)
+    train(model, cfg, TokenBatches(tokens, 4, 16, seed=0), run_dir=tmp_path, progress=False)
+    losses = [row["loss"] for row in map(json.loads, (tmp_path / "metrics.jsonl").read_text().splitlines())
+              if "loss" in row]
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.1  # nats
+    assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if n in frozen)
+
+
 # ------------------------------------------------------------------------------ PEFT both ways
 
 

@@ -35,9 +35,8 @@ import torch.nn.functional as F
 from llmstack.io import atomic_directory
 
 TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
-# The layer each target adapts, by its last name component; q, k and v share the fused one.
-_LAYER_OF = {"q": "qkv_proj", "k": "qkv_proj", "v": "qkv_proj", "o": "o_proj",
-             "gate": "gate_proj", "up": "up_proj", "down": "down_proj"}
+# The layers targets adapt, by their last name component: `<target>_proj`, q, k and v in the fused one.
+_LAYERS = ("qkv_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 _QKV = ("q", "k", "v")
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -164,13 +163,13 @@ def _qkv_rows(model: nn.Module, name: str, layer: nn.Module) -> dict[str, tuple[
     return {"q": (0, q), "k": (q, q + kv), "v": (q + kv, q + 2 * kv)}
 
 
-def _layer_parts(model: nn.Module, *, adapted: bool = False) -> list[tuple[str, nn.Module, dict[str, tuple[int, int]]]]:
+def _layer_parts(model: nn.Module, *, adapted: bool = False) -> list[tuple[str, nn.Module, dict]]:
     """Every adaptable layer of `model`: (name, module, {target: output rows}); those already
     adapted too when `adapted`."""
     found = []
     for name, module in model.named_modules():
         leaf = name.rpartition(".")[2]
-        if leaf not in _LAYER_OF.values() or not hasattr(module, "in_features"):
+        if leaf not in _LAYERS or not hasattr(module, "in_features"):
             continue
         if isinstance(module, LoRALinear) and not adapted:
             continue
@@ -451,7 +450,8 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
     plan = []
     for name, adapters in specs.items():
         base, parts = layers[name]
-        layer = LoRALinear(base, {p: parts[p] for p in adapters}, ranks={p: a.shape[0] for p, (a, _, _) in adapters.items()},
+        layer = LoRALinear(base, {p: parts[p] for p in adapters},
+                           ranks={p: a.shape[0] for p, (a, _, _) in adapters.items()},
                            alphas={p: alpha for p, (_, _, alpha) in adapters.items()}, dropout=dropout,
                            rslora=bool(config.get("use_rslora", False)))
         with torch.no_grad():
