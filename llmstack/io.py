@@ -15,10 +15,11 @@ import tempfile
 from pathlib import Path
 from typing import Callable, Iterable, Optional
 
-# What a checkpoint directory holds (ours, Hugging Face's weights, the trainer's state). Swapping a new
+# What a checkpoint directory holds (ours, Hugging Face's weights, a PEFT adapter, the trainer's state). Swapping a new
 # checkpoint in replaces the old directory whole, so one holding anything else is refused.
 CHECKPOINT_FILE = re.compile(r"(generation_)?config\.(yaml|json)|tokenizer(_config)?\.json|trainer_state\.pt"
-                             r"|model(-\d+-of-\d+)?\.safetensors|model\.safetensors\.index\.json")
+                             r"|model(-\d+-of-\d+)?\.safetensors|model\.safetensors\.index\.json"
+                             r"|adapter_config\.json|adapter_model\.safetensors")
 # What atomic_directory and atomic_write_text name their temporaries: `.NAME.tmp-*` and `.NAME.old-*`.
 TEMPORARY = re.compile(r"\.(.+)\.(?:tmp|old)-[^.]*")
 

@@ -355,3 +355,22 @@ def test_nothing_half_written_on_disk(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         save_adapter(model, tmp_path / "adapter")
     assert list(tmp_path.iterdir()) == []  # neither the directory nor a temporary one
+
+
+def test_saving_again_replaces_the_adapter_and_refuses_other_directories(tmp_path):
+    model = apply_lora(tiny(), rank=2)
+    save_adapter(model, tmp_path / "adapter")
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.add_(0.5)
+    save_adapter(model, tmp_path / "adapter")  # an adapter directory is replaced whole
+    again = load_adapter(tiny(), tmp_path / "adapter")
+    x = torch.randint(0, 50, (1, 6))
+    with torch.no_grad():
+        torch.testing.assert_close(again(x), model(x), rtol=1e-5, atol=1e-6)
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "todo.txt").write_text("mine")
+    with pytest.raises(FileExistsError):
+        save_adapter(model, tmp_path / "notes")
+    assert (tmp_path / "notes" / "todo.txt").read_text() == "mine"
