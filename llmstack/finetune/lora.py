@@ -67,7 +67,9 @@ class LoRALinear(nn.Module):
         self.scaling = {p: alphas[p] / (math.sqrt(ranks[p]) if rslora else ranks[p]) for p in self.parts}
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         weight = _float_tensor_of(base)
-        kw = dict(device=weight.device, dtype=weight.dtype)
+        # A quantized base (QLoRA) names the float dtype it computes in; its float buffers may differ
+        # (nf4 keeps float32 statistics under a bfloat16 model).
+        kw = dict(device=weight.device, dtype=getattr(base, "dtype", weight.dtype))
         self.lora_A = nn.ParameterDict({p: nn.Parameter(torch.empty(ranks[p], self.in_features, **kw))
                                         for p in self.parts})
         self.lora_B = nn.ParameterDict({p: nn.Parameter(torch.zeros(stop - start, ranks[p], **kw))
@@ -111,6 +113,11 @@ class LoRALinear(nn.Module):
             self.merged = False
 
     def _add_to_weight(self, sign: int) -> None:
+        scheme = getattr(self.base, "scheme", None)
+        if scheme is not None:
+            raise ValueError(f"cannot merge a LoRA adapter into a {scheme}-quantized base: s * B A is not on its "
+                             f"grid. Keep the adapter apart (remove_lora(model, merge=False) gives the base back), "
+                             f"or merge into a float model: load the base unquantized and load_adapter onto it")
         weight = getattr(self.base, "weight", None)
         if not isinstance(weight, torch.Tensor) or not weight.is_floating_point():
             raise ValueError(f"cannot merge a LoRA adapter into a {type(self.base).__name__}: its weight is not "

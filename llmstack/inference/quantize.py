@@ -1,9 +1,10 @@
-"""Weight-only quantization for inference: int8 per output channel, int4 group-wise.
+"""Weight-only quantization: int8 per output channel, int4 group-wise, NF4 for QLoRA.
 
     quantize_(model, "int8")                         # every Linear, the embedding and head (routers stay float)
     quantize_(model, "int4", group_size=32)          # int4 layers, int8 embedding and head
     save_quantized(model, "runs/quickstart-int4")
     model = llmstack.from_pretrained("runs/quickstart-int4")   # scheme read from the file's metadata
+    quantize_(model, "nf4"); apply_lora(model, ...)  # QLoRA: a frozen 4-bit base under float adapters
 
 Weights are stored as small integers plus float scales; decoding reads every weight
 once per token, so a weight 4x or 8x smaller in memory is what makes a memory-bound
@@ -21,7 +22,12 @@ decode step faster. The schemes (W is (out, in); a row is one output channel):
             as GGUF stores them: a Q4_1 file's weights re-quantize to the same grid.
             Two values per byte: input 2j in the low nibble, 2j + 1 in the high one.
 
-Either way every element is within half a step of its original: |w - dequant(q)| <= scale / 2.
+    "nf4"   QLoRA's NormalFloat4, as bitsandbytes stores it (see `quantize_nf4`): the matrix
+            flattened row-major in blocks of 64, each block's absmax, w / absmax rounded to the
+            nearest of 16 fixed values (quantiles of a normal distribution), and the absmaxes
+            themselves "double quantized" to 8 bits in blocks of 256. About 4.13 bits per weight.
+
+int8 and int4: every element is within half a step of its original: |w - dequant(q)| <= scale / 2.
 
 Where the products run:
 - CUDA, float16/bfloat16, a few rows (decoding): the fused Triton dequantize-matmul
@@ -34,17 +40,24 @@ Where the products run:
   (`_weight_int8pack_mm`) costs 4-30x float32 there, and plain dynamic activation
   quantization (one int8 part) costs SmolLM2-135M 4% perplexity.
 - CPU, int4, and other dtypes: dequantize, then the float matmul.
+- nf4, everywhere: dequantize (on CUDA with the Triton kernel `llmstack.kernels.nf4`), then the
+  float matmul, in an autograd.Function that dequantizes again for the gradient to x instead of
+  keeping a float copy of W between forward and backward: the base is frozen, but adapters below it
+  need that gradient.
 
 The embedding and the output head are quantized too, int8 by default whatever the layers'
 scheme (`embedding=`): a lookup dequantizes only the rows it reads; a tied output head
 (`tie_embeddings`) becomes a `TiedQuantizedHead` that multiplies by the quantized
-embedding's own buffers, so the matrix is stored once. MoE `router`s stay
-float (their small outputs pick experts discretely); `skip` names more.
+embedding's own buffers, so the matrix is stored once. With nf4 they stay float by default, as
+QLoRA keeps them: the head's gradient must reach the layers below (the CPU int8 product has none),
+and nf4 serves linear layers only. MoE `router`s stay float (their small outputs pick experts
+discretely); `skip` names more.
 """
 from __future__ import annotations
 
 import os
 from pathlib import Path
+import math
 from typing import Optional, Sequence
 
 import torch
@@ -56,7 +69,7 @@ from llmstack.interop import finish_loading, load_model_config, load_weights, re
 from llmstack.kernels import GPU_DTYPES
 from llmstack.model import Transformer
 
-SCHEMES = ("int8", "int4")
+SCHEMES = ("int8", "int4", "nf4")
 DEFAULT_GROUP_SIZE = 32
 DEFAULT_SKIP = ("router",)
 # The fused kernel serves half-precision calls with at most this many rows of x
@@ -66,6 +79,46 @@ KERNEL_MAX_ROWS = 16
 
 _INT8_MAX = 127
 _INT4_LEVELS = 15
+
+# NF4: blocks of 64 weights share an absmax; blocks of 256 absmaxes share an 8-bit scale
+# (bitsandbytes' defaults for QLoRA, and the only ones its 4-bit matmul takes).
+NF4_BLOCK = 64
+NF4_ABSMAX_BLOCK = 256
+# The NormalFloat4 code book: the values of the QLoRA paper (Dettmers et al. 2023, appendix E),
+# copied from bitsandbytes (`get_4bit_type("nf4")` in bitsandbytes/functional.py, the same list as
+# `_NF4_QUANT_TABLE` in bitsandbytes/backends/utils.py). Asymmetric: 7 negative values, 0, and 8
+# positive ones, so that 0 is exact and both -1 and 1 exist. Code i is the i-th value.
+NF4_CODE = (
+    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
+    -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
+    0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
+    0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
+)
+
+
+def dynamic_map() -> torch.Tensor:
+    """bitsandbytes' signed 8-bit "dynamic" code (`create_dynamic_map()`, 256 sorted float32 values
+    in [-1, 1]), which double quantization stores the absmaxes in: for each exponent 10^-6 .. 10^0,
+    2^i evenly spaced fractions in (0.1, 1) of both signs, plus 0 and 1. Built as bitsandbytes
+    builds it (float32 linspace and means), so the values are bit-identical."""
+    values = [0.0, 1.0]
+    for i in range(7):
+        bounds = torch.linspace(0.1, 1, 2 ** i + 1, dtype=torch.float32)
+        means = (bounds[:-1] + bounds[1:]) / 2.0
+        values += (10 ** (i - 6) * means).tolist() + (-(10 ** (i - 6)) * means).tolist()
+    return torch.tensor(sorted(values), dtype=torch.float32)
+
+
+_TABLES: dict[tuple[str, torch.device], torch.Tensor] = {}
+
+
+def _table(name: str, device: torch.device) -> torch.Tensor:
+    """The float32 NF4 code book ("nf4") or dynamic map ("dynamic") on `device`, made once."""
+    key = (name, torch.device(device))
+    if key not in _TABLES:
+        table = torch.tensor(NF4_CODE, dtype=torch.float32) if name == "nf4" else dynamic_map()
+        _TABLES[key] = table.to(device)
+    return _TABLES[key]
 
 
 # ---------------------------------------------------------------------------
@@ -146,6 +199,91 @@ def dequantize_int4(qweight: torch.Tensor, scale: torch.Tensor, offset: torch.Te
     return w.reshape(rows, -1).to(dtype or torch.float32)
 
 
+def nf4_sizes(numel: int) -> tuple[int, int, int]:
+    """(bytes of codes, absmax blocks, absmax groups) of an nf4 matrix of `numel` weights."""
+    blocks = -(-numel // NF4_BLOCK)
+    return (numel + 1) // 2, blocks, -(-blocks // NF4_ABSMAX_BLOCK)
+
+
+def _nearest(x: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
+    """Index of the value of the sorted `code` nearest to each x (a tie goes to the lower one, as
+    bitsandbytes' argmin does), as uint8."""
+    midpoints = (code[:-1] + code[1:]) / 2
+    return torch.bucketize(x, midpoints).to(torch.uint8)
+
+
+def _blockwise(x: torch.Tensor, block: int, code: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """bitsandbytes' block-wise quantization of a flat float32 x: (codes uint8 like x, absmax
+    float32 per block). The last block may be shorter; an all-zero block gets absmax 0, codes of 0."""
+    n = x.numel()
+    blocks = F.pad(x, (0, -n % block)).view(-1, block)  # zero padding leaves every absmax as it was
+    absmax = blocks.abs().amax(dim=1)
+    # x * (1 / absmax), not x / absmax: bitsandbytes multiplies by the reciprocal (one rounding more).
+    inverse = torch.where(absmax > 0, 1 / absmax, torch.zeros_like(absmax))
+    normalized = (blocks * inverse[:, None]).clamp_(-1, 1).flatten()[:n]
+    return _nearest(normalized, code), absmax
+
+
+def pack_nf4(codes: torch.Tensor) -> torch.Tensor:
+    """Flat codes in [0, 15] -> uint8, bitsandbytes' order: element 2j in the HIGH nibble of byte j,
+    2j + 1 in the low one (the reverse of pack_int4); an odd count ends with a zero nibble."""
+    codes = F.pad(codes.to(torch.uint8), (0, codes.numel() % 2))
+    return (codes[0::2] << 4) | codes[1::2]
+
+
+def unpack_nf4(packed: torch.Tensor, numel: int) -> torch.Tensor:
+    """Inverse of pack_nf4: the first `numel` codes, uint8."""
+    return torch.stack((packed >> 4, packed & 0xF), dim=-1).flatten()[:numel]
+
+
+@torch.no_grad()
+def quantize_nf4(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """NF4 with double quantization, as bitsandbytes' quantize_4bit(blocksize=64, quant_type="nf4",
+    compress_statistics=True) computes it. Any shape and size:
+
+        w flattened row-major, in blocks of 64 (the last one may be shorter)
+        absmax_b = max |w| over block b                           (float32)
+        code     = nearest NF4 value to w * (1 / absmax_b)         (4 bits, two per byte)
+        absmax_offset = mean of the absmaxes                       (float32 scalar)
+        absmax_b - absmax_offset, in blocks of 256, block-wise 8-bit in the dynamic map:
+        absmax (uint8 per block) and absmax_scale (float32 per 256 blocks)
+
+    Codes are chosen against the exact absmax; dequantization uses the 8-bit one (`dequantize_nf4`).
+    Returns (qweight uint8 (ceil(n/2),), absmax uint8 (blocks,), absmax_scale float32 (groups,),
+    absmax_offset float32 ())."""
+    w = weight.detach().float().flatten()
+    if w.numel() == 0:
+        raise ValueError("cannot quantize an empty weight to nf4")
+    codes, absmax = _blockwise(w, NF4_BLOCK, _table("nf4", w.device))
+    offset = absmax.mean()
+    qabsmax, absmax_scale = _blockwise(absmax - offset, NF4_ABSMAX_BLOCK, _table("dynamic", w.device))
+    return pack_nf4(codes), qabsmax, absmax_scale, offset
+
+
+def nf4_absmax(absmax: torch.Tensor, absmax_scale: torch.Tensor, absmax_offset: torch.Tensor) -> torch.Tensor:
+    """The absmax of each block back from its double quantization, float32 (blocks,):
+    dynamic[absmax] * absmax_scale[block // 256] + absmax_offset (a product, then a sum: the Triton
+    kernel rounds the same way)."""
+    scale = absmax_scale.float().repeat_interleave(NF4_ABSMAX_BLOCK)[: absmax.numel()]
+    return _table("dynamic", absmax.device)[absmax.long()] * scale + absmax_offset.float()
+
+
+def dequantize_nf4(qweight: torch.Tensor, absmax: torch.Tensor, absmax_scale: torch.Tensor,
+                   absmax_offset: torch.Tensor, shape: Sequence[int], dtype: Optional[torch.dtype] = None
+                   ) -> torch.Tensor:
+    """The float matrix of `shape`: NF4[code] * absmax of its block, computed in float32 and
+    rounded to `dtype` (default float32)."""
+    numel = math.prod(shape)
+    if nf4_sizes(numel) != (qweight.numel(), absmax.numel(), absmax_scale.numel()):
+        raise ValueError(f"nf4 buffers of {qweight.numel()} bytes, {absmax.numel()} absmaxes and "
+                         f"{absmax_scale.numel()} absmax scales do not hold a {tuple(shape)} matrix "
+                         f"(it needs {nf4_sizes(numel)})")
+    block_absmax = nf4_absmax(absmax, absmax_scale, absmax_offset)
+    values = _table("nf4", qweight.device)[unpack_nf4(qweight, numel).long()]
+    w = F.pad(values, (0, -numel % NF4_BLOCK)).view(-1, NF4_BLOCK) * block_absmax[:, None]
+    return w.flatten()[:numel].view(*shape).to(dtype or torch.float32)
+
+
 # ---------------------------------------------------------------------------
 # The product
 # ---------------------------------------------------------------------------
@@ -174,16 +312,45 @@ def int8_matmul_cpu(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor)
     return out.reshape(*shape[:-1], -1)
 
 
+class _DequantizedLinear(torch.autograd.Function):
+    """x @ W^T for a quantized W that has no gradient: W is dequantized in forward and again in
+    backward (for the gradient to x), so no float copy of it lives from one to the other. With
+    F.linear on the dequantized W, autograd would keep that copy of every layer for backward."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, layer: "_QuantizedWeight") -> torch.Tensor:
+        ctx.layer = layer
+        return F.linear(x, layer.dequantize(x.dtype))
+
+    @staticmethod
+    def backward(ctx, grad_y: torch.Tensor):
+        return grad_y @ ctx.layer.dequantize(grad_y.dtype), None
+
+
 class _QuantizedWeight(nn.Module):
     """What a quantized layer and a quantized embedding share: the buffers of one quantized
-    (rows, in) matrix, `qweight`, `scale` and (int4) `offset`, and its product with x."""
+    (rows, in) matrix, `qweight`, `scale` and (int4) `offset`, or (nf4) `qweight`, `absmax`,
+    `absmax_scale` and `absmax_offset`; its product with x. `dtype` is the float dtype the matrix
+    had (and follows model.to(dtype)): what `dequantize()` and adapters on the layer use."""
+
+    # Buffers that keep their dtype through model.to(dtype), and the integer type of their size
+    # that carries them past it: int4's float16 Q4_1 grid, nf4's float32 double-quantization state.
+    _FIXED = {"int4": (("scale", "offset"), torch.int16), "nf4": (("absmax_scale", "absmax_offset"), torch.int32)}
 
     def __init__(self, rows: int, in_features: int, *, scheme: str, group_size: Optional[int], device,
                  dtype: torch.dtype):
         super().__init__()
-        self.in_features, self.scheme = in_features, check_scheme(scheme)
+        self.in_features, self.scheme, self.dtype = in_features, check_scheme(scheme), dtype
+        self.weight_shape = (rows, in_features)
         self.group_size = group_size if scheme == "int4" else None
-        if scheme == "int8":
+        if scheme == "nf4":
+            nbytes, blocks, groups = nf4_sizes(rows * in_features)
+            self.register_buffer("qweight", torch.empty(nbytes, dtype=torch.uint8, device=device))
+            self.register_buffer("absmax", torch.empty(blocks, dtype=torch.uint8, device=device))
+            self.register_buffer("absmax_scale", torch.empty(groups, dtype=torch.float32, device=device))
+            self.register_buffer("absmax_offset", torch.empty((), dtype=torch.float32, device=device))
+            self.scale = self.offset = None
+        elif scheme == "int8":
             self.register_buffer("qweight", torch.empty(rows, in_features, dtype=torch.int8, device=device))
             self.register_buffer("scale", torch.empty(rows, dtype=dtype, device=device))
             self.offset = None
@@ -196,24 +363,38 @@ class _QuantizedWeight(nn.Module):
 
     def _apply(self, fn, recurse=True):
         # int4 scales and offsets stay float16 through model.to(dtype): they are the Q4_1 grid, which
-        # bfloat16 would round. Seen as int16 bits, a dtype conversion passes them by; a move does not.
-        grid = ("scale", "offset") if self.scheme == "int4" else ()
-        for name in grid:
-            self._buffers[name] = self._buffers[name].view(torch.int16)
+        # bfloat16 would round; nf4's double-quantization state stays float32 as bitsandbytes keeps it.
+        # Seen as integer bits, a dtype conversion passes them by; a move does not.
+        fixed, bits = self._FIXED.get(self.scheme, ((), None))
+        dtypes = {name: self._buffers[name].dtype for name in fixed}
+        for name in fixed:
+            self._buffers[name] = self._buffers[name].view(bits)
+        self.dtype = fn(torch.empty(0, dtype=self.dtype)).dtype  # follows .to(dtype) like the model's floats
         try:
             return super()._apply(fn, recurse)
         finally:
-            for name in grid:
-                self._buffers[name] = self._buffers[name].view(torch.float16)
+            for name in fixed:
+                self._buffers[name] = self._buffers[name].view(dtypes[name])
 
     def quantize_from(self, weight: torch.Tensor) -> None:
-        if self.scheme == "int8":
+        if self.scheme == "nf4":
+            self.qweight, self.absmax, self.absmax_scale, self.absmax_offset = quantize_nf4(weight)
+        elif self.scheme == "int8":
             self.qweight, self.scale = quantize_int8(weight)
         else:
             self.qweight, self.scale, self.offset = quantize_int4(weight, self.group_size)
 
     def dequantize(self, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
         """The float matrix (rows, in) these buffers hold."""
+        if self.scheme == "nf4":
+            if self.qweight.is_cuda and kernels.available("nf4"):
+                from llmstack.kernels import nf4
+
+                return nf4.dequantize(self.qweight, self.absmax, self.absmax_scale, self.absmax_offset,
+                                      _table("nf4", self.qweight.device), _table("dynamic", self.qweight.device),
+                                      self.weight_shape, dtype or torch.float32)
+            return dequantize_nf4(self.qweight, self.absmax, self.absmax_scale, self.absmax_offset,
+                                  self.weight_shape, dtype)
         if self.scheme == "int8":
             return dequantize_int8(self.qweight, self.scale, dtype)
         return dequantize_int4(self.qweight, self.scale, self.offset, self.group_size, dtype)
@@ -227,6 +408,8 @@ class _QuantizedWeight(nn.Module):
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         """x (..., in) @ W^T -> (..., rows), in x's dtype."""
+        if self.scheme == "nf4":
+            return _DequantizedLinear.apply(x, self)
         if x.is_cuda and x.dtype in GPU_DTYPES and x.numel() <= KERNEL_MAX_ROWS * self.in_features \
                 and kernels.available("quant_matmul"):
             from llmstack.kernels import quant_matmul
@@ -240,10 +423,11 @@ class _QuantizedWeight(nn.Module):
 
 
 class QuantizedLinear(_QuantizedWeight):
-    """A Linear layer whose weight is stored quantized ("int8" or "int4", see the module docstring).
-    Buffers (what the checkpoint holds): `qweight`, `scale`, `offset` (int4 only), `bias` (when
-    the layer has one). `model.to(dtype)` converts the int8 scales and the bias and leaves the
-    integer codes and the float16 int4 scales alone."""
+    """A Linear layer whose weight is stored quantized ("int8", "int4" or "nf4", see the module
+    docstring). Buffers (what the checkpoint holds): `qweight`, `scale`, `offset` (int4 only), or
+    nf4's `qweight`, `absmax`, `absmax_scale`, `absmax_offset`; `bias` (when the layer has one).
+    `model.to(dtype)` converts the int8 scales and the bias and leaves the integer codes, the
+    float16 int4 scales and the float32 nf4 state alone."""
 
     def __init__(self, in_features: int, out_features: int, *, scheme: str, group_size: Optional[int] = None,
                  bias: bool = False, device=None, dtype: torch.dtype = torch.float32):
@@ -276,9 +460,12 @@ class QuantizedEmbedding(_QuantizedWeight):
 
     def __init__(self, num_embeddings: int, embedding_dim: int, *, scheme: str, group_size: Optional[int] = None,
                  device=None, dtype: torch.dtype = torch.float32):
+        if scheme == "nf4":
+            raise ValueError("nf4 is for linear layers; quantize the embedding and head with 'int8' or 'int4', "
+                             "or keep them float (embedding=None)")
         super().__init__(num_embeddings, embedding_dim, scheme=scheme, group_size=group_size, device=device,
                          dtype=dtype)
-        self.num_embeddings, self.embedding_dim, self.dtype = num_embeddings, embedding_dim, dtype
+        self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
 
     @classmethod
     def from_embedding(cls, embedding: nn.Embedding, scheme: str, group_size: Optional[int] = None):
@@ -289,10 +476,6 @@ class QuantizedEmbedding(_QuantizedWeight):
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.rows(input_ids, self.dtype)  # (..., dim)
-
-    def _apply(self, fn, recurse=True):
-        self.dtype = fn(torch.empty(0, dtype=self.dtype)).dtype  # follows .to(dtype) like the model's floats
-        return super()._apply(fn, recurse)
 
     def extra_repr(self) -> str:
         group = f", group_size={self.group_size}" if self.group_size else ""
@@ -333,19 +516,27 @@ def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
 
 @torch.no_grad()
 def quantize_(model: nn.Module, scheme: str, *, group_size: int = DEFAULT_GROUP_SIZE,
-              skip: Sequence[str] = DEFAULT_SKIP, embedding: Optional[str] = "int8") -> nn.Module:
+              skip: Sequence[str] = DEFAULT_SKIP, embedding: Optional[str] = "default") -> nn.Module:
     """Replace, in place, each nn.Linear of `model` by a QuantizedLinear, and its token embedding
     by a QuantizedEmbedding (a tied head by a TiedQuantizedHead); returns `model`.
 
-    scheme: "int8" (per output channel; group_size is ignored) or "int4" (group-wise, group_size
-    an even divisor of every quantized layer's in_features), for the linear layers.
-    embedding: the scheme of the embedding and the output head (tied or not), or None to keep
-    them float. int8 by default: every logit goes through the head, and on SmolLM2-135M int4
-    there costs +6.5% perplexity where int8 costs +0.3% (docs/performance.md).
+    scheme: "int8" (per output channel; group_size is ignored), "int4" (group-wise, group_size
+    an even divisor of every quantized layer's in_features) or "nf4" (QLoRA's: blocks of 64 over the
+    flattened matrix, any size; group_size is ignored), for the linear layers.
+    embedding: the scheme of the embedding and the output head (tied or not, "int8" or "int4"), or
+    None to keep them float. "default": int8 for int8 and int4 layers (every logit goes through
+    the head, and on SmolLM2-135M int4 there costs +6.5% perplexity where int8 costs +0.3%,
+    docs/performance.md); float for nf4, as QLoRA keeps them (training needs the head's gradient,
+    which the CPU int8 product does not give).
     skip: module names left in float, matched against the full name ("layers.0.mlp.down_proj")
     or its last component ("lm_head").
     """
     check_scheme(scheme)
+    if embedding == "default":
+        embedding = None if scheme == "nf4" else "int8"
+    if embedding == "nf4":
+        raise ValueError("embedding='nf4': nf4 is for linear layers; quantize the embedding and head with "
+                         "'int8' or 'int4', or keep them float (embedding=None)")
     if embedding is not None:
         check_scheme(embedding)
     if any(isinstance(m, _QuantizedWeight) for m in model.modules()):
@@ -420,7 +611,7 @@ def load_quantized(directory: str | os.PathLike, *, device: torch.device | str |
     directory = resolve_checkpoint(directory)
     state, metadata = load_weights(directory)
     scheme, embedding = metadata.get("quantization"), metadata.get("quantization_embedding")
-    if scheme not in (*SCHEMES, "none") or embedding not in (*SCHEMES, None):
+    if scheme not in (*SCHEMES, "none") or embedding not in (*SCHEMES, None) or embedding == "nf4":
         raise ValueError(f"{Path(directory)} names quantization scheme {scheme!r} (embedding {embedding!r}) in its "
                          f"metadata; this version of llmstack knows {', '.join(map(repr, SCHEMES))}")
     group_size = None
@@ -435,7 +626,9 @@ def load_quantized(directory: str | os.PathLike, *, device: torch.device | str |
                              f"version; quantize the float checkpoint again")
     dtype_of_floats = state["norm.weight"].dtype  # the model's float dtype (the final norm is never quantized)
 
-    def scheme_of(name: str) -> str:  # int8 codes are int8, int4 ones two per uint8
+    def scheme_of(name: str) -> str:  # nf4 has absmaxes; int8 codes are int8, int4 ones two per uint8
+        if f"{name}.absmax" in state:
+            return "nf4"
         return "int8" if state[f"{name}.qweight"].dtype == torch.int8 else "int4"
 
     with torch.device("meta"):  # no memory, no init work: every tensor comes from the file
