@@ -1,11 +1,12 @@
-"""Weight-only quantization of a checkpoint: size, perplexity and decode speed against float, one run.
+"""Weight-only quantization of a checkpoint: size, perplexity, decode and prefill speed against float, one run.
 
 For float, int8 (per channel) and int4 (group-wise, one or more group sizes), each
 model is saved and loaded back through llmstack.from_pretrained, then measured:
 file size on disk, perplexity on the same windows for every model (the change
-against float in %), and greedy decode tokens/s (batch 1) timed alternately with
-the float model, medians. The embedding and output head take --embedding (int8 by
-default, as quantize.py does), whatever the layers' scheme.
+against float in %), greedy decode tokens/s (batch 1) and the time of a prefill of
+one window, each timed alternately with the float model, medians. The embedding and
+output head take --embedding (int8 by default, as quantize.py does), whatever the
+layers' scheme.
 
     python scripts/bench_quantize.py --checkpoint runs/quickstart --group-size 32 64
     python scripts/bench_quantize.py --checkpoint runs/quickstart --quick    # a fast smoke run (explicit flags apply)
@@ -109,11 +110,12 @@ def main() -> None:
             variants.append((scheme if scheme == "int8" else f"int4 g={g}", scheme, g))
 
     prompt = torch.as_tensor(tokens[:16].astype("int64"))  # the start of the perplexity text
+    window = torch.as_tensor(tokens[:seq_len].astype("int64"))[None].to(device)  # prefill: the first window
     print(f"device: {device_name(device)} ({device.type}) | torch {torch.__version__} | "
           f"{torch.get_num_threads()} threads | activations float32")
     print(f"checkpoint: {ckpt} ({float_model.num_params() / 1e6:.2f}M parameters) | perplexity over "
           f"{n_batches} x 8 windows of {seq_len} tokens of {windows_of} | greedy decode: batch 1, 16-token prompt, "
-          f"{new_tokens} new tokens, median of {iters}")
+          f"{new_tokens} new tokens, median of {iters}; prefill: one window of {seq_len} tokens")
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -138,16 +140,21 @@ def main() -> None:
                 1, iters, device=device)
             differ = (got["base"][16:] != got["model"][16:]).nonzero()
             same = int(differ[0]) if len(differ) else new_tokens  # greedy tokens before the first difference
+            with torch.no_grad():  # prefill: one forward over a whole window, alternated with float
+                p_base, p_model = time_pair(lambda: base(window, logits_to_keep=1),
+                                            lambda: model(window, logits_to_keep=1), 1, iters, device=device)
             rows.append((label, size, ppl, 100 * (ppl / base_ppl - 1), new_tokens / t_model, new_tokens / t_base,
-                         t_base / t_model, same))
+                         t_base / t_model, same, p_base / p_model))
 
     print(f"\n| {'weights':<10} | {'embed/head':<10} | {'file MiB':>8} | {'ppl':>8} | {'ppl change':>10} | "
-          f"{'decode tok/s':>12} | {'float tok/s':>11} | {'speed vs float':>14} | {'same greedy':>11} |")
-    print(f"|{'-' * 12}|{'-' * 12}|{'-' * 10}|{'-' * 10}|{'-' * 12}|{'-' * 14}|{'-' * 13}|{'-' * 16}|{'-' * 13}|")
-    for label, size, ppl, change, tps, base_tps, ratio, same in rows:
+          f"{'decode tok/s':>12} | {'float tok/s':>11} | {'decode vs float':>15} | {'prefill vs float':>16} | "
+          f"{'same greedy':>11} |")
+    print(f"|{'-' * 12}|{'-' * 12}|{'-' * 10}|{'-' * 10}|{'-' * 12}|{'-' * 14}|{'-' * 13}|{'-' * 17}|{'-' * 18}|"
+          f"{'-' * 13}|")
+    for label, size, ppl, change, tps, base_tps, ratio, same, prefill in rows:
         head = "float32" if label == "float32" else args.embedding
         print(f"| {label:<10} | {head:<10} | {size / 2**20:>8.2f} | {ppl:>8.3f} | {change:>+9.2f}% | {tps:>12.1f} | "
-              f"{base_tps:>11.1f} | {ratio:>13.2f}x | {same:>4} / {new_tokens:<4} |")
+              f"{base_tps:>11.1f} | {ratio:>14.2f}x | {prefill:>15.2f}x | {same:>4} / {new_tokens:<4} |")
     print("\nsame greedy: new tokens the model decodes exactly as the float model does before the first difference.")
 
 
