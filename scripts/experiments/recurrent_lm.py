@@ -1,12 +1,11 @@
-"""LSTM vs GRU vs the quickstart Transformer: validation loss at equal parameters, equal tokens and equal wall-clock.
+"""LSTM vs GRU vs the quickstart Transformer: validation loss at equal parameters and equal wall-clock.
 
 The three pretraining jobs `configs/pretrain/{quickstart,lstm,gru}.yaml` (2.35-2.36M
 parameters each, the same corpus, tokenizer, batches, optimizer and schedule) run through
-`llmstack.train.pretrain`, the loop `scripts/pretrain.py` runs, twice over:
-
-    equal tokens      300 steps each (1.2M tokens), as the configs say
-    equal wall-clock  each recurrent model gets as many steps as fit in the time the
-                      Transformer took for its 300 (warmup and cosine decay stretched to them)
+`llmstack.train.pretrain`, the loop `scripts/pretrain.py` runs. The Transformer trains for
+its 300 steps; a 30-step probe of each recurrent model measures its step time, and the
+model then trains for as many steps as fit in the Transformer's training time (warmup and
+cosine decay stretched to them).
 
 Training time is the number of steps times the median time of a step (from the intervals of
 metrics.jsonl that hold no evaluation or checkpoint), so evaluations, saves and a busy moment
@@ -14,7 +13,7 @@ on the machine do not count. Validation loss is the job's own (train.eval_batche
 held-out files) every 50 steps and at the end. Each run directory is a normal checkpoint:
 `scripts/generate.py --checkpoint runs/experiments/recurrent_lm/lstm` samples from it.
 
-    python scripts/experiments/recurrent_lm.py          # about 25 minutes on one thread
+    python scripts/experiments/recurrent_lm.py          # about 17 minutes on one thread
     python scripts/experiments/recurrent_lm.py --quick
 """
 from __future__ import annotations
@@ -84,42 +83,39 @@ def main() -> None:
     out = common.start(args)
     started = time.perf_counter()
     extra = quick_overrides(out) if args.quick else []
-    base_steps = 6 if args.quick else 300
-    equal_tokens = {name: run(name, job, base_steps, out / job, extra) for name, job in JOBS.items()}
-    budget = equal_tokens["Transformer"]["train_s"]
-    equal_time = {"Transformer": equal_tokens["Transformer"]}
+    base_steps, probe_steps = (6, 6) if args.quick else (300, 30)
+    runs = {"Transformer": run("Transformer", "quickstart", base_steps, out / "quickstart", extra)}
+    budget = runs["Transformer"]["train_s"]
+    probes = {}
     for name in ("LSTM", "GRU"):
-        steps = max(1, round(budget / equal_tokens[name]["step_s"]))
-        if abs(steps - base_steps) <= 0.02 * base_steps:  # within the noise of the timing: the same run
-            equal_time[name] = equal_tokens[name]
-        else:
-            equal_time[name] = run(name, JOBS[name], steps, out / f"{JOBS[name]}-equal-time", extra)
-    results = {"equal_tokens": equal_tokens, "equal_time": equal_time, "budget_s": budget, "quick": args.quick,
-               "setup": { "configs": {n: f"configs/pretrain/{j}.yaml" for n, j in JOBS.items()},
+        job = JOBS[name]
+        probes[name] = run(f"{name} (probe)", job, probe_steps, out / f"{job}-probe",
+                           extra if args.quick else ["train.log_every=2"])  # more intervals to take the median of
+        shutil.rmtree(out / f"{job}-probe")
+        steps = max(1, round(budget / probes[name]["step_s"]))
+        runs[name] = run(name, job, steps, out / job, extra)
+    results = {"runs": runs, "probes": {k: {"steps": v["steps"], "step_s": v["step_s"]} for k, v in probes.items()},
+               "budget_s": budget, "quick": args.quick,
+               "setup": {"configs": {n: f"configs/pretrain/{j}.yaml" for n, j in JOBS.items()},
                          "train_time": "steps x median step time (intervals without evaluation or save)"}}
-    print(f"\n| model | parameters | val loss, {base_steps} steps | s/step | val loss, equal wall-clock (steps) |")
-    for name in JOBS:
-        a, b = equal_tokens[name], equal_time[name]
-        print(f"| {name} | {a['params'] / 1e6:.2f}M | {a['val_loss']:.3f} | {a['step_s']:.2f} | "
-              f"{b['val_loss']:.3f} ({b['steps']}) |")
+    print("\n| model | parameters | steps | tokens | training time | val loss |")
+    for name, r in runs.items():
+        print(f"| {name} | {r['params'] / 1e6:.2f}M | {r['steps']} | {r['tokens'] / 1e6:.2f}M | {r['train_s']:.0f} s | "
+              f"{r['val_loss']:.3f} |")
 
     plt = common.pyplot()
-    fig, (ax_tok, ax_time) = plt.subplots(1, 2, figsize=(12, 4.3))
-    for i, name in enumerate(JOBS):
-        a, b = equal_tokens[name], equal_time[name]
-        steps, losses = zip(*a["val_curve"])
-        tokens_per_step = a["tokens"] / a["steps"]
-        ax_tok.plot([s * tokens_per_step / 1e6 for s in steps], losses, marker="o", color=f"C{i}",
-                    label=f"{name} ({a['params'] / 1e6:.2f}M params)")
-        steps, losses = zip(*b["val_curve"])
-        ax_time.plot([s * b["step_s"] for s in steps], losses, marker="o", color=f"C{i}",
-                     label=f"{name}: {b['steps']} steps")
-    ax_tok.set(xlabel="training tokens (millions)", ylabel="validation loss (nats/token)",
-               title=f"Equal tokens: {base_steps} steps each")
+    fig, (ax_time, ax_tok) = plt.subplots(1, 2, figsize=(12, 4.3))
+    for i, (name, r) in enumerate(runs.items()):
+        steps, losses = zip(*r["val_curve"])
+        label = f"{name} ({r['params'] / 1e6:.2f}M params): {r['steps']} steps"
+        ax_time.plot([s * r["step_s"] for s in steps], losses, marker="o", color=f"C{i}", label=label)
+        ax_tok.plot([s * r["tokens"] / r["steps"] / 1e6 for s in steps], losses, marker="o", color=f"C{i}", label=label)
     ax_time.axvline(budget, color="k", ls="--", lw=0.8)
     ax_time.set(xlabel="training time (s, one thread)", ylabel="validation loss (nats/token)",
-                title=f"Equal wall-clock: {budget:.0f} s each")
-    for ax in (ax_tok, ax_time):
+                title=f"The Transformer's {base_steps} steps of training time for each")
+    ax_tok.set(xlabel="training tokens (millions)", ylabel="validation loss (nats/token)",
+               title="The same runs against tokens")
+    for ax in (ax_time, ax_tok):
         ax.set_ylim(None, min(9.0, ax.get_ylim()[1]))
         ax.legend(fontsize=8)
     common.save_figure(fig, out / "recurrent_lm.png")
