@@ -26,8 +26,8 @@ import yaml
 import llmstack
 from llmstack.cli import script_parser
 from llmstack.config import ConfigError
-from llmstack.inference.quantize import (DEFAULT_GROUP_SIZE, DEFAULT_SKIP, SCHEMES, QuantizedLinear, quantize_,
-                                         save_quantized)
+from llmstack.inference.quantize import (DEFAULT_GROUP_SIZE, DEFAULT_SKIP, SCHEMES, QuantizedLinear,
+                                         quantization_of, quantize_, save_quantized)
 from llmstack.interop import load_tokenizer, resolve_checkpoint
 from llmstack.runtime import set_threads
 
@@ -64,8 +64,9 @@ def main() -> None:
     parser.add_argument("--scheme", required=True, choices=SCHEMES)
     parser.add_argument("--group-size", type=int, default=DEFAULT_GROUP_SIZE,
                         help=f"inputs per scale and offset for int4 (default {DEFAULT_GROUP_SIZE})")
-    parser.add_argument("--embedding", choices=[*SCHEMES, "none"], default="int8",
-                        help="scheme of the embedding and the output head, none to keep them float (default int8)")
+    parser.add_argument("--embedding", choices=["int8", "int4", "none"], default=None,
+                        help="scheme of the embedding and the output head, none to keep them float (default int8; "
+                             "float with --scheme nf4)")
     parser.add_argument("--skip", nargs="*", default=list(DEFAULT_SKIP),
                         help=f"Linear modules left in float, by full name or last component "
                              f"(default: {' '.join(DEFAULT_SKIP)}; --skip alone quantizes every one)")
@@ -87,7 +88,7 @@ def main() -> None:
         except FileNotFoundError:
             tokenizer = None  # weights alone are a valid checkpoint too
         check_skip(model, args.skip)
-        embedding = None if args.embedding == "none" else args.embedding
+        embedding = {None: "default", "none": None}.get(args.embedding, args.embedding)
         quantize_(model, args.scheme, group_size=args.group_size, skip=tuple(args.skip), embedding=embedding)
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
@@ -103,9 +104,10 @@ def main() -> None:
     if tokenizer is not None:
         tokenizer.save(out / "tokenizer.json")  # with an HF tokenizer, tokenizer_config.json beside it
     size = sum(p.stat().st_size for p in out.glob("*.safetensors"))
-    group = f" (group size {args.group_size})" if "int4" in (args.scheme, embedding) else ""
+    info = quantization_of(model)
+    group = f" (group size {args.group_size})" if "int4" in (info["scheme"], info["embedding"]) else ""
     print(f"{ckpt} -> {out}: {args.scheme}{group}, weights {src / 2**20:.2f} MiB -> {size / 2**20:.2f} MiB "
-          f"({size:,} bytes); embedding and head: {args.embedding}"
+          f"({size:,} bytes); embedding and head: {info['embedding'] or 'none'}"
           + ("" if tokenizer is not None else "; no tokenizer to copy"))
 
 
