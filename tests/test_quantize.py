@@ -169,6 +169,21 @@ def test_head_follows_the_embedding_scheme():
     assert isinstance(model.layers[1].mlp.down_proj, QuantizedLinear) and type(model.embed) is nn.Embedding
 
 
+@pytest.mark.parametrize("shape,rows,integer", [((1024, 512), 1, True), ((1024, 512), 64, True),
+                                                 ((2048, 192), 8, True), ((2048, 192), 64, False),
+                                                 ((256, 192), 1, False)])
+def test_cpu_int8_layer_takes_the_integer_product_where_it_pays(shape, rows, integer):
+    from llmstack.inference.quantize import integer_product_pays
+
+    linear = nn.Linear(shape[1], shape[0], bias=False)
+    qlinear = QuantizedLinear.from_linear(linear, "int8")
+    x = torch.randn(rows, shape[1])
+    assert integer_product_pays(rows, *shape) == integer
+    expected = (int8_matmul_cpu(x, qlinear.qweight, qlinear.scale) if integer
+                else F.linear(x, qlinear.dequantize(torch.float32)))
+    assert torch.equal(qlinear(x), expected)
+
+
 @pytest.mark.parametrize("rows", [1, 5, 64])
 def test_cpu_int8_product_equals_the_weight_only_product(rows):
     # x in two int8 parts times int8 codes: the float64 product with the dequantized weight, up to

@@ -34,9 +34,10 @@ Where the products run:
   (`llmstack.kernels.quant_matmul`); more rows (prefill): dequantize, then cuBLAS.
 - CPU, int8, float32: integer arithmetic (`int8_matmul_cpu`): x in two int8 parts per row,
   times the int8 codes through torch._int_mm (exact int32 sums), scaled per row and per
-  output. Faster than the float32 matmul at every row count on a 2-core x86 CPU (torch 2.13:
-  SmolLM2-135M decodes 1.5x and prefills 512 tokens 1.25x faster than in float32), with the
-  weight-only int8 result. The fused int8 x float kernel torch offers
+  output, with the weight-only int8 result; for weights of 2^18 elements and up, where it
+  beats dequantizing (`integer_product_pays`, measured per shape and row count). On a 2-core
+  x86 CPU (torch 2.13) SmolLM2-135M decodes 1.3-1.5x and prefills 512 tokens 1.4x faster
+  than in float32; smaller weights are dequantized. The fused int8 x float kernel torch offers
   (`_weight_int8pack_mm`) costs 4-30x float32 there, and plain dynamic activation
   quantization (one int8 part) costs SmolLM2-135M 4% perplexity.
 - CPU, int4, and other dtypes: dequantize, then the float matmul.
@@ -289,6 +290,24 @@ def dequantize_nf4(qweight: torch.Tensor, absmax: torch.Tensor, absmax_scale: to
 # ---------------------------------------------------------------------------
 
 
+# When int8_matmul_cpu beats dequantizing (measured per shape on a 2-core x86 CPU, torch 2.13, 1 and
+# 2 threads, 1-256 rows): its fixed cost, about 60 us for quantizing x, pays off from weights of
+# 2^18 elements up (576 x 576: 0.7-0.95x the dequantized matmul's time; 1536 x 576: 0.35-0.6x;
+# 49152 x 576: 0.03-0.7x), and not below (192 x 512: 1.1-1.6x). With a short inner dimension
+# (192) the integer product of many rows loses (4096 x 192 at 256 rows: 2.6x) while a few rows win
+# (0.04-0.08x).
+INT_PRODUCT_MIN_WEIGHTS = 1 << 18
+INT_PRODUCT_SHORT_INPUT = 512
+INT_PRODUCT_SHORT_INPUT_MAX_ROWS = 16
+
+
+def integer_product_pays(rows: int, out_features: int, in_features: int) -> bool:
+    """Whether `int8_matmul_cpu` is the faster CPU product for `rows` rows of x by this weight."""
+    if out_features * in_features < INT_PRODUCT_MIN_WEIGHTS:
+        return False
+    return in_features >= INT_PRODUCT_SHORT_INPUT or rows <= INT_PRODUCT_SHORT_INPUT_MAX_ROWS
+
+
 def int8_matmul_cpu(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """x (..., in) float32 @ (qweight * scale[:, None])^T on the CPU, in integer arithmetic.
 
@@ -417,7 +436,8 @@ class _QuantizedWeight(nn.Module):
             if self.scheme == "int8":
                 return quant_matmul.int8_matmul(x, self.qweight, self.scale)
             return quant_matmul.int4_matmul(x, self.qweight, self.scale, self.offset, self.group_size)
-        if self.scheme == "int8" and x.device.type == "cpu" and x.dtype == torch.float32:
+        if self.scheme == "int8" and x.device.type == "cpu" and x.dtype == torch.float32 \
+                and integer_product_pays(x.numel() // self.in_features, *self.qweight.shape):
             return int8_matmul_cpu(x, self.qweight, self.scale)
         return F.linear(x, self.dequantize(x.dtype))
 
