@@ -302,7 +302,8 @@ INT_PRODUCT_SHORT_INPUT_MAX_ROWS = 16
 
 
 def integer_product_pays(rows: int, out_features: int, in_features: int) -> bool:
-    """Whether `int8_matmul_cpu` is the faster CPU product for `rows` rows of x by this weight."""
+    """Whether `int8_matmul_cpu` is the faster eager CPU product for `rows` rows of x by this weight
+    (a compiled step takes it for every weight: the quantization of x fuses into few kernels)."""
     if out_features * in_features < INT_PRODUCT_MIN_WEIGHTS:
         return False
     return in_features >= INT_PRODUCT_SHORT_INPUT or rows <= INT_PRODUCT_SHORT_INPUT_MAX_ROWS
@@ -437,7 +438,8 @@ class _QuantizedWeight(nn.Module):
                 return quant_matmul.int8_matmul(x, self.qweight, self.scale)
             return quant_matmul.int4_matmul(x, self.qweight, self.scale, self.offset, self.group_size)
         if self.scheme == "int8" and x.device.type == "cpu" and x.dtype == torch.float32 \
-                and integer_product_pays(x.numel() // self.in_features, *self.qweight.shape):
+                and (torch.compiler.is_compiling()  # compiled, quantizing x fuses away: its fixed cost is gone
+                     or integer_product_pays(x.numel() // self.in_features, *self.qweight.shape)):
             return int8_matmul_cpu(x, self.qweight, self.scale)
         return F.linear(x, self.dequantize(x.dtype))
 
