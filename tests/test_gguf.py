@@ -51,6 +51,20 @@ def gguf_name(name: str) -> str:
     return f"blk.{i}.{LAYER_NAMES[module]}.{kind}"
 
 
+# K-quant blocks of 256 weights: (bytes per block, byte offsets of its float16 scale fields)
+K_QUANTS = {"Q4_K": (144, (0, 2)), "Q6_K": (210, (208,))}
+
+
+def random_k_blocks(shape, qtype, seed=0):
+    """Random codes and sub-block scales in K-quant blocks, with small float16 block scales."""
+    size, fields = K_QUANTS[qtype]
+    rng = np.random.default_rng(seed)
+    blocks = rng.integers(0, 256, (shape[0] * shape[1] // 256, size), dtype=np.uint8)
+    for offset in fields:
+        blocks[:, offset:offset + 2] = np.full((len(blocks), 1), 2e-4, np.float16).view(np.uint8)
+    return blocks.reshape(shape[0], shape[1] // 256 * size)
+
+
 def write_gguf(model, path, *, arch="llama", qtype="F32", declared_arch=None):
     """Write `model` as llama.cpp does; matrices in `qtype` (norms and biases F32). Returns the model
     with the weights the file holds (quantized and dequantized), for comparison."""
@@ -71,7 +85,11 @@ def write_gguf(model, path, *, arch="llama", qtype="F32", declared_arch=None):
         w = tensor.numpy().astype(np.float32)
         if arch == "llama" and name.endswith(("q_proj.weight", "k_proj.weight")):
             w = permute(w, cfg.num_attention_heads if "q_proj" in name else cfg.num_key_value_heads)
-        if w.ndim == 2 and qtype != "F32":
+        if w.ndim == 2 and qtype in K_QUANTS:  # no quantizer in the gguf package: random blocks, valid scales
+            q = random_k_blocks(w.shape, qtype)
+            writer.add_tensor(gguf_name(name), q, raw_dtype=kind)
+            back = np.asarray(gguf.quants.dequantize(q, kind), dtype=np.float32).reshape(w.shape)
+        elif w.ndim == 2 and qtype != "F32":
             q = gguf.quants.quantize(w, kind)
             writer.add_tensor(gguf_name(name), q, raw_dtype=kind)
             back = np.asarray(gguf.quants.dequantize(q, kind), dtype=np.float32).reshape(w.shape)
@@ -100,6 +118,20 @@ def test_gguf_model_equals_the_model_it_holds(tmp_path, arch, tie, qtype):
     with torch.no_grad():
         a, b = ours(ids), ref(ids).logits
     assert ((a - b).norm() / b.norm()).item() < 1e-5  # float32, the same weights
+
+
+@pytest.mark.parametrize("qtype", list(K_QUANTS))
+def test_gguf_k_quants_load_as_the_gguf_package_dequantizes_them(tmp_path, qtype):
+    # K-quants work on rows of 256 weights: a model 256 wide.
+    wide = dict(SHAPE, hidden_size=256, intermediate_size=512)
+    torch.manual_seed(0)
+    ref = transformers.LlamaForCausalLM(transformers.LlamaConfig(**wide, tie_word_embeddings=False)).eval()
+    ref = write_gguf(ref, tmp_path / "k.gguf", qtype=qtype)
+    ours = llmstack.from_pretrained(tmp_path / "k.gguf")
+    ids = torch.randint(0, 64, (1, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        a, b = ours(ids), ref(ids).logits
+    assert ((a - b).norm() / b.norm()).item() < 1e-5
 
 
 def test_gguf_of_another_architecture_or_tensor_type_is_a_clear_error(tmp_path):
