@@ -54,6 +54,9 @@ def test_local_sources_load_and_split(local_corpus):
     txt = [*load_corpus(str(tmp_path / "txt" / "*.txt"), "train", val_fraction=0.1)["text"],
            *load_corpus(str(tmp_path / "txt" / "*.txt"), "val", val_fraction=0.1)["text"]]
     assert sorted(txt) == sorted(docs)
+    # A text field names a column of JSON or Parquet rows; a plain text file is its own text.
+    assert load_corpus(str(tmp_path / "txt" / "*.txt"), "all", text_field="body")["text"] == \
+        load_corpus(str(tmp_path / "txt" / "*.txt"), "all")["text"]
     js = load_corpus(str(tmp_path / "c.jsonl"), "train", val_fraction=0.1, text_field="body")
     assert 150 < len(js) < 200
     import datasets

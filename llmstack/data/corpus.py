@@ -79,6 +79,8 @@ def _local_dataset(source: str, split: str, val_fraction: float, text_field: str
     else:
         raise DataError(f"data.source {source!r}: unsupported file types {sorted(ext)} "
                         "(use .txt, .jsonl/.json or .parquet, one kind at a time)")
+    if key == "path":  # plain text files: the whole file is the text, whatever data.text_field says
+        text_field = "text"
     if text_field not in ds.column_names:
         raise DataError(f"data.source {source!r} has no field {text_field!r}; its fields are "
                         f"{', '.join(ds.column_names)} (set data.text_field)")
