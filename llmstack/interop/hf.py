@@ -434,13 +434,13 @@ def tokenizer_to_hf(tokenizer):
     from tokenizers import AddedToken, Regex, Tokenizer as Backend, decoders, models, pre_tokenizers
 
     from llmstack.tokenizer import HFTokenizer
-    from llmstack.tokenizer.gguf import _byte_spelling  # GPT-2's byte alphabet, as GGUF files spell it
+    from llmstack.tokenizer.gguf import byte_spelling  # GPT-2's byte alphabet
 
     if isinstance(tokenizer, HFTokenizer):
         return tokenizer
     encoding = tokenizer.encoding
     ranks: dict[bytes, int] = encoding._mergeable_ranks
-    spelling = _byte_spelling()
+    spelling = byte_spelling()
 
     def spell(token: bytes) -> str:
         return "".join(spelling[b] for b in token)

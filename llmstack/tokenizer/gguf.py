@@ -132,7 +132,7 @@ def _byte_level(meta: dict, path: Path):
     if "tokenizer.ggml.merges" not in meta:
         raise ValueError(f"{path} has a byte-level BPE tokenizer without merges (tokenizer.ggml.merges)")
     alphabet = set(pre_tokenizers.ByteLevel.alphabet())
-    spelling = _byte_spelling()
+    spelling = byte_spelling()
     tokens, types = meta["tokenizer.ggml.tokens"], _types(meta)
     # Every token of a byte-level vocabulary is spelled in the byte alphabet; the few that are not (added
     # tokens written out plainly) are respelled so the merges that build them still find them.
@@ -214,7 +214,7 @@ def _add_typed_tokens(backend, tokens: list[str], types: list[int], control_ok: 
         backend.add_tokens(user)
 
 
-def _byte_spelling() -> dict[int, str]:
+def byte_spelling() -> dict[int, str]:
     """GPT-2's byte alphabet: printable bytes stand for themselves, the others for chr(256 + k)."""
     printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
     spelling = {b: chr(b) for b in printable}
