@@ -21,6 +21,7 @@ from llmstack.model import flops_per_token
 from llmstack.runtime import resolve_device
 from llmstack.tokenizer import Tokenizer
 from llmstack.tokenizer import load as load_tokenizer_file
+from llmstack.tokenizer.tokenizer import SPECIAL_TOKENS
 from llmstack.train.config import PretrainConfig
 from llmstack.train.checkpoint import latest_checkpoint
 from llmstack.train.trainer import TrainResult, train
@@ -41,12 +42,12 @@ def check_directory(key: str, path: str | os.PathLike) -> None:
         raise ConfigError(f"{key}={str(path)!r}: {str(existing)!r} is not writable; choose another {key}")
 
 
-def check_run_dir(cfg: PretrainConfig, resume: bool) -> bool:
+def check_run_dir(cfg, resume: bool, identity: tuple[str, ...] = RUN_IDENTITY) -> bool:
     """Whether to resume. Errors, before any work, when out_dir cannot hold a run, holds another
-    run, or holds this run without --resume."""
+    run (one of the `identity` sections of the job differs), or holds this run without --resume."""
     run_dir = Path(cfg.train.out_dir)
     check_directory("train.out_dir", run_dir)
-    if cfg.data.cache_dir:
+    if getattr(cfg.data, "cache_dir", None):
         check_directory("data.cache_dir", cfg.data.cache_dir)
     ckpt = latest_checkpoint(run_dir)
     if ckpt is None:
@@ -56,7 +57,7 @@ def check_run_dir(cfg: PretrainConfig, resume: bool) -> bool:
     for job in (old, new):  # the stop tokens are the tokenizer's (compared in its own section), filled in later
         if isinstance(job.get("model"), dict):
             job["model"] = {k: v for k, v in job["model"].items() if k != "eos_token_ids"}
-    differs = [s for s in RUN_IDENTITY if old.get(s) != new.get(s)]
+    differs = [s for s in identity if old.get(s) != new.get(s)]
     if differs:
         raise ConfigError(f"train.out_dir={str(run_dir)!r} holds a different run ({', '.join(differs)} differ); "
                           "choose another train.out_dir")
@@ -72,9 +73,11 @@ def build_tokenizer(cfg: PretrainConfig, progress: bool = True) -> Tokenizer:
         return load_tokenizer_file(tc.path)
     if tc.tiktoken:
         return Tokenizer.from_tiktoken(tc.tiktoken)
-    # Train on the corpus; cache by corpus and settings so that reruns skip it.
+    # Train on the corpus; cache by corpus, settings and special tokens (a tokenizer cached before the
+    # list changed lacks the new ones), so that reruns skip it.
     key = hashlib.sha256(f"{corpus_fingerprint(cfg.data.source, val_fraction=cfg.data.val_fraction)}|"
-                         f"{tc.vocab_size}|{tc.train_docs_fraction}".encode()).hexdigest()[:20]
+                         f"{tc.vocab_size}|{tc.train_docs_fraction}|{','.join(SPECIAL_TOKENS)}".encode()
+                         ).hexdigest()[:20]
     cache = (Path(cfg.data.cache_dir) if cfg.data.cache_dir else default_cache_dir()).parent / "tokenizers"
     path = cache / f"{key}.json"
     if path.is_file():
