@@ -5,7 +5,7 @@
     tok = load("SmolLM2-135M-Instruct.Q4_1.gguf")                            # GGUF metadata: HFTokenizer
 
 Both classes have one interface: encode/encode_batch/decode, vocab_size, bos_id, eos_id,
-pad_id, stop_ids, special_tokens, chat_template, apply_chat_template, fingerprint, save.
+pad_id, stop_ids, special_tokens, chat_template, apply_chat_template, encode_chat, fingerprint, save.
 """
 from __future__ import annotations
 

@@ -191,7 +191,11 @@ class HFTokenizer:
         variables = {k: v for k, v in self._names.items() if v is not None}
         text = render_chat(self.chat_template, messages, add_generation_prompt=add_generation_prompt,
                            **{**variables, **kwargs})
-        return self.encode(text) if tokenize else text
+        return self.encode_chat(text) if tokenize else text
+
+    def encode_chat(self, text: str) -> list[int]:
+        """Ids of text rendered by a chat template, its special-token spellings as their ids (`encode`)."""
+        return self.encode(text)
 
 
 # ---------------------------------------------------------------------- the config files

@@ -101,7 +101,11 @@ class Tokenizer:
     def save(self, path: str | os.PathLike) -> None:
         path = Path(path)
         tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(self._spec))
+        spec = dict(self._spec)
+        if self.chat_template != (CHATML if IM_START in self.special_tokens and IM_END in self.special_tokens
+                                  else None):
+            spec["chat_template"] = self.chat_template  # one set by hand (a fine-tuning job's data.chat_template)
+        tmp.write_text(json.dumps(spec))
         os.replace(tmp, path)
 
     @classmethod
@@ -112,12 +116,16 @@ class Tokenizer:
         try:
             spec = json.loads(path.read_text())
             if spec["type"] == "tiktoken":
-                return cls.from_tiktoken(spec["name"])
-            if spec["type"] != "bpe":
+                tok = cls.from_tiktoken(spec["name"])
+            elif spec["type"] != "bpe":
                 raise ValueError(f"unknown type {spec['type']!r}")
-            merges = [base64.b64decode(m, validate=True) for m in spec["merges"]]
-            # the file's own special tokens: one saved by an earlier version keeps the ones it was trained with
-            return cls._from_merges(merges, spec["pattern"], spec["special_tokens"])
+            else:
+                merges = [base64.b64decode(m, validate=True) for m in spec["merges"]]
+                # the file's own special tokens: one saved by an earlier version keeps the ones it was trained with
+                tok = cls._from_merges(merges, spec["pattern"], spec["special_tokens"])
+            if "chat_template" in spec:
+                tok.chat_template = spec["chat_template"]
+            return tok
         except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:  # binascii.Error is a ValueError
             raise ValueError(f"tokenizer file {str(path)!r} is corrupt or truncated ({e})") from None
 
@@ -182,10 +190,11 @@ class Tokenizer:
         variables = {"bos_token": self._bos, "eos_token": self._eos}
         text = render_chat(self.chat_template, messages, add_generation_prompt=add_generation_prompt,
                            **{**variables, **kwargs})
-        if not tokenize:
-            return text
-        # The rendered text holds the template's chat tokens; a message that spells one out gets it too,
-        # as with transformers' apply_chat_template.
+        return self.encode_chat(text) if tokenize else text
+
+    def encode_chat(self, text: str) -> list[int]:
+        """Ids of text rendered by a chat template: the template's chat tokens become their special ids,
+        and so does a message that spells one out, as with transformers' apply_chat_template."""
         return self.encoding.encode(text, allowed_special="all")
 
 
