@@ -11,7 +11,9 @@ j <= i + Tk - Tq. That one convention covers training (Tq == Tk), prefill into
 a cache and single-token decode (Tq == 1).
 
 Extra masks: `key_mask` (B, Tk), True for real tokens, for batches of unequal
-lengths; `window` limits each query to its last `window` key slots.
+lengths, or (B, Tq, Tk), True where a query may see a key: per-document attention in
+a packed batch (each token sees only its own document); `window` limits each query
+to its last `window` key slots.
 
 What a cache hands over (see `llmstack.model.kv_cache`):
 - `kv_lengths` (B,): row b holds only its first kv_lengths[b] key slots, and its
@@ -68,7 +70,8 @@ def build_mask(tq: int, tk: int, *, causal: bool, window: Optional[int], key_mas
     if window is not None:
         mask = kj > qi - window if mask is None else mask & (kj > qi - window)
     if key_mask is not None:
-        km = key_mask[:, None, None, :].bool()  # (B, 1, 1, Tk)
+        # (B, 1, 1, Tk): padding hidden from every query; (B, 1, Tq, Tk): a mask per query
+        km = (key_mask[:, None, None, :] if key_mask.dim() == 2 else key_mask[:, None]).bool()
         mask = km if mask is None else mask & km
     if key_mask is not None or kv_lengths is not None:
         # A padding query may see no key at all, and softmax over nothing is NaN, which
@@ -121,7 +124,8 @@ def triton_attention(q, k, v, *, causal=True, key_mask=None, window=None, dropou
     from llmstack.kernels import flash_attention as fa, flash_decode as fd
 
     masked = key_mask is not None or kv_lengths is not None
-    if masked and dropout_p == 0.0 and fd.is_decode(q, k) and not _needs_grad(q, k, v):
+    if (masked and dropout_p == 0.0 and fd.is_decode(q, k) and not _needs_grad(q, k, v)
+            and (key_mask is None or key_mask.dim() == 2)):
         return fd.flash_decode(q, k, v, causal=causal, scale=scale, window=window, key_mask=key_mask,
                                kv_len=kv_lengths)
     if masked or dropout_p > 0.0:

@@ -111,8 +111,8 @@ class Attention(nn.Module):
             if cache.lengths is not None:
                 kv_lengths = cache.lengths + T  # (B,): each row's keys, this step's included
             block_table = cache.block_table
-            if key_mask is not None and key_mask.shape[1] > k.shape[2]:
-                key_mask = key_mask[:, -k.shape[2]:]  # a rolling cache returns only its newest S slots
+            if key_mask is not None and key_mask.shape[-1] > k.shape[2]:
+                key_mask = key_mask[..., -k.shape[2]:]  # a rolling cache returns only its newest S slots
         backend = resolve_backend(self.config.attn_backend, x.device, q.dtype)
         y = attention(q, k, v, backend=backend, causal=True, key_mask=key_mask, window=self.config.sliding_window,
                       dropout_p=self.config.attn_dropout if self.training else 0.0, kv_lengths=kv_lengths,
@@ -242,8 +242,10 @@ class Transformer(nn.Module):
         cache:     a KVCache (or any object with its interface, see `llmstack.model.kv_cache`);
                    new keys/values are stored and it advances by T.
         attn_mask: (B, S) bool over all key slots (cached + new), True for real tokens; for
-                   batches of unequal lengths. A cache that keeps only the newest slots
-                   (`RollingKVCache`) is matched with the mask's last columns.
+                   batches of unequal lengths. Or (B, T, S), True where query t may see slot s
+                   (on top of the causal mask): documents packed in one row, each seeing only
+                   itself (`llmstack.finetune.data.document_mask`). A cache that keeps only the
+                   newest slots (`RollingKVCache`) is matched with the mask's last columns.
         logits_to_keep: compute logits for the last n positions only, (B, n, vocab): a prefill
                    needs one, and the output head over a whole prompt costs as much as a layer.
         targets:   (B, T) token ids to predict at each position (-100: none): returns the summed

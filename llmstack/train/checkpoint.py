@@ -60,11 +60,29 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+class FullWeights:
+    """How a checkpoint holds the model's weights: all of them, in model.safetensors. A fine-tuning
+    job that trains adapters on a frozen base passes another (`llmstack.finetune.AdapterWeights`:
+    the adapter alone, in PEFT's files)."""
+
+    def write(self, model: torch.nn.Module, directory: Path, step: int) -> None:
+        save_weights(model.state_dict(), directory, metadata={"format": "llmstack", "step": str(step)})
+
+    def read(self, directory: Path) -> Any:
+        """What `restore` needs, read whole first: a ValueError or FileNotFoundError when it is corrupt."""
+        return load_weights(directory)[0]
+
+    def restore(self, model: torch.nn.Module, state: Any) -> None:
+        load_state_into(model, state)
+
+
 def save_checkpoint(run_dir: str | os.PathLike, *, step: int, model: torch.nn.Module, optimizer, scaler,
-                    tokenizer, config: Any, extra: Optional[dict] = None, keep_last: int = 2) -> Path:
+                    tokenizer, config: Any, extra: Optional[dict] = None, keep_last: int = 2,
+                    weights: Optional[FullWeights] = None) -> Path:
     """Write checkpoints/step_N whole, then point `latest` at it, then prune: checkpoints after
     step N (a continuation that a resume from an older one abandoned) and all but the newest
-    `keep_last`."""
+    `keep_last`. `weights` says how the model's weights are kept (default: `FullWeights`)."""
+    weights = weights or FullWeights()
     run_dir = Path(run_dir)
     name = f"step_{step:06d}"
     target = run_dir / "checkpoints" / name
@@ -73,8 +91,9 @@ def save_checkpoint(run_dir: str | os.PathLike, *, step: int, model: torch.nn.Mo
         state["scaler"] = scaler.state_dict()
 
     def write(tmp: Path) -> None:
-        (tmp / "config.yaml").write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
-        save_weights(model.state_dict(), tmp, metadata={"format": "llmstack", "step": str(step)})
+        (tmp / "config.yaml").write_text(yaml.safe_dump(config if isinstance(config, dict) else to_dict(config),
+                                                        sort_keys=False))
+        weights.write(model, tmp, step)
         if tokenizer is not None:
             tokenizer.save(tmp / "tokenizer.json")
         torch.save(state, tmp / "trainer_state.pt")
@@ -121,12 +140,14 @@ class CorruptCheckpointError(ValueError):
     """A checkpoint file that cannot be read (truncated, overwritten): an older checkpoint may do."""
 
 
-def load_checkpoint(path: str | os.PathLike, model: torch.nn.Module, optimizer=None, scaler=None) -> dict:
+def load_checkpoint(path: str | os.PathLike, model: torch.nn.Module, optimizer=None, scaler=None,
+                    weights: Optional[FullWeights] = None) -> dict:
     """Restore weights (and optimizer, scaler, RNG when given); returns the trainer state. Both
     files are read before anything is restored, so a corrupt one leaves the model as it was."""
     path = Path(path)
+    weights = weights or FullWeights()
     try:
-        state_dict, _ = load_weights(path)
+        state_dict = weights.read(path)
     except (ValueError, FileNotFoundError) as e:
         raise CorruptCheckpointError(str(e)) from None
     try:
@@ -134,7 +155,7 @@ def load_checkpoint(path: str | os.PathLike, model: torch.nn.Module, optimizer=N
     except Exception as e:
         raise CorruptCheckpointError(f"trainer state {path / 'trainer_state.pt'} is truncated or corrupt ({e})") \
             from None
-    load_state_into(model, state_dict)
+    weights.restore(model, state_dict)
     if optimizer is not None:
         optimizer.load_state_dict(state["optimizer"])
     if scaler is not None and "scaler" in state:
@@ -144,14 +165,14 @@ def load_checkpoint(path: str | os.PathLike, model: torch.nn.Module, optimizer=N
 
 
 def load_latest_checkpoint(run_dir: str | os.PathLike, model: torch.nn.Module, optimizer=None,
-                           scaler=None) -> Optional[tuple[Path, dict]]:
+                           scaler=None, weights: Optional[FullWeights] = None) -> Optional[tuple[Path, dict]]:
     """Resume: load the newest checkpoint that reads; when one is corrupt, say so and fall back to
     the one before. (path, trainer state), or None when the run has no checkpoint."""
     remove_interrupted_saves(run_dir)
     candidates = run_checkpoints(run_dir)
     for i, path in enumerate(candidates):
         try:
-            return path, load_checkpoint(path, model, optimizer, scaler)
+            return path, load_checkpoint(path, model, optimizer, scaler, weights)
         except CorruptCheckpointError as e:
             if i + 1 == len(candidates):
                 raise CorruptCheckpointError(f"{e}; no earlier checkpoint of {run_dir} to fall back to") from None

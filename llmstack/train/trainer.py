@@ -22,9 +22,10 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from llmstack.eval.perplexity import evaluate
+from llmstack.eval.perplexity import evaluate, unpack_batch
 from llmstack.train.config import TrainConfig
-from llmstack.train.checkpoint import checkpoint_step, latest_checkpoint, load_latest_checkpoint, save_checkpoint
+from llmstack.train.checkpoint import (FullWeights, checkpoint_step, latest_checkpoint, load_latest_checkpoint,
+                                       save_checkpoint)
 from llmstack.train.interrupt import StopOnInterrupt
 from llmstack.train.metrics import MetricsLogger, plot_metrics
 from llmstack.train.optim import build_optimizer
@@ -41,10 +42,11 @@ class TrainingError(RuntimeError):
 
 def next_token_loss(model, batch) -> tuple[torch.Tensor, int, dict]:
     """Summed next-token cross-entropy over targets != -100, the token count, extra metrics.
-    A MoE model's auxiliary loss is added, scaled by the token count so the trainer's
-    division by tokens leaves it at its configured weight."""
-    x, y = batch
-    loss, aux = model(x, targets=y, return_aux=True)  # the head and the loss fused, chunk by chunk
+    A batch is (x, y), or (x, y, keyword arguments for the model): a packed batch's positions and
+    document mask (`llmstack.data.ChatBatches`). A MoE model's auxiliary loss is added, scaled by
+    the token count so the trainer's division by tokens leaves it at its configured weight."""
+    x, y, kwargs = unpack_batch(batch)
+    loss, aux = model(x, targets=y, return_aux=True, **kwargs)  # the head and the loss fused, chunk by chunk
     n = int((y != -100).sum())
     metrics = {}
     if aux.get("aux_loss") is not None:
@@ -73,7 +75,11 @@ class TrainResult:
 def train(model: torch.nn.Module, cfg: TrainConfig, batches, *, val_batches=None, run_dir: str | Path,
           tokenizer=None, job_config: Any = None, loss_fn: Callable = next_token_loss, resume: bool = False,
           bytes_per_token: Optional[float] = None, flops_per_token: Optional[float] = None,
-          progress: bool = True) -> TrainResult:
+          progress: bool = True, weights: Optional[FullWeights] = None) -> TrainResult:
+    """Train `model` for cfg.max_steps optimizer steps on `batches` (`get_batch(step, micro_step)`),
+    evaluating on `val_batches` (`eval_batches(n)`), checkpointing into `run_dir`. Only parameters
+    with requires_grad train (a frozen base with adapters: the adapters). `weights` says how
+    checkpoints keep the weights (default: all of them, `FullWeights`)."""
     cfg.validate()
     run_dir = Path(run_dir)
     device = next(model.parameters()).device
@@ -82,7 +88,7 @@ def train(model: torch.nn.Module, cfg: TrainConfig, batches, *, val_batches=None
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
     autocast = autocast_for(cfg.precision, device)
     step, total_bad, tokens_seen, last_ckpt = 0, 0, 0, None
-    if resume and (found := load_latest_checkpoint(run_dir, model, optimizer, scaler)) is not None:
+    if resume and (found := load_latest_checkpoint(run_dir, model, optimizer, scaler, weights)) is not None:
         last_ckpt, state = found
         step, total_bad, tokens_seen = state["step"], state.get("bad_steps", 0), state.get("tokens_seen", 0)
     start_step = step
@@ -103,7 +109,8 @@ def train(model: torch.nn.Module, cfg: TrainConfig, batches, *, val_batches=None
     def checkpoint(at_step: int) -> Path:
         return save_checkpoint(run_dir, step=at_step, model=model, optimizer=optimizer, scaler=scaler,
                                tokenizer=tokenizer, config=job_config if job_config is not None else cfg,
-                               extra={"bad_steps": total_bad, "tokens_seen": tokens_seen}, keep_last=cfg.keep_last)
+                               extra={"bad_steps": total_bad, "tokens_seen": tokens_seen}, keep_last=cfg.keep_last,
+                               weights=weights)
 
     from tqdm import tqdm
 
