@@ -22,7 +22,7 @@ _LAZY = {
     "KVCache": "llmstack.model",
     "build_model": "llmstack.model",
     "model_preset": "llmstack.model",
-    "from_pretrained": "llmstack.inference.loading",
+    "from_pretrained": "llmstack.finetune.loading",
     "save_pretrained": "llmstack.interop",
     "save_hf": "llmstack.interop",
     "load_tokenizer": "llmstack.interop",

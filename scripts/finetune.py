@@ -1,0 +1,54 @@
+"""Fine-tune a model on conversations from a YAML config: full, LoRA or QLoRA.
+
+    python scripts/finetune.py --config configs/finetune/quickstart-lora.yaml
+    python scripts/finetune.py --config configs/finetune/quickstart-lora.yaml lora.rank=16 train.max_steps=50
+    python scripts/finetune.py --config configs/finetune/smollm2-qlora.yaml --threads 2
+    python scripts/finetune.py --config configs/finetune/quickstart-lora.yaml --resume
+
+The job names a base (an llmstack run or checkpoint, a Hugging Face directory, a GGUF file),
+a method (full, lora, qlora) and conversations (JSONL, or the standard-library instructions),
+and trains with the pretraining loop: same schedules, accumulation, precision, checkpoints,
+metrics and plots. LoRA and QLoRA checkpoints hold the adapter alone, in PEFT's format.
+Ctrl-C saves and stops; --resume continues exactly. A bad config is one line on stderr, exit 2,
+before anything is written.
+"""
+import math
+import sys
+
+from llmstack.cli import parse_cli
+from llmstack.config import ConfigError
+from llmstack.data import DataError
+from llmstack.finetune.config import FinetuneConfig
+from llmstack.finetune.job import finetune
+from llmstack.runtime import set_threads
+from llmstack.train import TrainingError
+
+
+def fail(message: str, code: int = 2) -> None:
+    print(message, file=sys.stderr)
+    sys.exit(code)
+
+
+def main() -> None:
+    cfg, args = parse_cli(FinetuneConfig, description=__doc__, extra_args=lambda p: p.add_argument(
+        "--resume", action="store_true", help="continue the run in train.out_dir"))
+    try:
+        set_threads(args.threads)
+        result = finetune(cfg, resume=args.resume)
+    except ConfigError as e:
+        fail(f"config error: {e}")
+    except (DataError, ValueError, FileNotFoundError) as e:  # the conversations, the base, an adapter
+        fail(f"error: {e}")
+    except (TrainingError, OSError) as e:
+        fail(f"error: {e}", code=1)
+    except KeyboardInterrupt:
+        sys.exit(130)
+    val = result.val
+    train = f", train loss {result.train_loss:.3f}" if math.isfinite(result.train_loss) else ", already complete"
+    before = f" (before: {result.first_val['loss']:.3f})" if result.first_val else ""
+    print(f"done: step {result.step}{train}" + (f", val loss on answers {val['loss']:.3f}{before}" if val else "")
+          + f"\ncheckpoint: {result.checkpoint}")
+
+
+if __name__ == "__main__":
+    main()
