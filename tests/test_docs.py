@@ -107,6 +107,8 @@ LAYERS = {
                           "llmstack.tokenizer", "llmstack.data", "llmstack.interop", "llmstack.eval", "llmstack.train",
                           "llmstack.inference"},
     "llmstack.distributed": {"llmstack.config", "llmstack.runtime", "llmstack.model", "llmstack.train"},
+    "llmstack.serve": {"llmstack.config", "llmstack.io", "llmstack.runtime", "llmstack.model", "llmstack.tokenizer",
+                       "llmstack.interop", "llmstack.inference", "llmstack.finetune"},
 }
 
 
