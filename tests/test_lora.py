@@ -1,6 +1,6 @@
 """LoRA from outside: starts equal to the base, trains only adapters, q alone touches only q's rows
 of the fused qkv matmul, merges exactly (float64), and PEFT reads our adapters and we read PEFT's
-(logits within 1e-4 relative, float32)."""
+(logits within 1e-4 relative, float32). DoRA the same way, and its gradients equal PEFT's."""
 import json
 import math
 import re
@@ -290,6 +290,153 @@ def test_adapter_on_some_layers_only_round_trips_through_peft(base_dir, tmp_path
         assert rel_err(ours(x), hf_logits(again, x)) <= 1e-4
 
 
+# ------------------------------------------------------------------------------ DoRA
+
+
+def hf_module(name, part):
+    """PEFT's name of the module holding adapter `part` of our layer `name` (a Llama's or Qwen2's)."""
+    block = "self_attn" if part in ("q", "k", "v", "o") else "mlp"
+    return f"base_model.model.model.layers.{name.split('.')[1]}.{block}.{HF_NAMES[part]}"
+
+
+def perturb_magnitudes(model, seed=3):
+    """Magnitudes away from the norms they start at (where DoRA computes what LoRA does)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_magnitude_vector" in name:
+                p.mul_(1 + 0.3 * torch.randn(p.shape, generator=g, dtype=p.dtype))
+
+
+def test_dora_starts_equal_trains_magnitudes_and_q_alone_touches_only_q_rows():
+    model = tiny()
+    x = ids()
+    with torch.no_grad():
+        base_logits = model(x)
+        apply_lora(model, rank=4, alpha=8, targets=TARGETS, use_dora=True)
+        assert torch.equal(model(x), base_logits)  # B = 0 and m = ||W||: k = 1 exactly
+    layer = model.layers[0].attn.qkv_proj
+    assert set(layer.lora_magnitude_vector) == {"q", "k", "v"}
+    torch.testing.assert_close(layer.lora_magnitude_vector["k"], layer.base.weight[32:48].norm(dim=1))
+    cfg = model.config
+    lora_only, _ = count_parameters(apply_lora(tiny(), rank=4, alpha=8, targets=TARGETS))
+    trainable, _ = count_parameters(model)
+    assert trainable == lora_only + cfg.n_layers * (cfg.n_heads * cfg.head_dim + 2 * cfg.n_kv_heads * cfg.head_dim
+                                                    + 2 * cfg.dim + 2 * cfg.ffn_hidden)  # one per output row
+
+    model = apply_lora(tiny(), rank=4, alpha=8, targets=("q",), use_dora=True)
+    perturb(model)
+    perturb_magnitudes(model)
+    q_rows = cfg.n_heads * cfg.head_dim
+    h = torch.randn(2, 5, cfg.dim)
+    for block in model.layers:
+        layer = block.attn.qkv_proj
+        adapted, base = layer(h), layer.base(h)
+        assert torch.equal(adapted[..., q_rows:], base[..., q_rows:])  # k and v exactly as before
+        w = layer.base.weight[:q_rows] + layer.delta_weight("q")  # the paper's formula, plainly
+        expected = h @ (layer.lora_magnitude_vector["q"][:, None] * w / w.norm(dim=1, keepdim=True)).T
+        torch.testing.assert_close(adapted[..., :q_rows], expected)
+
+
+@torch.no_grad()
+def test_dora_merge_unmerge_and_remove_float64():
+    model = apply_lora(tiny(torch.float64), rank=4, alpha=8, targets=TARGETS, use_dora=True)
+    perturb(model)
+    perturb_magnitudes(model)
+    base_weights = {n: p.detach().clone() for n, p in model.state_dict().items() if ".base." in n}
+    x = ids()
+    adapted = model(x)
+    merge_lora(model)
+    assert rel_err(model(x), adapted) < 1e-12
+    unmerge_lora(model)
+    assert rel_err(model(x), adapted) < 1e-12
+    for name, w in base_weights.items():
+        torch.testing.assert_close(model.state_dict()[name], w, rtol=0, atol=1e-14)
+    remove_lora(model, merge=True)
+    assert not lora_layers(model) and rel_err(model(x), adapted) < 1e-12
+
+
+def test_dora_on_an_nf4_base_equals_dora_on_its_dequantized_weights():
+    from llmstack.inference.quantize import QuantizedLinear, quantize_
+
+    quantized = quantize_(tiny(), "nf4")
+    dequantized = tiny()
+    with torch.no_grad():
+        for name, module in quantized.named_modules():
+            if isinstance(module, QuantizedLinear):
+                dequantized.get_submodule(name).weight.copy_(module.dequantize(torch.float32))
+    for model in (quantized, dequantized):
+        apply_lora(model, rank=4, alpha=8, targets=TARGETS, use_dora=True)
+        perturb(model)
+        perturb_magnitudes(model)
+    x = ids()
+    with torch.no_grad():
+        assert rel_err(quantized(x), dequantized(x)) < 1e-5
+    one_line_error(r"cannot merge.*nf4", merge_lora, quantized)
+
+
+@pytest.mark.parametrize("targets", [TARGETS, ("q", "v")])
+def test_our_dora_adapter_loads_in_peft_with_the_same_logits_and_gradients(base_dir, tmp_path, targets):
+    ours = apply_lora(llmstack.from_pretrained(base_dir), rank=4, alpha=8, targets=targets, use_dora=True)
+    perturb(ours)
+    perturb_magnitudes(ours)
+    save_adapter(ours, tmp_path / "adapter")
+    assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["use_dora"] is True
+
+    reference = peft.get_peft_model(transformers.AutoModelForCausalLM.from_pretrained(base_dir),
+                                    peft.LoraConfig(r=4, lora_alpha=8, use_dora=True,
+                                                    target_modules=[HF_NAMES[t] for t in targets]))
+    reference.save_pretrained(tmp_path / "reference")
+    from safetensors.torch import load_file
+    names = set(load_file(tmp_path / "adapter" / "adapter_model.safetensors"))
+    assert names == set(load_file(tmp_path / "reference" / "adapter_model.safetensors"))
+    assert any(n.endswith(".lora_magnitude_vector") for n in names)
+
+    theirs = peft.PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(base_dir),
+                                            tmp_path / "adapter", is_trainable=True).eval()
+    x = ids(vocab=SMALL["vocab_size"])
+    with torch.no_grad():
+        base = hf_logits(transformers.AutoModelForCausalLM.from_pretrained(base_dir), x)
+        assert rel_err(ours(x), base) > 1e-2
+        assert rel_err(ours(x), hf_logits(theirs, x)) <= 1e-4
+
+    # The norm is detached as in PEFT (and the paper): the gradients of m, A and B are PEFT's.
+    target = torch.randn(ours(x).shape, generator=torch.Generator().manual_seed(4))
+    (ours(x) * target).sum().backward()
+    (theirs(input_ids=x).logits * target).sum().backward()
+    theirs_grads = {n.replace(".default", ""): p.grad for n, p in theirs.named_parameters() if p.requires_grad}
+    for name, layer in lora_layers(ours):
+        for part in layer.parts:
+            module = hf_module(name, part)
+            for ours_p, key in ((layer.lora_magnitude_vector[part], "lora_magnitude_vector.weight"),
+                                (layer.lora_A[part], "lora_A.weight"), (layer.lora_B[part], "lora_B.weight")):
+                assert rel_err(ours_p.grad, theirs_grads[f"{module}.{key}"]) <= 1e-4, (name, part, key)
+
+
+def test_peft_dora_adapter_loads_into_llmstack_with_the_same_logits(base_dir, tmp_path):
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=list(HF_NAMES.values()), use_dora=True,
+                             rank_pattern={"v_proj": 2}, alpha_pattern={"o_proj": 3}, init_lora_weights=False)
+    theirs = peft.get_peft_model(transformers.AutoModelForCausalLM.from_pretrained(base_dir), config).eval()
+    perturb_magnitudes(theirs)
+    theirs.save_pretrained(tmp_path / "peft")
+    ours = load_adapter(llmstack.from_pretrained(base_dir), tmp_path / "peft")
+    assert all(layer.use_dora for _, layer in lora_layers(ours))
+    trainable, _ = count_parameters(ours)
+    assert trainable == sum(p.numel() for n, p in theirs.named_parameters() if "lora_" in n)
+    x = ids(vocab=SMALL["vocab_size"])
+    with torch.no_grad():
+        assert rel_err(ours(x), hf_logits(theirs, x)) <= 1e-4
+        merged = merge_lora(ours)(x)
+        unmerge_lora(ours)
+        assert rel_err(merged, ours(x)) <= 1e-5  # float32
+
+    save_adapter(ours, tmp_path / "again")
+    again = peft.PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(base_dir),
+                                           tmp_path / "again").eval()
+    with torch.no_grad():
+        assert rel_err(ours(x), hf_logits(again, x)) <= 1e-4
+
+
 # ------------------------------------------------------------------------------ bad input
 
 
@@ -340,7 +487,8 @@ def test_adapter_for_another_base_or_of_another_type_is_refused(tmp_path):
 
     config = json.loads((tmp_path / "deep" / "adapter_config.json").read_text())
     (tmp_path / "deep" / "adapter_config.json").write_text(json.dumps({**config, "use_dora": True}))
-    one_line_error(r"use_dora=True", load_adapter, tiny(n_layers=3), tmp_path / "deep")
+    one_line_error(r"no lora_magnitude_vector for 'model\.layers\.0\.self_attn\.o_proj'.*use_dora=True",
+                   load_adapter, tiny(n_layers=3), tmp_path / "deep")
 
 
 def test_nothing_half_written_on_disk(tmp_path, monkeypatch):

@@ -1,6 +1,7 @@
 """LoRA: low-rank adapters put on a built model's Linear layers from outside.
 
     apply_lora(model, rank=8, alpha=16, targets=("q", "v"))  wrap the target layers, freeze the rest
+    apply_lora(model, ..., use_dora=True)                    DoRA: a trained magnitude per output row too
     merge_lora(model) / unmerge_lora(model)                  fold s * B A into the base weights and back
     remove_lora(model, merge=True)                           plain nn.Linear layers again
     save_adapter(model, dir) / load_adapter(model, dir)      PEFT's adapter directory, both ways
@@ -18,6 +19,16 @@ Hugging Face models and PEFT keep three Linear layers, each with its own adapter
 So one `LoRALinear` holds one adapter per *part* of its output rows: an adapter on
 q alone adds to q's rows and leaves k's and v's untouched, and adapters on q, k and
 v are exactly PEFT's three, so saving and loading them renames and never reshapes.
+The parts' updates are still one product: x A^T with every part's A stacked, times
+a B that holds each part's s * B in its rows and rank columns (zero elsewhere),
+added into the base's output in place.
+
+DoRA (`use_dora=True`, as PEFT computes it) adds a magnitude m per output row of each part:
+
+    W' = m * (W + s B A) / ||W + s B A||_row,    the norm detached from the gradient (the paper's 4.3)
+
+computed as y + (k - 1) x W^T + k s B A x with k = m / ||W + s B A||_row, and m starts as the
+row norms of W, so the adapted model still begins equal to its base.
 """
 from __future__ import annotations
 
@@ -47,7 +58,9 @@ PEFT_PREFIX = "base_model.model."
 # The Hugging Face architectures whose PEFT adapters map onto ours (separate q/k/v/o and
 # gate/up/down Linear layers under the same names).
 PEFT_BASES = ("llama", "mistral", "qwen2", "mixtral")
-_PEFT_KEY = re.compile(r"base_model\.model\.(?P<module>.+)\.lora_(?P<ab>[AB])\.weight")
+# DoRA's magnitude of each output row, under PEFT's name (its module holds it as `<name>.default.weight`).
+MAGNITUDE = "lora_magnitude_vector"
+_PEFT_KEY = re.compile(rf"base_model\.model\.(?P<module>.+)\.(?:lora_(?P<ab>[AB])\.weight|(?P<m>{MAGNITUDE}))")
 
 
 class LoRALinear(nn.Module):
@@ -55,17 +68,23 @@ class LoRALinear(nn.Module):
     computes x W^T + b) plus a low-rank update on each of its `parts`, a part being a
     range of output rows: {"q": (0, 256), "v": (384, 512)} on a fused qkv layer,
     {"o": (0, out_features)} on a plain one. Parameters: `base.*`, `lora_A.<part>` (r, in),
-    `lora_B.<part>` (rows, r)."""
+    `lora_B.<part>` (rows, r), and with `use_dora` `lora_magnitude_vector.<part>` (rows,)."""
 
     def __init__(self, base: nn.Module, parts: dict[str, tuple[int, int]], *, ranks: dict[str, int],
-                 alphas: dict[str, float], dropout: float = 0.0, rslora: bool = False):
+                 alphas: dict[str, float], dropout: float = 0.0, rslora: bool = False, use_dora: bool = False):
         super().__init__()
         self.base = base
         self.in_features, self.out_features = base.in_features, base.out_features
-        self.parts = dict(sorted(parts.items(), key=lambda item: item[1][0]))  # in row order: forward relies on it
-        self.ranks, self.alphas, self.rslora = dict(ranks), dict(alphas), rslora
+        self.parts = dict(sorted(parts.items(), key=lambda item: item[1][0]))  # in row order: _by_rows relies on it
+        self.ranks, self.alphas, self.rslora, self.use_dora = dict(ranks), dict(alphas), rslora, use_dora
         self.scaling = {p: alphas[p] / (math.sqrt(ranks[p]) if rslora else ranks[p]) for p in self.parts}
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self._first = next(iter(self.parts))
+        self.dropout = nn.Dropout(dropout)  # called only when it drops something: training with p > 0
+        # Columns of each part's rank in the stacked A (sum of ranks, in): every part's x A^T is one matmul.
+        self.rank_columns, col = {}, 0
+        for p in self.parts:
+            self.rank_columns[p] = (col, col + ranks[p])
+            col += ranks[p]
         weight = _float_tensor_of(base)
         # A quantized base (QLoRA) names the float dtype it computes in; its float buffers may differ
         # (nf4 keeps float32 statistics under a bfloat16 model).
@@ -76,29 +95,88 @@ class LoRALinear(nn.Module):
                                         for p, (start, stop) in self.parts.items()})
         for a in self.lora_A.values():
             nn.init.kaiming_uniform_(a, a=math.sqrt(5))  # PEFT's (and nn.Linear's) default
+        # DoRA: m starts as the row norms of W + s B A (PEFT's init; B = 0 makes them W's own).
+        self.lora_magnitude_vector = nn.ParameterDict(
+            {p: nn.Parameter(norm.to(kw["dtype"])) for p, norm in self.weight_norms().items()} if use_dora else {})
         self.merged = False
+        self._merged_norms: dict[str, torch.Tensor] = {}  # DoRA: the norms merge divided by, for unmerge
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base(x)
         if self.merged:
-            return y
-        names = list(self.parts)
-        a = torch.cat([self.lora_A[p] for p in names]) if len(names) > 1 else self.lora_A[names[0]]
-        low = F.linear(self.dropout(x), a)  # (..., sum of ranks): one matmul for every part's A
+            return self.base(x)
+        shape = (*x.shape[:-1], self.out_features)
+        x = x.reshape(-1, self.in_features)  # (N, in): y below is then a tensor of its own, not a view
+        y = self.base(x)  # (N, out)
+        d = self.dropout(x) if self.training and self.dropout.p > 0 else x
+        a = torch.cat([self.lora_A[p] for p in self.parts]) if len(self.parts) > 1 else self.lora_A[self._first]
+        low = F.linear(d, a)  # (N, sum of ranks): one matmul for every part's A
+        if not self.use_dora:
+            # y += low B^T in place, one addmm for every part: no per-part slices added and concatenated
+            # again, no copy of y. Hazard: a base whose backward needed its output y would fail
+            # there ("modified by an inplace operation"); a Linear's needs only x and W.
+            if self._whole_rows():
+                p = self._first
+                return y.addmm_(low, self.lora_B[p].t(), alpha=self.scaling[p]).view(shape)
+            return y.addmm_(low, self.stacked_B().t()).view(shape)
+        # DoRA, as PEFT computes it: y + (k - 1) (x W^T) + k s B A x, k = m / ||W + s B A||_row with the
+        # norm detached (the paper's section 4.3); rows of no part have k = 1. With dropout in training
+        # PEFT takes x W^T of the dropped x, an extra product with the base weight.
+        norms = self.weight_norms()
+        k = self._by_rows(lambda p: self.lora_magnitude_vector[p] / norms[p], lambda n: y.new_ones(n))
+        if d is x:
+            bias = getattr(self.base, "bias", None)
+            base_term = y if bias is None else y - bias
+        else:
+            base_term = F.linear(d, self.base_weight())
+        return torch.addcmul(y, k - 1, base_term).addcmul_(k, low @ self.stacked_B().t()).view(shape)
+
+    def _whole_rows(self) -> bool:
+        """One part over every output row: the adapter's B is the whole update, no zero rows."""
+        return len(self.parts) == 1 and next(iter(self.parts.values())) == (0, self.out_features)
+
+    def _by_rows(self, part_rows, gap_rows) -> torch.Tensor:
+        """part_rows(p) for each part's rows and gap_rows(n) for the n rows between, stacked (out, ...)."""
         pieces, end = [], 0
-        for p, h in zip(names, low.split([self.ranks[p] for p in names], dim=-1)):
-            start, stop = self.parts[p]
+        for p, (start, stop) in self.parts.items():
             if start > end:
-                pieces.append(y[..., end:start])  # rows no adapter touches pass through
-            pieces.append(y[..., start:stop] + F.linear(h * self.scaling[p], self.lora_B[p]))
+                pieces.append(gap_rows(start - end))
+            pieces.append(part_rows(p))
             end = stop
-        if end < y.shape[-1]:
-            pieces.append(y[..., end:])
-        return torch.cat(pieces, dim=-1) if len(pieces) > 1 else pieces[0]
+        if end < self.out_features:
+            pieces.append(gap_rows(self.out_features - end))
+        return torch.cat(pieces) if len(pieces) > 1 else pieces[0]
+
+    def stacked_B(self) -> torch.Tensor:
+        """(out, sum of ranks): s * B of each part in its rows and rank columns, zero elsewhere, so that
+        (x A^T) stacked_B^T is every part's update at once. Small: a few extra multiply-adds per row cost
+        less than a matmul and an addition per part."""
+        total = sum(self.ranks.values())
+        some_b = next(iter(self.lora_B.values()))
+
+        def part(p):
+            first, last = self.rank_columns[p]
+            return F.pad(self.lora_B[p] * self.scaling[p], (first, total - last))
+        return self._by_rows(part, lambda n: some_b.new_zeros(n, total))
 
     def delta_weight(self, part: str) -> torch.Tensor:
         """s * B A: what the adapter adds to the rows of `part` of the base weight."""
         return (self.lora_B[part] @ self.lora_A[part]) * self.scaling[part]
+
+    def base_weight(self) -> torch.Tensor:
+        """The base's float weight (out, in): its parameter, or a quantized base's dequantized matrix."""
+        weight = getattr(self.base, "weight", None)
+        if isinstance(weight, torch.Tensor) and weight.is_floating_point():
+            return weight
+        if hasattr(self.base, "dequantize"):
+            return self.base.dequantize(self.base.dtype)
+        raise ValueError(f"DoRA needs the base weight, which a {type(self.base).__name__} does not expose")
+
+    @torch.no_grad()
+    def weight_norms(self) -> dict[str, torch.Tensor]:
+        """DoRA's ||W + s B A|| of each row of each part (detached), as PEFT computes them."""
+        weight = self.base_weight()
+        return {p: torch.linalg.norm(weight[start:stop] + self.delta_weight(p).to(weight.dtype), dim=1)
+                for p, (start, stop) in self.parts.items()}
 
     @torch.no_grad()
     def merge(self) -> None:
@@ -122,13 +200,23 @@ class LoRALinear(nn.Module):
         if not isinstance(weight, torch.Tensor) or not weight.is_floating_point():
             raise ValueError(f"cannot merge a LoRA adapter into a {type(self.base).__name__}: its weight is not "
                              "a float matrix")
+        norms = self.weight_norms() if self.use_dora and sign > 0 else {}
         for p, (start, stop) in self.parts.items():
-            weight[start:stop] += sign * self.delta_weight(p).to(weight.dtype)
+            delta = self.delta_weight(p).to(weight.dtype)
+            if not self.use_dora:
+                weight[start:stop] += sign * delta
+            elif sign > 0:  # W' = m / ||W + s B A|| * (W + s B A), row by row
+                self._merged_norms[p] = norms[p]
+                factor = (self.lora_magnitude_vector[p] / norms[p]).to(weight.dtype)[:, None]
+                weight[start:stop] = factor * (weight[start:stop] + delta)
+            else:  # W' alone does not say what ||W + s B A|| was: merge kept it
+                factor = (self.lora_magnitude_vector[p] / self._merged_norms.pop(p)).to(weight.dtype)[:, None]
+                weight[start:stop] = weight[start:stop] / factor - delta
 
     def extra_repr(self) -> str:
         parts = ", ".join(f"{p}: rows {a}:{b} r={self.ranks[p]} s={self.scaling[p]:g}"
                           for p, (a, b) in self.parts.items())
-        return f"{parts}, merged={self.merged}"
+        return f"{parts}{', DoRA' if self.use_dora else ''}, merged={self.merged}"
 
 
 def _float_tensor_of(module: nn.Module) -> torch.Tensor:
@@ -209,15 +297,18 @@ def _install(model: nn.Module, plan: list[tuple[str, LoRALinear]]) -> None:
     for name, layer in plan:
         layer.lora_A.requires_grad_(True)
         layer.lora_B.requires_grad_(True)
+        layer.lora_magnitude_vector.requires_grad_(True)
         layer.train(layer.base.training)  # a new module is in training mode; take the replaced one's
         _replace(model, name, layer)
 
 
 def apply_lora(model: nn.Module, rank: int = 8, alpha: float = 16, dropout: float = 0.0,
-               targets: Iterable[str] | str = ("q", "k", "v", "o"), rslora: bool = False) -> nn.Module:
+               targets: Iterable[str] | str = ("q", "k", "v", "o"), rslora: bool = False,
+               use_dora: bool = False) -> nn.Module:
     """Wrap each target layer of `model` (in place) in a `LoRALinear` and freeze every other
     parameter; returns `model`. targets: any of q, k, v, o, gate, up, down (MoE experts' gate,
-    up and down included). The adapted model computes what the base did until B is trained."""
+    up and down included). use_dora: DoRA, a trained magnitude per output row on top of the
+    adapter (PEFT's `use_dora`). The adapted model computes what the base did until B is trained."""
     _check_hyperparameters(rank, alpha, dropout)
     targets = _check_targets(targets)
     _check_not_adapted(model)
@@ -233,7 +324,7 @@ def apply_lora(model: nn.Module, rank: int = 8, alpha: float = 16, dropout: floa
         if chosen:
             plan.append((name, LoRALinear(module, chosen, ranks=dict.fromkeys(chosen, rank),
                                           alphas=dict.fromkeys(chosen, float(alpha)), dropout=dropout,
-                                          rslora=rslora)))
+                                          rslora=rslora, use_dora=bool(use_dora))))
     _install(model, plan)
     return model
 
@@ -343,17 +434,23 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, *,
     if not layers:
         raise ValueError("the model has no LoRA adapters to save; call apply_lora or load_adapter first")
     _hf_type(model)
-    tensors, ranks, alphas, dropouts, rslora = {}, {}, {}, set(), set()
+    tensors, ranks, alphas, dropouts, rslora, dora = {}, {}, {}, set(), set(), set()
     for name, layer in layers:
-        dropouts.add(layer.dropout.p if isinstance(layer.dropout, nn.Dropout) else 0.0)
+        dropouts.add(layer.dropout.p)
         rslora.add(layer.rslora)
+        dora.add(layer.use_dora)
         for part in layer.parts:
             module = _to_hf_module(model, name, part)
             tensors[f"{PEFT_PREFIX}{module}.lora_A.weight"] = layer.lora_A[part].detach().cpu().contiguous()
             tensors[f"{PEFT_PREFIX}{module}.lora_B.weight"] = layer.lora_B[part].detach().cpu().contiguous()
+            if layer.use_dora:
+                tensors[f"{PEFT_PREFIX}{module}.{MAGNITUDE}"] = \
+                    layer.lora_magnitude_vector[part].detach().cpu().contiguous()
             ranks[module], alphas[module] = layer.ranks[part], layer.alphas[part]
     if len(rslora) > 1:
         raise ValueError("the model mixes rsLoRA and plain LoRA scaling, which one PEFT config cannot express")
+    if len(dora) > 1:
+        raise ValueError("the model mixes DoRA and plain LoRA layers, which one PEFT config cannot express")
     rank = max(set(ranks.values()), key=list(ranks.values()).count)  # the most common: the rest are patterns
     alpha = max(set(alphas.values()), key=list(alphas.values()).count)
     leaves = sorted({m.rpartition(".")[2] for m in ranks})
@@ -371,7 +468,7 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, *,
         "alpha_pattern": {m: a for m, a in alphas.items() if a != alpha},
         "bias": "none",
         "fan_in_fan_out": False,
-        "use_dora": False,
+        "use_dora": dora.pop(),
         "modules_to_save": None,
         "init_lora_weights": True,
         "inference_mode": True,
@@ -410,13 +507,16 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
     if config.get("peft_type") != "LORA":
         raise ValueError(f"{directory} holds a PEFT adapter of type {config.get('peft_type')!r}; "
                          "load_adapter reads LORA adapters only")
-    for option, fine in (("use_dora", False), ("bias", "none"), ("fan_in_fan_out", False), ("lora_bias", False)):
+    for option, fine in (("bias", "none"), ("fan_in_fan_out", False), ("lora_bias", False)):
         if config.get(option, fine) != fine:
             raise ValueError(f"unsupported LoRA option {option}={config[option]!r} in {config_path} "
                              f"(llmstack reads {option}={fine!r})")
     if config.get("modules_to_save"):
         raise ValueError(f"unsupported LoRA option modules_to_save={config['modules_to_save']!r} in {config_path}: "
                          "llmstack loads low-rank adapters only")
+    dora = config.get("use_dora", False)
+    if not isinstance(dora, bool):
+        raise ValueError(f"use_dora={dora!r} in {config_path} is not true or false")
     dropout = float(config.get("lora_dropout") or 0.0)
     _check_hyperparameters(int(config.get("r", 8)), float(config.get("lora_alpha", 8)), dropout)
     _check_not_adapted(model)
@@ -425,19 +525,23 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
     matrices: dict[str, dict[str, torch.Tensor]] = {}
     for key, t in load_file(str(weights_path)).items():
         m = _PEFT_KEY.fullmatch(key)
-        if m is None:
+        if m is None or (m["m"] and not dora):
             raise ValueError(f"unexpected tensor {key!r} in {weights_path}: not a LoRA A or B matrix of a "
-                             f"causal LM ({PEFT_PREFIX}<module>.lora_A.weight)")
-        matrices.setdefault(m["module"], {})[m["ab"]] = t
+                             f"causal LM ({PEFT_PREFIX}<module>.lora_A.weight)"
+                             + (f", and the config has use_dora={dora!r}" if m is not None else ""))
+        matrices.setdefault(m["module"], {})[m["ab"] or "m"] = t
     if not matrices:
         raise ValueError(f"{weights_path} holds no LoRA matrices")
 
     layers = {name: (module, parts) for name, module, parts in _layer_parts(model)}
-    specs: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor, float]]] = {}
+    specs: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor, float, Optional[torch.Tensor]]]] = {}
     for module, ab in matrices.items():
-        if set(ab) != {"A", "B"}:
-            raise ValueError(f"{weights_path} has lora_{''.join(ab)} but not lora_{'B' if 'A' in ab else 'A'} "
-                             f"for {module!r}")
+        if not {"A", "B"} <= set(ab):
+            have = " and ".join(f"lora_{k}" if k != "m" else MAGNITUDE for k in sorted(ab))
+            raise ValueError(f"{weights_path} has {have} but not lora_{'B' if 'A' in ab else 'A'} for {module!r}")
+        if dora and "m" not in ab:
+            raise ValueError(f"{weights_path} has no {MAGNITUDE} for {module!r}, which a DoRA adapter "
+                             f"(use_dora=True in {ADAPTER_CONFIG}) has for every module")
         name, part = _from_hf_module(model, module)
         if name not in layers or part not in layers[name][1]:
             raise ValueError(f"the adapter was made for another base: it adapts {module!r}, which this model "
@@ -450,21 +554,26 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
             raise ValueError(f"the adapter was made for another base: {module!r} has lora_A {tuple(a.shape)} and "
                              f"lora_B {tuple(b.shape)}, this model needs ({rank}, {base.in_features}) and "
                              f"({stop - start}, {rank})")
+        if dora and ab["m"].shape != (stop - start,):
+            raise ValueError(f"the adapter was made for another base: {module!r} has a {MAGNITUDE} of shape "
+                             f"{tuple(ab['m'].shape)}, this model needs ({stop - start},)")
         alpha = float(_pattern_value(config.get("alpha_pattern"), module, config.get("lora_alpha", 8)))
         _check_hyperparameters(rank, alpha, dropout)
-        specs.setdefault(name, {})[part] = (a, b, alpha)
+        specs.setdefault(name, {})[part] = (a, b, alpha, ab.get("m"))
 
     plan = []
     for name, adapters in specs.items():
         base, parts = layers[name]
         layer = LoRALinear(base, {p: parts[p] for p in adapters},
-                           ranks={p: a.shape[0] for p, (a, _, _) in adapters.items()},
-                           alphas={p: alpha for p, (_, _, alpha) in adapters.items()}, dropout=dropout,
-                           rslora=bool(config.get("use_rslora", False)))
+                           ranks={p: a.shape[0] for p, (a, _, _, _) in adapters.items()},
+                           alphas={p: alpha for p, (_, _, alpha, _) in adapters.items()}, dropout=dropout,
+                           rslora=bool(config.get("use_rslora", False)), use_dora=dora)
         with torch.no_grad():
-            for p, (a, b, _) in adapters.items():
+            for p, (a, b, _, magnitude) in adapters.items():
                 layer.lora_A[p].copy_(a)
                 layer.lora_B[p].copy_(b)
+                if dora:
+                    layer.lora_magnitude_vector[p].copy_(magnitude)
         plan.append((name, layer))
     _install(model, plan)
     return model
