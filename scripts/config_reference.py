@@ -12,6 +12,7 @@ from pathlib import Path
 from llmstack.cli import script_parser
 from llmstack.config import reference_rows
 from llmstack.model import list_presets
+from llmstack.finetune.config import FinetuneConfig
 from llmstack.train import PretrainConfig
 
 PAGE = Path(__file__).resolve().parent.parent / "docs" / "configs.md"
@@ -19,6 +20,7 @@ PAGE = Path(__file__).resolve().parent.parent / "docs" / "configs.md"
 # (title, the command that reads it, schema): one table per job.
 JOBS = [
     ("Pretraining", "scripts/pretrain.py", PretrainConfig),
+    ("Fine-tuning", "scripts/finetune.py", FinetuneConfig),
 ]
 
 INTRO = """# Configs
@@ -52,11 +54,17 @@ def render() -> str:
     lines = [INTRO.format(presets=", ".join(f"`{p}`" for p in list_presets())).rstrip(), ""]
     for title, command, schema in JOBS:
         lines += [f"## {title} (`{command}`, `{schema.__name__}`)", ""]
+        header = ["| key | type and default | meaning |", "| --- | --- | --- |"]
+        in_table = False
         for key, type_name, default, meaning in reference_rows(schema, ""):
             key = key.lstrip(".")
             if default == "(section)":  # a section of the job: a heading, then its keys
-                lines += ["", f"### `{key}`: {meaning}", "", "| key | type and default | meaning |", "| --- | --- | --- |"]
+                lines += ["", f"### `{key}`: {meaning}", "", *header]
+                in_table = True
                 continue
+            if not in_table:  # keys of the job itself, before its sections
+                lines += header
+                in_table = True
             lines.append(f"| `{key}` | {cell(type_name)}; default `{default}` | {cell(meaning)} |")
         lines.append("")
     return "\n".join(lines).replace("\n\n\n", "\n\n")

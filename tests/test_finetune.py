@@ -82,8 +82,10 @@ def test_lora_run_checkpoints_the_adapter_alone_and_loads(base, tmp_path):
     assert load_job_config(tmp_path / "run").lora.rank == 4
 
 
-def test_resume_equals_uninterrupted(base, tmp_path, monkeypatch):
-    straight = finetune(job(base, tmp_path / "a", lora={"rank": 4, "dropout": 0.1}), progress=False)
+@pytest.mark.parametrize("dora", [False, True])
+def test_resume_equals_uninterrupted(base, tmp_path, monkeypatch, dora):
+    lora = {"rank": 4, "dropout": 0.1, "use_dora": dora}
+    straight = finetune(job(base, tmp_path / "a", lora=lora), progress=False)
     calls = []
 
     def crash_in_step_5(model, batch):
@@ -96,8 +98,8 @@ def test_resume_equals_uninterrupted(base, tmp_path, monkeypatch):
     with monkeypatch.context() as m:  # killed in step 5, after the checkpoint of step 3
         m.setattr(job_module, "train", lambda *a, **k: real_train(*a, loss_fn=crash_in_step_5, **k))
         with pytest.raises(RuntimeError, match="killed"):
-            finetune(job(base, tmp_path / "b", lora={"rank": 4, "dropout": 0.1}), progress=False)
-    resumed = finetune(job(base, tmp_path / "b", lora={"rank": 4, "dropout": 0.1}), resume=True, progress=False)
+            finetune(job(base, tmp_path / "b", lora=lora), progress=False)
+    resumed = finetune(job(base, tmp_path / "b", lora=lora), resume=True, progress=False)
     losses = lambda run: [r["loss"] for r in read_metrics(run) if "loss" in r]  # noqa: E731
     assert len(losses(tmp_path / "a")) == 6
     assert losses(tmp_path / "a") == losses(tmp_path / "b")  # bit for bit, step by step (dropout's RNG too)
@@ -171,3 +173,32 @@ def test_adapter_checkpoint_loads_in_peft(base, tmp_path):
     x = torch.randint(0, 400, (2, 16))
     with torch.no_grad():
         torch.testing.assert_close(peft_model(x).logits, ours(x), rtol=1e-4, atol=1e-4)
+
+
+def test_instruction_metrics():
+    from llmstack.finetune.evaluate import code_of, parses, rouge_l
+
+    assert rouge_l("a b c d", "a b c d") == 1.0 and rouge_l("a b", "c d") == 0.0
+    assert rouge_l("a b c d", "a c d e") == pytest.approx(0.75)  # LCS a c d: precision = recall = 3/4
+    assert rouge_l("x = f(1)", "x = f(2)") == pytest.approx(2 * (5 / 6) * (5 / 6) / (5 / 6 + 5 / 6))
+    assert code_of("Here:\n```python\ndef f():\n    return 1\n```\nDone") == "def f():\n    return 1\n"
+    assert parses("def f():\n    return 1") and not parses("def f(:\n") and not parses("x = '\0'")
+
+
+def test_evaluate_instructions_on_a_tiny_model(base):
+    from llmstack.finetune.evaluate import evaluate_instructions
+    from llmstack.data.chat import load_conversations
+
+    chats = load_conversations(str(base / "chats.jsonl"), "val", val_fraction=0.2)[:4]
+    model = llmstack.from_pretrained(base / "base")
+    tok = llmstack.load_tokenizer(base / "base")
+    report = evaluate_instructions(model, tok, chats, max_new_tokens=8, batch_size=3)
+    assert report["n"] == 4 and 0 <= report["parse_rate"] <= 1 and 0 <= report["rouge_l"] <= 1
+    assert report["answer_loss"] > 0 and len(report["samples"]) == 3
+    # The loss is over the reference answers' tokens only: the same as the trainer's validation.
+    from llmstack.data.chat import ChatBatches, encode_conversation, pack
+    from llmstack.eval import evaluate
+
+    rows = pack([encode_conversation(tok, c) for c in chats], 128, packing=True)
+    packed = evaluate(model, ChatBatches(rows, 2).eval_batches())
+    assert packed["loss"] == pytest.approx(report["answer_loss"], rel=1e-5)

@@ -20,6 +20,7 @@ class LoraConfig:
     targets: list[str] = option(doc="layers to adapt: any of q, k, v, o, gate, up, down",
                                 factory=lambda: list(LORA_TARGETS))
     rslora: bool = option(False, "rank-stabilised scaling alpha / sqrt(rank)")
+    use_dora: bool = option(False, "DoRA: a trained magnitude per output row on top of the adapter")
 
     def validate(self) -> "LoraConfig":
         if not self.rank >= 1:

@@ -25,8 +25,8 @@ from llmstack.data import DataError
 from llmstack.data.chat import ChatBatches, encode_conversation, fit_length, load_conversations, pack
 from llmstack.finetune.config import FinetuneConfig
 from llmstack.finetune.loading import from_pretrained
-from llmstack.finetune.lora import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, PEFT_PREFIX, _to_hf_module, apply_lora,
-                                    lora_layers, print_trainable_parameters, save_adapter)
+from llmstack.finetune.lora import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, apply_lora, load_adapter_tensors,
+                                    print_trainable_parameters, save_adapter)
 from llmstack.interop import load_tokenizer, resolve_checkpoint
 from llmstack.runtime import resolve_device
 from llmstack.tokenizer.chat import CHATML
@@ -60,28 +60,6 @@ class AdapterWeights:
         load_adapter_tensors(model, tensors)
 
 
-def load_adapter_tensors(model: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> None:
-    """Copy an adapter's tensors, under PEFT's names (what `save_adapter` writes), into the model's
-    adapters, which must be exactly those: a ValueError naming what differs otherwise."""
-    expected = {}
-    for name, layer in lora_layers(model):
-        for part in layer.parts:
-            module = f"{PEFT_PREFIX}{_to_hf_module(model, name, part)}"
-            expected[f"{module}.lora_A.weight"] = layer.lora_A[part]
-            expected[f"{module}.lora_B.weight"] = layer.lora_B[part]
-    missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
-    if missing or unexpected:
-        raise ValueError("the adapter does not match the model's adapters: "
-                         + (f"missing {', '.join(missing[:4])}; " if missing else "")
-                         + (f"unexpected {', '.join(unexpected[:4])}" if unexpected else ""))
-    for key, t in tensors.items():
-        if t.shape != expected[key].shape:
-            raise ValueError(f"adapter tensor {key} has shape {tuple(t.shape)}, the model's {tuple(expected[key].shape)}")
-    with torch.no_grad():
-        for key, t in tensors.items():
-            expected[key].copy_(t)
-
-
 def prepare_model(model: torch.nn.Module, cfg: FinetuneConfig, progress: bool = True) -> torch.nn.Module:
     """`model` ready for `cfg.method`, in place: every weight trainable (full), or frozen with
     LoRA adapters (lora), on nf4 weights (qlora)."""
@@ -94,7 +72,7 @@ def prepare_model(model: torch.nn.Module, cfg: FinetuneConfig, progress: bool = 
             quantize_(model, "nf4")
         lc = cfg.lora
         apply_lora(model, rank=lc.rank, alpha=lc.alpha, dropout=lc.dropout, targets=tuple(lc.targets),
-                   rslora=lc.rslora)
+                   rslora=lc.rslora, use_dora=lc.use_dora)
     if progress:
         print_trainable_parameters(model)
     return model

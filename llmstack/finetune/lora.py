@@ -114,10 +114,13 @@ class LoRALinear(nn.Module):
             # y += low B^T in place, one addmm for every part: no per-part slices added and concatenated
             # again, no copy of y. Hazard: a base whose backward needed its output y would fail
             # there ("modified by an inplace operation"); a Linear's needs only x and W.
+            # In-place ops are not autocast: under autocast y and low are in its dtype, B is not (.to is
+            # free when the dtypes agree).
+            low = low.to(y.dtype)
             if self._whole_rows():
                 p = self._first
-                return y.addmm_(low, self.lora_B[p].t(), alpha=self.scaling[p]).view(shape)
-            return y.addmm_(low, self.stacked_B().t()).view(shape)
+                return y.addmm_(low, self.lora_B[p].t().to(y.dtype), alpha=self.scaling[p]).view(shape)
+            return y.addmm_(low, self.stacked_B().t().to(y.dtype)).view(shape)
         # DoRA, as PEFT computes it: y + (k - 1) (x W^T) + k s B A x, k = m / ||W + s B A||_row with the
         # norm detached (the paper's section 4.3); rows of no part have k = 1. With dropout in training
         # PEFT takes x W^T of the dropped x, an extra product with the base weight.
@@ -422,6 +425,38 @@ def _pattern_value(patterns: dict, module: str, default):
     return default
 
 
+def adapter_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """The adapters' parameters under the names PEFT saves them with (adapter_model.safetensors):
+    `base_model.model.<module>.lora_A.weight`, `.lora_B.weight` and, with DoRA, `.lora_magnitude_vector`."""
+    out = {}
+    for name, layer in lora_layers(model):
+        for part in layer.parts:
+            module = f"{PEFT_PREFIX}{_to_hf_module(model, name, part)}"
+            out[f"{module}.lora_A.weight"] = layer.lora_A[part]
+            out[f"{module}.lora_B.weight"] = layer.lora_B[part]
+            if layer.use_dora:
+                out[f"{module}.{MAGNITUDE}"] = layer.lora_magnitude_vector[part]
+    return out
+
+
+def load_adapter_tensors(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    """Copy an adapter's tensors, under PEFT's names (what `save_adapter` writes), into the model's
+    adapters, which must be exactly those (resuming a run: the adapters exist, their values do not):
+    a ValueError naming what differs otherwise, before anything is copied."""
+    expected = adapter_parameters(model)
+    missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
+    if missing or unexpected:
+        raise ValueError("the adapter does not match the model's adapters: "
+                         + (f"missing {', '.join(missing[:4])}; " if missing else "")
+                         + (f"unexpected {', '.join(unexpected[:4])}" if unexpected else ""))
+    for key, t in tensors.items():
+        if t.shape != expected[key].shape:
+            raise ValueError(f"adapter tensor {key} has shape {tuple(t.shape)}, the model's {tuple(expected[key].shape)}")
+    with torch.no_grad():
+        for key, t in tensors.items():
+            expected[key].copy_(t)
+
+
 def save_adapter(model: nn.Module, directory: str | os.PathLike, *,
                  base_model_name_or_path: Optional[str] = None) -> None:
     """Write the model's adapters as PEFT does: adapter_config.json and adapter_model.safetensors,
@@ -434,18 +469,14 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, *,
     if not layers:
         raise ValueError("the model has no LoRA adapters to save; call apply_lora or load_adapter first")
     _hf_type(model)
-    tensors, ranks, alphas, dropouts, rslora, dora = {}, {}, {}, set(), set(), set()
+    tensors = {key: p.detach().cpu().contiguous() for key, p in adapter_parameters(model).items()}
+    ranks, alphas, dropouts, rslora, dora = {}, {}, set(), set(), set()
     for name, layer in layers:
         dropouts.add(layer.dropout.p)
         rslora.add(layer.rslora)
         dora.add(layer.use_dora)
         for part in layer.parts:
             module = _to_hf_module(model, name, part)
-            tensors[f"{PEFT_PREFIX}{module}.lora_A.weight"] = layer.lora_A[part].detach().cpu().contiguous()
-            tensors[f"{PEFT_PREFIX}{module}.lora_B.weight"] = layer.lora_B[part].detach().cpu().contiguous()
-            if layer.use_dora:
-                tensors[f"{PEFT_PREFIX}{module}.{MAGNITUDE}"] = \
-                    layer.lora_magnitude_vector[part].detach().cpu().contiguous()
             ranks[module], alphas[module] = layer.ranks[part], layer.alphas[part]
     if len(rslora) > 1:
         raise ValueError("the model mixes rsLoRA and plain LoRA scaling, which one PEFT config cannot express")
