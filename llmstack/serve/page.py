@@ -73,7 +73,7 @@ form.onsubmit = async (event) => {
   let first = null, tokens = 0, answer = "";
   try {
     const response = await fetch("/v1/chat/completions", {method: "POST", headers, body: JSON.stringify({
-      messages: conversation, stream: true,
+      messages: conversation, stream: true, stream_options: {include_usage: true},
       temperature: parseFloat(document.getElementById("temperature").value),
       max_tokens: parseInt(document.getElementById("max-tokens").value, 10),
     })});
@@ -97,6 +97,7 @@ form.onsubmit = async (event) => {
         if (data === "[DONE]") { done = true; break; }
         const chunk = JSON.parse(data);
         if (chunk.error) throw new Error(chunk.error.message);
+        if (chunk.usage) { tokens = chunk.usage.completion_tokens; continue; }
         for (const choice of chunk.choices) {
           const piece = (choice.delta && choice.delta.content) || "";
           if (piece) {
@@ -107,7 +108,7 @@ form.onsubmit = async (event) => {
           }
         }
         const seconds = (performance.now() - (first || started)) / 1000;
-        stats.textContent = tokens + " chunks, " + (seconds > 0 ? (tokens / seconds).toFixed(1) : "-") + " tokens/s";
+        stats.textContent = tokens + " tokens, " + (seconds > 0 ? (tokens / seconds).toFixed(1) : "-") + " tokens/s";
       }
     }
     conversation.push({role: "assistant", content: answer});
