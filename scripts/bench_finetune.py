@@ -9,8 +9,9 @@ that each one's peak memory is its own:
   of gradients and of the AdamW state, counted from the tensors that exist after a step;
 - peak memory of the steps: on CUDA torch.cuda.max_memory_allocated (everything allocated,
   weights included); on the CPU the growth of the process's peak resident set (VmHWM, reset
-  after the model is built) over its resident set before the first step: gradients, optimizer
-  state and the activations and temporaries of a step, not the weights;
+  after the model is built and glibc's free memory is returned by malloc_trim) over its resident
+  set before the first step: gradients, optimizer state and the activations and temporaries of a
+  step, not the weights;
 - the median time of a step: forward, loss (mean next-token cross-entropy), backward, AdamW.
 
 Then LoRA against PEFT: `peft.get_peft_model` with the same rank, alpha and target modules on
@@ -25,6 +26,7 @@ transformers the logits, then F.cross_entropy.
         --threads 1 --batch-size 2 --seq-len 256 --targets q k v o gate up down
 """
 import argparse
+import ctypes
 import json
 import os
 import subprocess
@@ -101,6 +103,15 @@ def _status_kib(field: str) -> int:
     raise RuntimeError(f"/proc/self/status has no {field}")
 
 
+def _release_free_memory() -> None:
+    """Give the memory glibc's allocator holds freed (loading, quantizing) back to the system: else
+    the steps would reuse it unseen by the resident set, and their growth would understate them."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
 def measure(method: str, args, device: torch.device) -> dict:
     """One method's row, measured in this (fresh) process."""
     import gc
@@ -116,6 +127,7 @@ def measure(method: str, args, device: torch.device) -> dict:
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
     else:
+        _release_free_memory()
         try:
             Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS (Linux >= 4.0)
             rss_before = _status_kib("VmRSS") * 1024
