@@ -43,10 +43,11 @@ def main() -> None:
         fail(f"error: {e}", code=1)
     except KeyboardInterrupt:
         sys.exit(130)
-    val = result.val
     train = f", train loss {result.train_loss:.3f}" if math.isfinite(result.train_loss) else ", already complete"
-    before = f" (before: {result.first_val['loss']:.3f})" if result.first_val else ""
-    print(f"done: step {result.step}{train}" + (f", val loss on answers {val['loss']:.3f}{before}" if val else "")
+    first = result.first_val or {}
+    shown = [f"{k} {v:.4g}" + (f" (before: {first[k]:.4g})" if k in first else "") for k, v in (result.val or {}).items()
+             if isinstance(v, float) and k != "perplexity"]
+    print(f"done: step {result.step}{train}" + (f"; held out: {', '.join(shown)}" if shown else "")
           + f"\ncheckpoint: {result.checkpoint}")
 
 

@@ -19,7 +19,7 @@ from llmstack.interop import save_pretrained
 from llmstack.model import ModelConfig, Transformer
 from llmstack.tokenizer import Tokenizer
 from llmstack.tokenizer.bpe import GPT4_PATTERN
-from llmstack.train.trainer import next_token_loss, read_metrics
+from llmstack.train.trainer import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -88,15 +88,17 @@ def test_resume_equals_uninterrupted(base, tmp_path, monkeypatch, dora):
     straight = finetune(job(base, tmp_path / "a", lora=lora), progress=False)
     calls = []
 
-    def crash_in_step_5(model, batch):
-        calls.append(1)
-        if len(calls) == 5:
-            raise RuntimeError("killed")
-        return next_token_loss(model, batch)
+    def crash_in_step_5(*a, loss_fn, **k):
+        def wrapped(model, batch):
+            calls.append(1)
+            if len(calls) == 5:
+                raise RuntimeError("killed")
+            return loss_fn(model, batch)
+        return real_train(*a, loss_fn=wrapped, **k)
 
     real_train = job_module.train
     with monkeypatch.context() as m:  # killed in step 5, after the checkpoint of step 3
-        m.setattr(job_module, "train", lambda *a, **k: real_train(*a, loss_fn=crash_in_step_5, **k))
+        m.setattr(job_module, "train", crash_in_step_5)
         with pytest.raises(RuntimeError, match="killed"):
             finetune(job(base, tmp_path / "b", lora=lora), progress=False)
     resumed = finetune(job(base, tmp_path / "b", lora=lora), resume=True, progress=False)

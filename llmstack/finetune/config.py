@@ -39,8 +39,9 @@ class LoraConfig:
 
 @dataclass
 class ChatDataConfig:
-    source: str = option("stdlib", '"stdlib" (instructions from the standard library) or JSONL file(s): a path '
-                                   'or glob, {"messages": [...]} or {"prompt", "completion"} per line')
+    source: str = option("stdlib", '"stdlib" (built from the standard library) or JSONL file(s), a path or glob: '
+                                   '{"messages"} or {"prompt", "completion"} (sft, grpo, ppo), '
+                                   '{"prompt", "chosen", "rejected"} (reward, dpo)')
     val_fraction: float = option(0.02, "share held out for validation (stdlib: by file, as pretraining splits it)")
     seq_len: int = option(512, "tokens per row")
     packing: bool = option(True, "pack conversations into rows, each attending only to itself")
@@ -59,13 +60,73 @@ class ChatDataConfig:
 
 
 @dataclass
+class DPOConfig:
+    beta: float = option(0.1, "strength of the pull towards the reference (the KL penalty's inverse temperature)")
+    loss: Literal["sigmoid", "robust", "ipo"] = option(
+        "sigmoid", "sigmoid: DPO (cDPO with label_smoothing); robust: rDPO; ipo: IPO")
+    label_smoothing: float = option(0.0, "the assumed share of flipped labels (cDPO, rDPO); < 0.5")
+
+    def validate(self) -> "DPOConfig":
+        if not (math.isfinite(self.beta) and self.beta > 0):
+            raise ConfigError(f"dpo.beta must be a finite number > 0, got {self.beta}")
+        if not 0 <= self.label_smoothing < 0.5:
+            raise ConfigError(f"dpo.label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
+        return self
+
+
+@dataclass
+class RewardConfig:
+    margin: float = option(0.0, "Bradley-Terry margin: -log sigmoid(r_chosen - r_rejected - margin)")
+
+
+@dataclass
+class RLConfig:
+    task: str = option("python_function", 'the reward: "python_function" (the answer compiles and defines the '
+                                          'function the prompt names) or "module:function" / "file.py:function", '
+                                          'f(prompt, answer) -> float, run in a child process')
+    group_size: int = option(4, "GRPO: answers sampled per prompt (their rewards normalised within the group)")
+    prompts_per_step: int = option(4, "prompts per optimizer step")
+    max_new_tokens: int = option(96, "longest sampled answer")
+    temperature: float = option(1.0, "sampling temperature of the rollouts")
+    top_p: Optional[float] = option(None, "nucleus sampling of the rollouts (null: off)")
+    kl_coef: float = option(0.04, "weight of the per-token KL to the reference")
+    clip: float = option(0.2, "PPO/GRPO ratio clip")
+    ppo_epochs: int = option(2, "PPO: optimisation passes over each rollout batch")
+    gamma: float = option(1.0, "PPO: discount")
+    lam: float = option(0.95, "PPO: GAE lambda")
+    value_coef: float = option(0.5, "PPO: weight of the value loss")
+    reward_model: Optional[str] = option(None, "PPO: a reward-model run (objective: reward); null: the task's reward")
+    timeout: float = option(5.0, "seconds the reward check of one answer may take (in a subprocess)")
+    eval_prompts: int = option(64, "held-out prompts whose success rate is measured")
+
+    def validate(self) -> "RLConfig":
+        check_at_least("rl", self, 1, "prompts_per_step", "max_new_tokens", "ppo_epochs", "eval_prompts")
+        if self.group_size < 2:
+            raise ConfigError(f"rl.group_size must be >= 2 (GRPO normalises rewards within a group), got "
+                              f"{self.group_size}")
+        for name in ("temperature", "timeout"):
+            if not (math.isfinite(getattr(self, name)) and getattr(self, name) > 0):
+                raise ConfigError(f"rl.{name} must be a finite number > 0, got {getattr(self, name)}")
+        check_at_least("rl", self, 0, "kl_coef", "clip", "value_coef")
+        check_fraction("rl", self, "gamma", "lam")
+        return self
+
+
+@dataclass
 class FinetuneConfig:
     base: str = option("runs/quickstart", "the model to start from: an llmstack run or checkpoint, a Hugging Face "
                                           "directory or a GGUF file")
     method: Literal["full", "lora", "qlora"] = option(
         "lora", "full: every weight trains; lora: adapters on a frozen base; qlora: adapters on an nf4 base")
+    objective: Literal["sft", "reward", "dpo", "grpo", "ppo"] = option(
+        "sft", "sft: answers (conversations); reward: a reward model on preference pairs; dpo: the policy on "
+               "preference pairs; grpo, ppo: reinforcement learning from a reward")
     lora: LoraConfig = option(doc="the adapters (lora and qlora)", factory=LoraConfig)
-    data: ChatDataConfig = option(doc="the conversations", factory=ChatDataConfig)
+    data: ChatDataConfig = option(doc="the conversations (sft), preference pairs (reward, dpo) or prompts (grpo, ppo)",
+                                  factory=ChatDataConfig)
+    dpo: DPOConfig = option(doc="Direct Preference Optimization (objective: dpo)", factory=DPOConfig)
+    reward: RewardConfig = option(doc="the reward model (objective: reward)", factory=RewardConfig)
+    rl: RLConfig = option(doc="GRPO and PPO (objective: grpo, ppo)", factory=RLConfig)
     train: TrainConfig = option(doc="the training loop, as in pretraining", factory=TrainConfig)
 
     def validate(self) -> "FinetuneConfig":
@@ -75,4 +136,8 @@ class FinetuneConfig:
             self.lora.validate()
         self.data.validate()
         self.train.validate()
+        if self.objective == "dpo":
+            self.dpo.validate()
+        if self.objective in ("grpo", "ppo"):
+            self.rl.validate()
         return self

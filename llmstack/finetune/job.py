@@ -31,10 +31,10 @@ from llmstack.interop import load_tokenizer, resolve_checkpoint
 from llmstack.runtime import resolve_device
 from llmstack.tokenizer.chat import CHATML
 from llmstack.train.pretrain import check_run_dir
-from llmstack.train.trainer import TrainResult, train
+from llmstack.train.trainer import TrainResult, next_token_loss, train
 
 # Sections that must match for a run directory to be continued.
-RUN_IDENTITY = ("base", "method", "lora", "data")
+RUN_IDENTITY = ("base", "method", "objective", "lora", "data", "dpo", "reward", "rl")
 
 
 class AdapterWeights:
@@ -121,6 +121,7 @@ def chat_rows(cfg: FinetuneConfig, tokenizer, split: str, progress: bool = True)
 
 
 def finetune(cfg: FinetuneConfig, *, resume: bool = False, progress: bool = True) -> TrainResult:
+    """Run the job `cfg` (its objective: sft, reward, dpo, grpo, ppo) and return the training result."""
     cfg.validate()  # every check that needs no work comes first: nothing is written before they pass
     if not Path(cfg.base).exists():
         raise ConfigError(f"base={cfg.base!r} does not exist; name an llmstack run or checkpoint, a Hugging Face "
@@ -129,28 +130,71 @@ def finetune(cfg: FinetuneConfig, *, resume: bool = False, progress: bool = True
     device = resolve_device(cfg.train.device)
     run_dir = Path(cfg.train.out_dir)
     tok = chat_tokenizer(cfg.base, cfg.data.chat_template)
-    pad = tok.pad_id if tok.pad_id is not None else (tok.eos_id or 0)
-    batches = ChatBatches(chat_rows(cfg, tok, "train", progress), cfg.train.batch_size, pad_id=pad,
-                          seed=cfg.train.seed, grad_accum=cfg.train.grad_accum, device=device, name="train")
-    val = ChatBatches(chat_rows(cfg, tok, "val", progress), cfg.train.batch_size, pad_id=pad, device=device,
-                      name="val")
+    batches, val = job_data(cfg, tok, device, progress)
     model = from_pretrained(cfg.base, device=device)  # float32: the master weights; train.precision autocasts
     if cfg.data.seq_len > model.config.max_seq_len:
         raise ConfigError(f"data.seq_len={cfg.data.seq_len} is above the base's max_seq_len="
                           f"{model.config.max_seq_len}; lower data.seq_len")
     if not model.config.eos_token_ids:
         model.config.eos_token_ids = list(getattr(tok, "stop_ids", [tok.eos_id]))
-    torch.manual_seed(cfg.train.seed)  # the adapters' initialisation
+    torch.manual_seed(cfg.train.seed)  # the adapters' (and a reward head's) initialisation
     prepare_model(model, cfg, progress)
     model.train()
-    run_dir.mkdir(parents=True, exist_ok=True)
     # The saved config is the job and the base's model section: what from_pretrained rebuilds from.
     job = {**to_dict(cfg), "model": to_dict(model.config)}
+    weights = None if cfg.method == "full" else AdapterWeights()
+    loss_fn, evaluate_fn = next_token_loss, None
+    if cfg.objective == "dpo":
+        from llmstack.finetune.preference import DPO, reference_logps
+
+        # The policy starts as the reference (adapters start at zero): its log-probs, once, are the reference's.
+        reference = {"train": reference_logps(model, batches), "val": reference_logps(model, val)}
+        loss_fn = DPO(reference, beta=cfg.dpo.beta, loss_type=cfg.dpo.loss, label_smoothing=cfg.dpo.label_smoothing)
+        evaluate_fn = loss_fn.evaluate
+    elif cfg.objective == "reward":
+        from llmstack.finetune.preference import RewardLoss, RewardModel, RewardWeights
+
+        model = RewardModel(model)
+        weights = RewardWeights(weights)
+        loss_fn = RewardLoss(cfg.reward.margin)
+        evaluate_fn = loss_fn.evaluate
+    elif cfg.objective in ("grpo", "ppo"):
+        from llmstack.finetune.rl import rl_objective
+
+        model, loss_fn, evaluate_fn, weights = rl_objective(cfg, model, tok, batches, val, weights, run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
     if progress:
-        print(f"fine-tuning {cfg.base} ({cfg.method}) on {device}: {len(batches)} train rows, {len(val)} val rows, "
-              f"{batches.epoch(cfg.train.max_steps):.2f} epochs | out_dir {run_dir}")
+        print(f"fine-tuning {cfg.base} ({cfg.objective}, {cfg.method}) on {device}: {len(batches)} train and "
+              f"{len(val)} val examples, {batches.epoch(cfg.train.max_steps):.2f} epochs | out_dir {run_dir}")
     return train(model, cfg.train, batches, val_batches=val, run_dir=run_dir, tokenizer=tok, job_config=job,
-                 resume=resume, progress=progress, weights=None if cfg.method == "full" else AdapterWeights())
+                 resume=resume, progress=progress, weights=weights, loss_fn=loss_fn, evaluate_fn=evaluate_fn)
+
+
+def job_data(cfg: FinetuneConfig, tok, device, progress: bool = True):
+    """(train batches, validation batches) for the job's objective."""
+    pad = tok.pad_id if tok.pad_id is not None else (tok.eos_id or 0)
+    dc, tc = cfg.data, cfg.train
+    if cfg.objective in ("reward", "dpo"):
+        from llmstack.data.preference import PairBatches, encode_pairs, load_pairs
+
+        out = []
+        for split in ("train", "val"):
+            pairs = load_pairs(dc.source, split, val_fraction=dc.val_fraction, max_chars=dc.max_chars)
+            if split == "train" and dc.max_examples:
+                pairs = pairs[:dc.max_examples]
+            encoded = encode_pairs(tok, pairs, dc.seq_len, truncation=dc.truncation)
+            if progress:
+                print(f"{split}: {len(pairs)} preference pairs, {len(encoded)} within data.seq_len={dc.seq_len}")
+            out.append(PairBatches(encoded, tc.batch_size, pad_id=pad, seed=tc.seed,
+                                   grad_accum=tc.grad_accum if split == "train" else 1, device=device, name=split))
+        return tuple(out)
+    if cfg.objective in ("grpo", "ppo"):
+        from llmstack.finetune.rl import prompt_sets
+
+        return prompt_sets(cfg, tok, device, progress)
+    return (ChatBatches(chat_rows(cfg, tok, "train", progress), tc.batch_size, pad_id=pad, seed=tc.seed,
+                        grad_accum=tc.grad_accum, device=device, name="train"),
+            ChatBatches(chat_rows(cfg, tok, "val", progress), tc.batch_size, pad_id=pad, device=device, name="val"))
 
 
 def load_job_config(path: str | os.PathLike) -> FinetuneConfig:

@@ -75,11 +75,18 @@ class TrainResult:
 def train(model: torch.nn.Module, cfg: TrainConfig, batches, *, val_batches=None, run_dir: str | Path,
           tokenizer=None, job_config: Any = None, loss_fn: Callable = next_token_loss, resume: bool = False,
           bytes_per_token: Optional[float] = None, flops_per_token: Optional[float] = None,
-          progress: bool = True, weights: Optional[FullWeights] = None) -> TrainResult:
+          progress: bool = True, weights: Optional[FullWeights] = None,
+          evaluate_fn: Optional[Callable] = None) -> TrainResult:
     """Train `model` for cfg.max_steps optimizer steps on `batches` (`get_batch(step, micro_step)`),
     evaluating on `val_batches` (`eval_batches(n)`), checkpointing into `run_dir`. Only parameters
     with requires_grad train (a frozen base with adapters: the adapters). `weights` says how
-    checkpoints keep the weights (default: all of them, `FullWeights`)."""
+    checkpoints keep the weights (default: all of them, `FullWeights`).
+
+    A batch is a tuple whose second element counts what the loss is summed over: its entries
+    other than -100 (the target tokens; one per pair for a preference loss), so that the step's
+    gradient is that of the mean. `loss_fn(model, batch)` returns (summed loss, count, metrics).
+    `evaluate_fn(model, batches)` replaces the validation loss and perplexity: its dict, with
+    a "loss", is logged with val_ before each key."""
     cfg.validate()
     run_dir = Path(run_dir)
     device = next(model.parameters()).device
@@ -100,6 +107,11 @@ def train(model: torch.nn.Module, cfg: TrainConfig, batches, *, val_batches=None
     def run_eval(at_step: int) -> dict:
         if val_batches is None:
             return {}
+        if evaluate_fn is not None:
+            with autocast():
+                out = evaluate_fn(model, val_batches.eval_batches(cfg.eval_batches))
+            logger.log({"step": at_step, **{f"val_{k}": v for k, v in out.items() if isinstance(v, (int, float))}})
+            return out
         out = evaluate(model, val_batches.eval_batches(cfg.eval_batches), bytes_per_token=bytes_per_token,
                        autocast=autocast if cfg.precision != "fp32" else None)
         logger.log({"step": at_step, "val_loss": out["loss"], "val_ppl": out["perplexity"],
