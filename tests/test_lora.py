@@ -506,6 +506,19 @@ def test_adapter_for_another_base_or_of_another_type_is_refused(tmp_path):
     one_line_error(r"no lora_magnitude_vector for 'model\.layers\.0\.self_attn\.o_proj'.*use_dora=True",
                    load_adapter, tiny(n_layers=3), tmp_path / "deep")
 
+    from safetensors.torch import load_file, save_file
+    save_adapter(apply_lora(tiny(), rank=2, targets=("o",), use_dora=True), tmp_path / "dora")
+    weights = tmp_path / "dora" / "adapter_model.safetensors"
+    tensors = load_file(weights)
+    key = "base_model.model.model.layers.1.self_attn.o_proj.lora_magnitude_vector"
+    save_file({**tensors, key: tensors[key][:-1]}, weights)
+    one_line_error(r"another base.*o_proj.*lora_magnitude_vector of shape \(31,\).*\(32,\)", load_adapter, tiny(),
+                   tmp_path / "dora")
+    save_file(tensors, weights)
+    config = json.loads((tmp_path / "dora" / "adapter_config.json").read_text())
+    (tmp_path / "dora" / "adapter_config.json").write_text(json.dumps({**config, "use_dora": False}))
+    one_line_error(r"unexpected tensor .*lora_magnitude_vector.*use_dora=False", load_adapter, tiny(), tmp_path / "dora")
+
 
 def test_nothing_half_written_on_disk(tmp_path, monkeypatch):
     one_line_error(r"no LoRA adapters to save", save_adapter, tiny(), tmp_path / "none")
