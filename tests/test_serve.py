@@ -137,6 +137,10 @@ CONFIGS = {
     "chunked": dict(max_batch_tokens=16, max_running=4),  # prefill in chunks, mixed with decodes
     "tiny_blocks": dict(block_size=4, max_batch_tokens=7, max_running=3),
     "preempting": dict(n_blocks=8, block_size=16, max_batch_tokens=32, max_running=4),  # 7 blocks: recompute
+    # each way a step's chunks and decodes can go through the model
+    "rows": dict(max_batch_tokens=16, max_running=4, layout="rows"),
+    "packed": dict(max_batch_tokens=16, max_running=4, layout="packed"),
+    "split": dict(max_batch_tokens=16, max_running=4, layout="split"),
 }
 
 

@@ -13,8 +13,9 @@ One step (Orca's iteration-level scheduling, vLLM's scheduler, simplified):
    goes back to the front of the queue, to be recomputed (prompt + what it has generated).
 2. Waiting requests are admitted while the budget, `max_running` and free blocks allow; a
    prompt starting with cached blocks (prefix caching) skips them.
-3. One forward over all of them (`PagedKVCache`'s rows layout when every request brings the
-   same number of tokens, as in a pure decode step, the packed layout otherwise); each request
+3. The forward pass: prompt chunks and decodes together in one forward, in `PagedKVCache`'s
+   rows or packed layout, or as two forwards (decodes, chunks) when that costs fewer
+   multiply-adds (`_plan`: on a CPU, with attention through a mask, it often does); each request
    whose tokens are now all read samples its next token with its own sampling parameters,
    generator and penalties, and finishes on its own (stop token, stop string, max_tokens, the
    model's context), freeing its blocks.
@@ -109,11 +110,13 @@ class Engine:
     max_batch_tokens: the step's token budget (prompt chunks + decodes).
     max_running:      sequences in the running batch at most.
     prefix_caching:   share full blocks of identical prefixes between requests.
+    layout:           how a step's sequences go through the model (see `_plan`): "auto" picks
+                      the fewest multiply-adds; "rows", "packed" or "split" force one (tests).
     """
 
     def __init__(self, model: torch.nn.Module, tokenizer=None, *, block_size: int = 16,
                  n_blocks: Optional[int] = None, kv_bytes: int = 2 << 30, max_batch_tokens: int = 512,
-                 max_running: int = 64, prefix_caching: bool = True):
+                 max_running: int = 64, prefix_caching: bool = True, layout: str = "auto"):
         if max_batch_tokens < max_running:
             raise ValueError(f"max_batch_tokens ({max_batch_tokens}) must be >= max_running ({max_running}), so "
                              "that every running sequence can decode at each step")
@@ -129,13 +132,18 @@ class Engine:
             raise ValueError(f"{n_blocks} blocks of {block_size} tokens cannot hold one sequence of the model's "
                              f"context ({cfg.max_seq_len} tokens)")
         self.cache = PagedKVCache.for_model(model, self.pool)
-        self.max_batch_tokens, self.max_running = max_batch_tokens, max_running
+        if layout not in ("auto", "rows", "packed", "split"):
+            raise ValueError(f"layout must be auto, rows, packed or split, got {layout!r}")
+        self.max_batch_tokens, self.max_running, self.layout = max_batch_tokens, max_running, layout
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}
         self.stats = EngineStats()
         self._ids = itertools.count()
         self.device = next(model.parameters()).device
+        # multiply-adds per token in the weights, and per (query, key) pair in attention, for _plan
+        self._token_cost = sum(p.numel() for name, p in model.named_parameters() if "embed" not in name)
+        self._pair_cost = 2 * cfg.n_layers * cfg.n_heads * cfg.head_dim
         self.default_stop_tokens = (text_stop_tokens(model, tokenizer) if tokenizer is not None
                                     else resolve_stop_tokens(model, None))
 
@@ -258,7 +266,7 @@ class Engine:
 
     @torch.inference_mode()
     def step(self) -> list[StepOutput]:
-        """Schedule, run one forward pass, sample; return what each request produced."""
+        """Schedule, run the forward pass, sample; return what each request produced."""
         outputs: list[StepOutput] = []
         batch = self._schedule()
         if not batch:
@@ -268,19 +276,13 @@ class Engine:
         starts = [req.computed for req, _ in batch]
         counts = [n for _, n in batch]
         ids = [req.tokens[s:s + n] for (req, n), s in zip(batch, starts)]
+        hidden = [None] * len(batch)
         with evaluating(self.model):
-            if len(set(counts)) == 1:  # rows: one sequence per row, no mask
-                T = counts[0]
-                self.cache.set_rows(tables, starts, T)
-                x = torch.tensor(ids, dtype=torch.long, device=self.device)  # (B, T)
-                positions = torch.tensor(starts, device=self.device)[:, None] + torch.arange(T, device=self.device)
-                hidden = self.model(x, cache=self.cache, positions=positions, return_hidden=True)[:, -1]  # (B, C)
-            else:  # packed: every sequence's tokens in one row
-                positions, mask = self.cache.set_packed(tables, starts, counts)
-                x = torch.tensor([t for row in ids for t in row], dtype=torch.long, device=self.device)[None]
-                h = self.model(x, cache=self.cache, positions=positions, attn_mask=mask, return_hidden=True)[0]
-                last = torch.tensor(counts, device=self.device).cumsum(0) - 1
-                hidden = h[last]  # (B, C): each sequence's last token
+            for layout, items in self._plan(tables, counts):
+                h = self._forward(layout, [tables[i] for i in items], [starts[i] for i in items],
+                                  [counts[i] for i in items], [ids[i] for i in items])
+                for row, i in enumerate(items):
+                    hidden[i] = h[row]
         self.stats.forward_tokens += sum(counts)
         ready = []
         for i, (req, n) in enumerate(batch):
@@ -289,10 +291,59 @@ class Engine:
             if req.computed == len(req.tokens):
                 ready.append(i)
         if ready:
-            logits = self.model.head(hidden[ready]).float()  # (R, V)
+            logits = self.model.head(torch.stack([hidden[i] for i in ready])).float()  # (R, V)
             for row, i in enumerate(ready):
                 outputs.append(self._sample(batch[i][0], logits[row:row + 1]))
         return outputs
+
+    def _forward(self, layout: str, tables, starts, counts, ids) -> torch.Tensor:
+        """One forward pass over these sequences' new tokens; the hidden state of each one's last
+        token (B, C)."""
+        device = self.device
+        if layout == "rows":  # one sequence per row, right-padded to the longest chunk
+            T = max(counts)
+            self.cache.set_rows(tables, starts, T, counts)
+            x = torch.tensor([row + [0] * (T - len(row)) for row in ids], dtype=torch.long, device=device)  # (B, T)
+            positions = (torch.tensor(starts, device=device)[:, None] + torch.arange(T, device=device)
+                         ).clamp(max=self.max_seq_len - 1)  # padding's positions are never used
+            h = self.model(x, cache=self.cache, positions=positions, return_hidden=True)  # (B, T, C)
+            return h[torch.arange(len(ids), device=device), torch.tensor(counts, device=device) - 1]
+        positions, mask = self.cache.set_packed(tables, starts, counts)  # every sequence in one row
+        x = torch.tensor([t for row in ids for t in row], dtype=torch.long, device=device)[None]  # (1, N)
+        h = self.model(x, cache=self.cache, positions=positions, attn_mask=mask, return_hidden=True)[0]  # (N, C)
+        return h[torch.tensor(counts, device=device).cumsum(0) - 1]
+
+    def _plan(self, tables: list[list[int]], counts: list[int]) -> list[tuple[str, list[int]]]:
+        """The step's forward passes: (layout, which sequences). Prompt chunks and decodes go
+        through one forward, as rows (each sequence padded to the longest chunk, attending over its
+        own blocks) or packed (no padding, but every token scores the keys of every sequence in
+        the row before the mask hides them), or, when that costs fewer multiply-adds, as two: the
+        decodes as rows, the chunks as the cheaper of the two. `self.layout` forces one."""
+        everything = list(range(len(counts)))
+        decodes = [i for i in everything if counts[i] == 1]
+        chunks = [i for i in everything if counts[i] > 1]
+        if self.layout in ("rows", "packed"):
+            return [(self.layout, everything)]
+        if len(set(counts)) == 1:
+            return [("rows", everything)]
+        if self.layout == "split":
+            return [("rows", decodes), ("packed", chunks)] if decodes else [("packed", everything)]
+        bs = self.pool.block_size
+
+        def cost(layout: str, items: list[int]) -> float:
+            if layout == "rows":
+                queries, keys = len(items) * max(counts[i] for i in items), max(len(tables[i]) for i in items) * bs
+            else:
+                queries, keys = sum(counts[i] for i in items), sum(len(tables[i]) for i in items) * bs
+            return queries * (self._token_cost + self._pair_cost * keys)
+
+        def best(items: list[int]) -> tuple[str, list[int]]:
+            return min(("rows", items), ("packed", items), key=lambda plan: cost(*plan))
+
+        plans = [[best(everything)]]
+        if decodes and chunks:
+            plans.append([("rows", decodes), best(chunks)])
+        return min(plans, key=lambda plan: sum(cost(*p) for p in plan))
 
     def _register_full_blocks(self, req: Request) -> None:
         bs = self.pool.block_size

@@ -188,16 +188,20 @@ class PagedKVCache(nn.Module):
         self._blocks = torch.tensor(blocks, dtype=torch.long, device=self.k.device)
         self._offsets = torch.tensor(offsets, dtype=torch.long, device=self.k.device)
 
-    def set_rows(self, tables: Sequence[Sequence[int]], lengths: Sequence[int], T: int) -> None:
-        """Row b holds lengths[b] tokens in the blocks tables[b] (enough for lengths[b] + T), and
-        this step brings T more to every row."""
+    def set_rows(self, tables: Sequence[Sequence[int]], lengths: Sequence[int], T: int,
+                 counts: Optional[Sequence[int]] = None) -> None:
+        """Row b holds lengths[b] tokens in the blocks tables[b] (enough for lengths[b] + counts[b]),
+        and this step brings T tokens to every row, of which counts[b] (default T) are real: the
+        rest is right padding, written to the null block and seen by no real token (they come
+        after it, and attention is causal)."""
+        counts = counts if counts is not None else [T] * len(tables)
         width = max(len(t) for t in tables)
         padded = [list(t) + [NULL_BLOCK] * (width - len(t)) for t in tables]
         self.block_table = torch.tensor(padded, dtype=torch.long, device=self.k.device)  # (B, blocks)
         self.lengths = torch.tensor(list(lengths), dtype=torch.long, device=self.k.device)  # (B,)
         self._packed_table = None
         self.seq_len = max(lengths)
-        self._write_at(tables, [range(n, n + T) for n in lengths])
+        self._write_at(tables, [[n + i if i < c else -1 for i in range(T)] for n, c in zip(lengths, counts)])
 
     def set_packed(self, tables: Sequence[Sequence[int]], starts: Sequence[int], counts: Sequence[int]
                    ) -> tuple[torch.Tensor, torch.Tensor]:
