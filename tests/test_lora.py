@@ -517,7 +517,8 @@ def test_adapter_for_another_base_or_of_another_type_is_refused(tmp_path):
     save_file(tensors, weights)
     config = json.loads((tmp_path / "dora" / "adapter_config.json").read_text())
     (tmp_path / "dora" / "adapter_config.json").write_text(json.dumps({**config, "use_dora": False}))
-    one_line_error(r"unexpected tensor .*lora_magnitude_vector.*use_dora=False", load_adapter, tiny(), tmp_path / "dora")
+    one_line_error(r"unexpected tensor .*lora_magnitude_vector.*use_dora=False", load_adapter, tiny(),
+                   tmp_path / "dora")
 
 
 def test_nothing_half_written_on_disk(tmp_path, monkeypatch):

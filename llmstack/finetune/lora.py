@@ -451,7 +451,8 @@ def load_adapter_tensors(model: nn.Module, tensors: dict[str, torch.Tensor]) -> 
                          + (f"unexpected {', '.join(unexpected[:4])}" if unexpected else ""))
     for key, t in tensors.items():
         if t.shape != expected[key].shape:
-            raise ValueError(f"adapter tensor {key} has shape {tuple(t.shape)}, the model's {tuple(expected[key].shape)}")
+            raise ValueError(f"adapter tensor {key} has shape {tuple(t.shape)}, the model's "
+                             f"{tuple(expected[key].shape)}")
     with torch.no_grad():
         for key, t in tensors.items():
             expected[key].copy_(t)
