@@ -253,3 +253,24 @@ def test_engine_kv_waste_is_under_one_block_per_sequence(model):
             allocated = sum(len(r.blocks) for r in engine.running)
             assert allocated <= sum(r.computed // 8 + 1 for r in engine.running)
     assert max(wastes) < 1
+
+
+def test_bench_serve_systems_produce_the_same_tokens(model):
+    """scripts/bench_serve.py's three systems, on a tiny workload: every request gets its own number
+    of tokens, one time each, and all three agree (what its `same` column counts)."""
+    pytest.importorskip("transformers")
+    import bench_serve
+    from benchlib import hf_twin
+
+    work = bench_serve.make_workload(6, VOCAB, 96, (2, 20), (2, 10), seed=0)
+    arrivals = bench_serve.make_arrivals(6, 0, seed=0)
+    engine, wastes, _ = bench_serve.run_engine(model, work, arrivals, dict(block_size=4, max_batch_tokens=16, max_running=4))
+    ours = bench_serve.run_static(bench_serve.llmstack_static(model), work, arrivals, 4)
+    hf = bench_serve.run_static(bench_serve.hf_static(hf_twin(model)), work, arrivals, 4)
+    for traces in (engine, ours, hf):
+        assert [len(t.tokens) for t in traces] == [n for _, n in work]
+        assert all(len(t.times) == len(t.tokens) and t.times == sorted(t.times) for t in traces)
+    assert [t.tokens for t in engine] == [alone(model, p, n, temperature=0, stop_tokens=()) for p, n in work]
+    assert bench_serve.summarize("ours", ours, engine)["same"] == "6/6"
+    assert bench_serve.summarize("hf", hf, engine)["same"] == "6/6"
+    assert 0 <= min(wastes) and max(wastes) < 1
