@@ -35,12 +35,14 @@ def alone(model, prompt, n, **kw):
 # --------------------------------------------------------------------------- the paged cache
 
 
-def test_paged_cache_equals_contiguous_token_for_token(model):
+@pytest.mark.parametrize("in_attention", [False, True], ids=["cache_gathers", "attention_gathers"])
+def test_paged_cache_equals_contiguous_token_for_token(model, in_attention):
     """Rows of different lengths in scattered blocks give the logits of the contiguous cache
-    holding the same rows (per-row lengths), at every prefill and decode step."""
+    holding the same rows (per-row lengths), at every prefill and decode step, whether the cache
+    gathers the blocks or hands the pools and block table to attention."""
     B, bs = 3, 4
     pool = BlockPool(40, bs)
-    paged = PagedKVCache.for_model(model, pool)
+    paged = PagedKVCache.for_model(model, pool, gather_in_attention=in_attention)
     contiguous = KVCache.for_model(model, B, 64)
     order = list(range(1, 40))
     random.Random(0).shuffle(order)
@@ -54,6 +56,7 @@ def test_paged_cache_equals_contiguous_token_for_token(model):
         for ids in steps:
             T = ids.shape[1]
             paged.set_rows(tables, lengths, T)
+            assert (paged.block_table is not None) == in_attention
             positions = torch.tensor(lengths)[:, None] + torch.arange(T)
             got = model(ids, cache=paged, positions=positions)
             want = model(ids, cache=contiguous)

@@ -10,8 +10,11 @@ filled block, any free block serves any sequence, and identical prefixes can sha
     cache.set_rows(block_tables, lengths, T)              # this step's layout, then model(ids, cache=cache)
 
 Block 0 is never handed out: it is the null block that pads block tables, and where padding
-tokens write. `attention(..., block_table=)` gathers each row's blocks (`gather_blocks`) and
-`kv_lengths` hides the slots past each row's length.
+tokens write. Each row's blocks are gathered into contiguous keys, and `kv_lengths` hides the
+slots past each row's length. By default the cache gathers them itself, with one indexing op
+per layer whose index is computed once per step; `gather_in_attention=True` instead hands the
+pools and the block table to attention (`attention(..., block_table=)`, `gather_blocks`): the
+interface a paged attention kernel reads blocks in place through.
 
 Prefix caching: a full block is keyed by a hash of its tokens and of every token before it
 (the hash of the block before it), so two requests whose prompts start alike find the same
@@ -26,8 +29,6 @@ from typing import Optional, Sequence
 
 import torch
 from torch import nn
-
-from llmstack.model.attention import gather_blocks
 
 NULL_BLOCK = 0
 
@@ -143,7 +144,8 @@ class BlockPool:
 class PagedKVCache(nn.Module):
     """k and v pools of shape (n_blocks, Hkv, block_size, D) per layer, with the cache interface of
     `llmstack.model.kv_cache`: `update` stores this step's keys at the slots `set_rows` (or
-    `set_packed`) laid out and returns the pools, `block_table` and `lengths` reach attention.
+    `set_packed`) laid out and returns each row's keys (or the pools, with `block_table`, when
+    `gather_in_attention`), and `lengths` reach attention.
 
     Two layouts of one step:
     - rows (`set_rows`): one sequence per row, every row T new tokens (decode: T = 1); row b's
@@ -154,9 +156,10 @@ class PagedKVCache(nn.Module):
     """
 
     def __init__(self, n_layers: int, pool: BlockPool, n_kv_heads: int, head_dim: int, *,
-                 dtype: torch.dtype = torch.float32, device: torch.device | str | None = None):
+                 dtype: torch.dtype = torch.float32, device: torch.device | str | None = None,
+                 gather_in_attention: bool = False):
         super().__init__()
-        self.pool = pool
+        self.pool, self.gather_in_attention = pool, gather_in_attention
         shape = (n_layers, pool.n_blocks, n_kv_heads, pool.block_size, head_dim)
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
@@ -164,13 +167,16 @@ class PagedKVCache(nn.Module):
         self.lengths: Optional[torch.Tensor] = None
         self.seq_len = 0
         self._blocks = self._offsets = None  # (B * T,) where each new token is written
-        self._packed_table: Optional[torch.Tensor] = None
+        self._gather: Optional[torch.Tensor] = None  # (B, Hkv, S): rows of a layer's pool.view(-1, D) to read
+        self.table: Optional[torch.Tensor] = None  # (B, blocks): this step's block table
 
     @classmethod
-    def for_model(cls, model: nn.Module, pool: BlockPool, *, dtype: Optional[torch.dtype] = None) -> "PagedKVCache":
+    def for_model(cls, model: nn.Module, pool: BlockPool, *, dtype: Optional[torch.dtype] = None,
+                  gather_in_attention: bool = False) -> "PagedKVCache":
         cfg = model.config
         param = next(model.parameters())
-        return cls(cfg.n_layers, pool, cfg.n_kv_heads, cfg.head_dim, dtype=dtype or param.dtype, device=param.device)
+        return cls(cfg.n_layers, pool, cfg.n_kv_heads, cfg.head_dim, dtype=dtype or param.dtype, device=param.device,
+                   gather_in_attention=gather_in_attention)
 
     @property
     def block_size(self) -> int:
@@ -197,9 +203,8 @@ class PagedKVCache(nn.Module):
         counts = counts if counts is not None else [T] * len(tables)
         width = max(len(t) for t in tables)
         padded = [list(t) + [NULL_BLOCK] * (width - len(t)) for t in tables]
-        self.block_table = torch.tensor(padded, dtype=torch.long, device=self.k.device)  # (B, blocks)
+        self._set_table(torch.tensor(padded, dtype=torch.long, device=self.k.device))  # (B, blocks)
         self.lengths = torch.tensor(list(lengths), dtype=torch.long, device=self.k.device)  # (B,)
-        self._packed_table = None
         self.seq_len = max(lengths)
         self._write_at(tables, [[n + i if i < c else -1 for i in range(T)] for n, c in zip(lengths, counts)])
 
@@ -211,10 +216,9 @@ class PagedKVCache(nn.Module):
         bs, device = self.block_size, self.k.device
         flat = [b for t in tables for b in t]
         S, N = len(flat) * bs, sum(counts)
-        # `update` gathers the blocks itself and attention gets contiguous keys: the model cuts a
-        # mask wider than the keys it is handed (a rolling cache's), which a pool would trip.
-        self.block_table = None
-        self._packed_table = torch.tensor([flat], dtype=torch.long, device=device)  # (1, blocks)
+        # Always gathered here: the model cuts a mask wider than the keys it is handed (a rolling
+        # cache's), which a pool would trip.
+        self._set_table(torch.tensor([flat], dtype=torch.long, device=device), in_attention=False)  # (1, blocks)
         # kv_lengths = lengths + N = S: every gathered slot is a key; the queries are the last N
         # slots for the causal mask, which then hides nothing the mask below allows (each
         # sequence's slots come no later than its queries' places in that alignment).
@@ -237,9 +241,24 @@ class PagedKVCache(nn.Module):
         # pool[block, :, offset] for each new token: (B * T, Hkv, D)
         k_pool[self._blocks, :, self._offsets] = k.transpose(1, 2).reshape(B * T, Hkv, D)
         v_pool[self._blocks, :, self._offsets] = v.transpose(1, 2).reshape(B * T, Hkv, D)
-        if self._packed_table is not None:
-            return gather_blocks(k_pool, self._packed_table), gather_blocks(v_pool, self._packed_table)
-        return k_pool, v_pool
+        if self._gather is None:
+            return k_pool, v_pool  # with self.block_table: attention gathers
+        return k_pool.view(-1, D)[self._gather], v_pool.view(-1, D)[self._gather]  # (B, Hkv, S, D)
+
+    def _set_table(self, table: torch.Tensor, in_attention: Optional[bool] = None) -> None:
+        """Read row b's keys from blocks table[b] (B, blocks): here, through one index into the pool
+        seen as (n_blocks * Hkv * block_size, D) rows, or by attention (`block_table`)."""
+        in_attention = self.gather_in_attention if in_attention is None else in_attention
+        self.table = table
+        if in_attention:
+            self.block_table, self._gather = table, None
+            return
+        _, _, Hkv, bs, _ = self.k.shape
+        B, n = table.shape
+        heads = torch.arange(Hkv, device=table.device)[None, :, None, None]
+        slots = torch.arange(bs, device=table.device)
+        self._gather = ((table[:, None, :, None] * Hkv + heads) * bs + slots).reshape(B, Hkv, n * bs)
+        self.block_table = None
 
     def advance(self, n: int) -> None:
         """The scheduler keeps each sequence's length; the layout is set anew before every step."""
@@ -249,5 +268,5 @@ class PagedKVCache(nn.Module):
         raise NotImplementedError("a paged cache is truncated by giving a sequence fewer blocks (set_rows)")
 
     def reset(self) -> None:
-        self.block_table = self.lengths = self._packed_table = None
+        self.block_table = self.lengths = self._gather = None
         self.seq_len = 0
