@@ -140,6 +140,7 @@ CONFIGS = {
     "chunked": dict(max_batch_tokens=16, max_running=4),  # prefill in chunks, mixed with decodes
     "tiny_blocks": dict(block_size=4, max_batch_tokens=7, max_running=3),
     "preempting": dict(n_blocks=8, block_size=16, max_batch_tokens=32, max_running=4),  # 7 blocks: recompute
+    "preempting_decodes": dict(n_blocks=26, block_size=4, max_batch_tokens=8, max_running=6),
     # each way a step's chunks and decodes can go through the model
     "rows": dict(max_batch_tokens=16, max_running=4, layout="rows"),
     "packed": dict(max_batch_tokens=16, max_running=4, layout="packed"),
@@ -155,7 +156,7 @@ def test_engine_greedy_equals_generate_alone(model, name):
     got = engine.generate(ps, max_tokens=20, temperature=0, stop_tokens=())
     assert got == want
     assert engine.pool.num_used == 0 and not engine.running
-    if name == "preempting":
+    if name.startswith("preempting"):
         assert engine.stats.preemptions > 0
     if name == "chunked":
         assert engine.stats.steps > 20

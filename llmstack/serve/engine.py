@@ -41,7 +41,7 @@ from llmstack.serve.paged import BlockPool, NoFreeBlocks, PagedKVCache, block_ha
 WAITING, RUNNING, FINISHED = "waiting", "running", "finished"
 
 
-@dataclass
+@dataclass(eq=False)  # compared and hashed by identity
 class Request:
     """One sequence being generated. `tokens` is prompt + output; the first `computed` of them
     have their keys and values in `blocks`."""
@@ -220,10 +220,11 @@ class Engine:
         self.waiting.appendleft(req)
 
     def _schedule(self) -> list[tuple[Request, int]]:
-        """This step's (request, tokens to compute) pairs."""
+        """This step's (request, tokens to compute) pairs: decodes first, so that a long prompt
+        chunk never delays a token already being streamed, then chunks, then admissions."""
         budget = self.max_batch_tokens
-        batch: list[tuple[Request, int]] = []
-        for req in list(self.running):
+        scheduled: dict[Request, int] = {}
+        for req in sorted(self.running, key=lambda r: len(r.tokens) - r.computed > 1):  # stable: oldest first
             if req.status != RUNNING:  # preempted below, for an older request
                 continue
             n = min(len(req.tokens) - req.computed, budget)
@@ -234,13 +235,15 @@ class Engine:
                     self._ensure_blocks(req, req.computed + n)
                     break
                 except NoFreeBlocks:
-                    victim = self.running[-1]
+                    victim = self.running[-1]  # the newest
+                    budget += scheduled.pop(victim, 0)
                     self._preempt(victim)
                     if victim is req:
                         break
             if req.status == RUNNING:
-                batch.append((req, n))
+                scheduled[req] = n
                 budget -= n
+        batch = list(scheduled.items())
         while self.waiting and budget > 0 and len(self.running) < self.max_running:
             req = self.waiting[0]
             tokens = req.tokens
