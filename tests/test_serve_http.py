@@ -293,3 +293,21 @@ def test_100_clients_disconnecting_mid_stream(server):
     assert engine.pool.num_used == 0 and not engine.running and not engine.waiting
     assert app.state.worker.metrics.requests.get("abort", 0) >= 50  # most were cut short (100 tokens each)
     assert httpx.get(url + "/health").json()["status"] == "ok"
+
+
+def test_an_engine_failure_fails_its_requests_and_the_server_keeps_serving(server, client):
+    url, app = server
+    engine = app.state.engine
+    real_step = engine.step
+
+    def failing_step():
+        engine.step = real_step  # fail once
+        real_step()  # blocks get allocated, then the step "crashes"
+        raise RuntimeError("simulated failure")
+
+    engine.step = failing_step
+    with pytest.raises(openai.InternalServerError, match="simulated failure"):
+        client.completions.create(model="tiny", prompt="def", max_tokens=5, temperature=0)
+    wait_idle(app)
+    assert engine.pool.num_used == 0
+    assert client.completions.create(model="tiny", prompt="def", max_tokens=5).usage.completion_tokens == 5

@@ -110,6 +110,7 @@ class Event:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     error: Optional[str] = None
+    error_status: int = 400  # 400: the engine refused the request; 500: it failed while running it
 
 
 class QueueFull(Exception):
@@ -203,7 +204,8 @@ class EngineThread:
             except Exception as e:  # a bug or out of memory: fail the running requests, keep serving
                 for req in [*self.engine.running, *self.engine.waiting]:
                     self.engine.abort(req.id)
-                    self._send(req.id, Event(0, finished=True, error=f"engine error: {e}"))
+                    self._send(req.id, Event(0, finished=True, error=f"engine error: {type(e).__name__}: {e}",
+                                             error_status=500))
                 continue
             now = time.perf_counter()
             self.metrics.token_times.append((now, sum(o.token is not None for o in outputs)))
@@ -437,7 +439,7 @@ def build_app(model, tokenizer, *, model_name: str = "llmstack", api_key: Option
                     while live:
                         event = await out.get()
                         if event.error is not None:
-                            yield f"data: {json.dumps(error_body(event.error))}\n\n"
+                            yield f"data: {json.dumps(error_body(event.error, event.error_status))}\n\n"
                             live.discard(event.index)
                             continue
                         if event.finished:
@@ -465,7 +467,8 @@ def build_app(model, tokenizer, *, model_name: str = "llmstack", api_key: Option
                         break
                     continue
                 if event.error is not None:
-                    raise APIError(400, event.error)
+                    raise APIError(event.error_status, event.error,
+                                   type="invalid_request_error" if event.error_status < 500 else "server_error")
                 events.append(event)
                 if event.finished:
                     live.discard(event.index)
@@ -474,8 +477,9 @@ def build_app(model, tokenizer, *, model_name: str = "llmstack", api_key: Option
                 worker.abort([ids[i] for i in live])
         return JSONResponse(final_fn(events))
 
-    def error_body(message: str) -> dict:
-        return {"error": {"message": message, "type": "invalid_request_error", "param": None, "code": None}}
+    def error_body(message: str, status: int) -> dict:
+        kind = "invalid_request_error" if status < 500 else "server_error"
+        return {"error": {"message": message, "type": kind, "param": None, "code": None}}
 
     def usage(prompt_tokens: list[int], completion: dict[int, int]) -> dict:
         p = sum(prompt_tokens)
