@@ -311,3 +311,38 @@ def test_an_engine_failure_fails_its_requests_and_the_server_keeps_serving(serve
     wait_idle(app)
     assert engine.pool.num_used == 0
     assert client.completions.create(model="tiny", prompt="def", max_tokens=5).usage.completion_tokens == 5
+
+
+def test_serve_script_serves_a_checkpoint(model, tok, tmp_path):
+    """scripts/serve.py as a user runs it: a checkpoint directory, a port, an API key; stopped after."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from llmstack.interop import save_pretrained
+
+    save_pretrained(model, tmp_path / "ckpt")
+    tok.save(tmp_path / "ckpt" / "tokenizer.json")
+    probe = listen("127.0.0.1", 0)
+    port = probe.getsockname()[1]
+    probe.close()
+    script = Path(__file__).resolve().parent.parent / "scripts" / "serve.py"
+    proc = subprocess.Popen([sys.executable, str(script), "--checkpoint", str(tmp_path / "ckpt"), "--port", str(port),
+                             "--api-key", KEY, "--threads", "1", "--device", "cpu"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        for _ in range(600):  # up to ~60 s to import and load
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert proc.poll() is None, proc.stdout.read()
+            time.sleep(0.1)
+        c = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=KEY, max_retries=0, timeout=60)
+        assert [m.id for m in c.models.list().data] == ["ckpt"]
+        got = c.completions.create(model="ckpt", prompt="def add", max_tokens=6, temperature=0)
+        assert got.choices[0].text == llmstack.generate_text(model, tok, "def add", 6, temperature=0)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
