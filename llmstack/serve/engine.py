@@ -3,14 +3,15 @@
     engine = Engine(model, tokenizer)
     engine.add_request([1, 2, 3], max_tokens=20, temperature=0)
     while engine.has_work():
-        for out in engine.step():               # one forward pass over every running request
+        for out in engine.step():               # one step: every running request advances
             print(out.request.id, out.token, out.text, out.finished)
 
 One step (Orca's iteration-level scheduling, vLLM's scheduler, simplified):
-1. Running requests first, oldest first: a decoding one needs 1 token, one still reading its
-   prompt (chunked prefill) the rest of it, up to the step's token budget. When the pool has
-   no block for them, the newest running request is preempted: its blocks are freed and it
-   goes back to the front of the queue, to be recomputed (prompt + what it has generated).
+1. Running requests first, decodes before prompt chunks, oldest first: a decoding one needs 1
+   token, one still reading its prompt (chunked prefill) the rest of it, up to the step's token
+   budget. When the pool has no block for them, the newest running request is preempted: its
+   blocks are freed and it goes back to the front of the queue, to be recomputed (prompt +
+   what it has generated).
 2. Waiting requests are admitted while the budget, `max_running` and free blocks allow; a
    prompt starting with cached blocks (prefix caching) skips them.
 3. The forward pass: prompt chunks and decodes together in one forward, in `PagedKVCache`'s
