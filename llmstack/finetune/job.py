@@ -166,8 +166,13 @@ def finetune(cfg: FinetuneConfig, *, resume: bool = False, progress: bool = True
     if progress:
         print(f"fine-tuning {cfg.base} ({cfg.objective}, {cfg.method}) on {device}: {len(batches)} train and "
               f"{len(val)} val examples, {batches.epoch(cfg.train.max_steps):.2f} epochs | out_dir {run_dir}")
-    return train(model, cfg.train, batches, val_batches=val, run_dir=run_dir, tokenizer=tok, job_config=job,
-                 resume=resume, progress=progress, weights=weights, loss_fn=loss_fn, evaluate_fn=evaluate_fn)
+    result = train(model, cfg.train, batches, val_batches=val, run_dir=run_dir, tokenizer=tok, job_config=job,
+                   resume=resume, progress=progress, weights=weights, loss_fn=loss_fn, evaluate_fn=evaluate_fn)
+    if cfg.objective in ("grpo", "ppo"):
+        from llmstack.finetune.rl import plot_rl
+
+        plot_rl([run_dir], run_dir / "rl.png")  # reward, KL and held-out success over the steps
+    return result
 
 
 def job_data(cfg: FinetuneConfig, tok, device, progress: bool = True):

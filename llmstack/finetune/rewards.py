@@ -12,11 +12,14 @@ The parent gives each answer `timeout` seconds: a reward that raises counts as a
 scores 0, one that hangs is killed, counted as a timeout, scores 0, and the remaining answers
 go to a fresh process. Training never stops for them.
 
-Built-in task:
+Built-in tasks (the code is compiled, never run):
 
 - `python_function`: the answer (the code in a ```python fence, or the whole answer) must compile
   and define the function or method the prompt asks for ("Write the Python function `name(...)`"):
-  1.0; compiling without defining it: 0.25; not compiling: 0. The code is compiled, never run.
+  1.0; compiling without defining it: 0.25; not compiling: 0.
+- `python_signature`: the answer's first line must be the `def` of that function (it compiles with a
+  `pass` body): 1.0; the `def` of another name: 0.25 plus up to 0.5 for how close the name is; else 0.
+  Judges a short answer: a small model rarely finishes a whole function within a rollout's budget.
 """
 from __future__ import annotations
 
@@ -54,7 +57,7 @@ for line in sys.stdin:
 """
 
 # Built-in tasks: this file, loaded alone in the child (it imports only the standard library).
-TASKS = {"python_function": f"{os.path.abspath(__file__)}:python_function"}
+TASKS = {name: f"{os.path.abspath(__file__)}:{name}" for name in ("python_function", "python_signature")}
 
 
 def python_function(prompt: str, answer: str) -> float:
@@ -73,6 +76,28 @@ def python_function(prompt: str, answer: str) -> float:
     wanted = re.search(r"`(?:[\w.]*\.)?(\w+)\(", prompt)
     names = {n.name for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))}
     return 1.0 if wanted and wanted.group(1) in names else 0.25
+
+
+def python_signature(prompt: str, answer: str) -> float:
+    """The answer's first line, given a body, must compile as the `def` of the function the prompt
+    names: 1.0; the `def` of another name: 0.25 + 0.5 * the names' similarity (difflib's ratio), so
+    that a name nearly copied earns more than a made-up one; anything else: 0.0."""
+    import ast
+    import difflib
+    import re
+
+    first = answer.lstrip("`").removeprefix("python").lstrip("\n").split("\n", 1)[0].strip()
+    if not first.startswith(("def ", "async def ")):
+        return 0.0
+    try:
+        tree = ast.parse(first + "\n    pass")
+    except (SyntaxError, ValueError, RecursionError, MemoryError):
+        return 0.0
+    wanted = re.search(r"`(?:[\w.]*\.)?(\w+)\(", prompt)
+    if wanted is None:
+        return 0.25
+    name = tree.body[0].name
+    return 1.0 if name == wanted.group(1) else 0.25 + 0.5 * difflib.SequenceMatcher(None, name, wanted.group(1)).ratio()
 
 
 def _limits(cpu_seconds: int, memory_bytes: int):

@@ -212,10 +212,17 @@ class RLObjective:
         rewards = self.scores(texts, x, answers, lengths)
         return x, y, rewards, time.perf_counter() - t0
 
+    def _summary(self, rewards: torch.Tensor) -> dict:
+        """Mean reward, and with a task's reward (whose best is 1.0) the share of answers that reach it."""
+        out = {"reward": rewards.mean().item()}
+        if self.reward_model is None:
+            out["success"] = (rewards >= 1.0).float().mean().item()
+        return out
+
     def _stats(self, rewards, kl, entropy, clip, gen_s, total_s) -> dict:
-        return {"reward": rewards.mean().item(), "success": (rewards >= 1.0).float().mean().item(),
-                "kl": kl, "entropy": entropy, "clip_fraction": clip, "generate_share": gen_s / max(total_s, 1e-9),
-                "reward_errors": self.runner.errors, "reward_timeouts": self.runner.timeouts}
+        return {**self._summary(rewards), "kl": kl, "entropy": entropy, "clip_fraction": clip,
+                "generate_share": gen_s / max(total_s, 1e-9), "reward_errors": self.runner.errors,
+                "reward_timeouts": self.runner.timeouts}
 
     def grpo_step(self, model, indices, extra):
         t0 = time.perf_counter()
@@ -321,7 +328,7 @@ class RLObjective:
                                                  stop_tokens=self.stop, pad_id=self.pad, greedy=True)
                 rewards.append(self.scores([self.val.texts[i] for i in idx], x, answers, lengths))
         r = torch.cat(rewards)
-        return {"reward": r.mean().item(), "success": (r >= 1.0).float().mean().item(), "prompts": len(r)}
+        return {**self._summary(r), "prompts": len(r)}
 
 
 class PolicyWithValue(nn.Module):
@@ -385,3 +392,37 @@ def rl_objective(cfg, model: nn.Module, tok, prompts: Prompts, val: Prompts, wei
         model = PolicyWithValue(model)
         weights = PolicyWeights(weights)
     return model, objective, objective.evaluate, weights
+
+
+def plot_rl(runs: Sequence[str | Path], png: str | Path, labels: Optional[Sequence[str]] = None) -> Optional[Path]:
+    """Reward, KL to the reference and held-out success against step, from each run's metrics.jsonl
+    (several runs: one line each, e.g. seeds). Needs matplotlib (else a warning and no plot)."""
+    import json
+    import sys
+
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print(f"warning: matplotlib is not installed, so {png} was not drawn", file=sys.stderr)
+        return None
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.6), dpi=110)
+    for i, run in enumerate(runs):
+        rows = [json.loads(line) for line in (Path(run) / "metrics.jsonl").read_text().splitlines() if line.strip()]
+        label = labels[i] if labels else Path(run).name
+        for ax, key in zip(axes, ("reward", "kl", "val_success")):
+            pts = [(r["step"], r[key]) for r in rows if r.get(key) is not None]
+            if pts:
+                ax.plot(*zip(*pts), "o-" if key.startswith("val_") else "-", ms=3, lw=1.2, label=label)
+    for ax, title in zip(axes, ("mean reward of the sampled answers", "KL to the reference (nats/token)",
+                                "held-out success (greedy)")):
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(png)
+    plt.close(fig)
+    return Path(png)
