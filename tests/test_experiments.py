@@ -66,6 +66,7 @@ def test_experiment_quick_run_writes_its_results_and_figure(name, tmp_path):
         fit = results["fit"]
         assert all(math.isfinite(fit[k]) and fit[k] >= 0 for k in ("E", "A", "B", "alpha", "beta"))
         assert results["bootstrap"]["alpha"]["ci95"][0] <= results["bootstrap"]["alpha"]["ci95"][1]
+        assert len(results["runs"]) == 4 * 4 and results["isoflop"]["profiles"]
 
 
 def test_scaling_law_fit_recovers_known_exponents():
@@ -82,6 +83,41 @@ def test_scaling_law_fit_recovers_known_exponents():
     n, d = compute_optimal(law, 1e20)  # at the optimum, a step along C = 6ND in either direction costs loss
     assert 6 * n * d == pytest.approx(1e20)
     assert predict(law, n, d) < min(predict(law, 1.2 * n, d / 1.2), predict(law, n / 1.2, 1.2 * d))
+
+
+def test_scaling_law_isoflop_profiles_find_the_law_s_optimum():
+    """On losses drawn from a known law over a grid of sizes and budgets, each IsoFLOP parabola's
+    minimum lies near the law's compute-optimal size, and N_opt ~ C^(beta / (alpha + beta))."""
+    import numpy as np
+
+    scaling_laws = experiment("scaling_laws")
+    law = {"E": 1.7, "A": 400.0, "B": 410.0, "alpha": 0.34, "beta": 0.28}
+    N, D = (a.ravel() for a in np.meshgrid(np.geomspace(1e6, 1e10, 25), np.geomspace(1e8, 1e12, 33)))
+    L = scaling_laws.predict(law, N, D)
+    profiles = [scaling_laws.isoflop_profile(N, D, L, C) for C in (1e20, 1e21, 1e22)]
+    for p in profiles:
+        n_opt, _ = scaling_laws.compute_optimal(law, p["compute"])
+        assert p["n_opt"] == pytest.approx(n_opt, rel=0.15)
+        assert p["tokens_per_param"] == pytest.approx(p["compute"] / 6 / p["n_opt"] ** 2)
+    assert scaling_laws.isoflop_exponent(profiles) == pytest.approx(0.28 / 0.62, abs=0.03)
+    flat = scaling_laws.isoflop_profile(N, D, scaling_laws.predict(law, N, 1e30), 1e21)  # loss falls with N only
+    assert flat["n_opt"] is None
+
+
+def test_scaling_law_budgets_branch_off_one_run_as_separate_runs_would():
+    """A size's budgets share their constant-rate phase: the run for one budget is the same whether
+    or not other budgets branched off before it."""
+    import numpy as np
+
+    scaling_laws = experiment("scaling_laws")
+    rng = np.random.default_rng(0)
+    train, val = rng.integers(0, 64, 20_000), rng.integers(0, 64, 4_000)
+    tokens = [40 * 512, 60 * 512]
+    both = scaling_laws.train_size(16, 1, tokens, train, val, 64, 0, 2)
+    for budget, run in zip(tokens, both):
+        alone = scaling_laws.train_size(16, 1, [budget], train, val, 64, 0, 2)[0]
+        assert run["D"] == budget and run["val_loss"] == pytest.approx(alone["val_loss"], abs=1e-5)
+        assert run["train_loss"] == pytest.approx(alone["train_loss"], abs=1e-5)
 
 
 def test_icl_episodes_hold_one_rule_and_only_the_answers_are_targets():
