@@ -182,6 +182,7 @@ class RLObjective:
         self.stop = [i for i in (getattr(tok, "stop_ids", None) or [tok.eos_id]) if i is not None]
         self.pad = tok.pad_id if tok.pad_id is not None else (tok.eos_id or 0)
         self._rollout_cache: Optional[dict] = None
+        self._generating = self._stepping = 0.0  # seconds, since the run (or its resumption) started
 
     # -------------------------------------------------------------- scoring
 
@@ -220,8 +221,10 @@ class RLObjective:
         return out
 
     def _stats(self, rewards, kl, entropy, clip, gen_s, total_s) -> dict:
+        self._generating, self._stepping = self._generating + gen_s, self._stepping + total_s
         return {**self._summary(rewards), "kl": kl, "entropy": entropy, "clip_fraction": clip,
-                "generate_share": gen_s / max(total_s, 1e-9), "reward_errors": self.runner.errors,
+                # over all steps so far: PPO generates at the first of its epochs only
+                "generate_share": self._generating / max(self._stepping, 1e-9), "reward_errors": self.runner.errors,
                 "reward_timeouts": self.runner.timeouts}
 
     def grpo_step(self, model, indices, extra):
