@@ -175,6 +175,11 @@ def test_adapter_checkpoint_loads_in_peft(base, tmp_path):
     x = torch.randint(0, 400, (2, 16))
     with torch.no_grad():
         torch.testing.assert_close(peft_model(x).logits, ours(x), rtol=1e-4, atol=1e-4)
+    # The merged model exported for transformers (what convert_hf.py --to-hf writes from the run).
+    llmstack.save_hf(ours, tmp_path / "merged")
+    merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged", torch_dtype=torch.float32)
+    with torch.no_grad():
+        torch.testing.assert_close(merged(x).logits, peft_model(x).logits, rtol=1e-4, atol=1e-4)
 
 
 def test_instruction_metrics():

@@ -40,7 +40,7 @@ import warnings
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Iterator, Optional, Sequence
+from typing import Callable, Iterator, Optional, Sequence, TypeVar
 
 import numpy as np
 import torch
@@ -48,6 +48,7 @@ import torch
 from llmstack.data.corpus import DataError, _is_val, stdlib_files
 
 ROLES = ("system", "user", "assistant", "tool")
+T = TypeVar("T")
 TRUNCATION = ("truncate", "drop", "refuse")
 
 
@@ -87,8 +88,8 @@ def conversation_of(row: object, where: str) -> list[dict]:
     return [{"role": m["role"], "content": m["content"]} for m in messages]
 
 
-def read_conversations(path: str | os.PathLike) -> list[list[dict]]:
-    """Every conversation of one JSONL file, in order (blank lines skipped)."""
+def read_jsonl(path: str | os.PathLike, parse: Callable[[object, str], T]) -> list[T]:
+    """`parse(row, "file:line")` of every line of a JSONL file, in order (blank lines skipped)."""
     out = []
     with open(path, encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
@@ -98,8 +99,27 @@ def read_conversations(path: str | os.PathLike) -> list[list[dict]]:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
                 raise DataError(f"{path}:{n}: not JSON ({e})") from None
-            out.append(conversation_of(row, f"{path}:{n}"))
+            out.append(parse(row, f"{path}:{n}"))
     return out
+
+
+def jsonl_split(source: str, split: str, val_fraction: float, parse: Callable[[object, str], T]) -> list[T]:
+    """The rows of one split ("train", "val", "all") of the JSONL files `source` names (a path or a glob),
+    split by a hash of each row's index over all files, as `load_corpus` splits JSONL rows."""
+    files = sorted(glob.glob(os.path.expanduser(source), recursive=True))
+    if not files:
+        raise DataError(f"data.source {source!r} " + ("matches no file" if any(c in source for c in "*?[")
+                                                      else "does not exist") + " (use 'stdlib' or a JSONL file)")
+    bad = [f for f in files if Path(f).suffix.lower() not in (".jsonl", ".json")]
+    if bad:
+        raise DataError(f"data.source {source!r}: {bad[0]} is not a .jsonl file")
+    every = [row for f in files for row in read_jsonl(f, parse)]
+    return [r for i, r in enumerate(every) if split == "all" or _is_val(str(i), val_fraction) == (split == "val")]
+
+
+def read_conversations(path: str | os.PathLike) -> list[list[dict]]:
+    """Every conversation of one JSONL file, in order (blank lines skipped)."""
+    return read_jsonl(path, conversation_of)
 
 
 def load_conversations(source: str = "stdlib", split: str = "train", *, val_fraction: float = 0.02,
@@ -112,15 +132,7 @@ def load_conversations(source: str = "stdlib", split: str = "train", *, val_frac
     if source == "stdlib":
         chats = stdlib_instructions(split, val_fraction=val_fraction, max_chars=max_chars)
     else:
-        files = sorted(glob.glob(os.path.expanduser(source), recursive=True))
-        if not files:
-            raise DataError(f"data.source {source!r} " + ("matches no file" if any(c in source for c in "*?[")
-                                                          else "does not exist") + " (use 'stdlib' or a JSONL file)")
-        bad = [f for f in files if Path(f).suffix.lower() not in (".jsonl", ".json")]
-        if bad:
-            raise DataError(f"data.source {source!r}: {bad[0]} is not a .jsonl file of conversations")
-        every = [c for f in files for c in read_conversations(f)]
-        chats = [c for i, c in enumerate(every) if split == "all" or _is_val(str(i), val_fraction) == (split == "val")]
+        chats = jsonl_split(source, split, val_fraction, conversation_of)
     if not chats:
         raise DataError(f"data.source {source!r} has no conversations in its {split} split "
                         f"(data.val_fraction={val_fraction})")

@@ -17,7 +17,6 @@ file as pretraining and instruction tuning split it.
 """
 from __future__ import annotations
 
-import glob
 import hashlib
 import json
 import os
@@ -28,8 +27,8 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from llmstack.data.chat import ROLES, Example, encode_conversation, stdlib_instructions
-from llmstack.data.corpus import DataError, _is_val
+from llmstack.data.chat import ROLES, Example, encode_conversation, jsonl_split, read_jsonl, stdlib_instructions
+from llmstack.data.corpus import DataError
 
 CORRUPTIONS = ("truncated", "shuffled", "other")
 
@@ -84,16 +83,7 @@ def pair_of(row: object, where: str) -> Pair:
 
 
 def read_pairs(path: str | os.PathLike) -> list[Pair]:
-    out = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{path}:{n}: not JSON ({e})") from None
-                out.append(pair_of(row, f"{path}:{n}"))
-    return out
+    return read_jsonl(path, pair_of)
 
 
 def load_pairs(source: str = "stdlib", split: str = "train", *, val_fraction: float = 0.02,
@@ -102,12 +92,7 @@ def load_pairs(source: str = "stdlib", split: str = "train", *, val_fraction: fl
     if source == "stdlib":
         pairs = stdlib_pairs(split, val_fraction=val_fraction, max_chars=max_chars)
     else:
-        files = sorted(glob.glob(os.path.expanduser(source), recursive=True))
-        if not files:
-            raise DataError(f"data.source {source!r} " + ("matches no file" if any(c in source for c in "*?[")
-                                                          else "does not exist") + " (use 'stdlib' or a JSONL file)")
-        every = [p for f in files for p in read_pairs(f)]
-        pairs = [p for i, p in enumerate(every) if split == "all" or _is_val(str(i), val_fraction) == (split == "val")]
+        pairs = jsonl_split(source, split, val_fraction, pair_of)
     if not pairs:
         raise DataError(f"data.source {source!r} has no preference pairs in its {split} split")
     return pairs

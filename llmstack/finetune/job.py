@@ -152,10 +152,10 @@ def finetune(cfg: FinetuneConfig, *, resume: bool = False, progress: bool = True
         loss_fn = DPO(reference, beta=cfg.dpo.beta, loss_type=cfg.dpo.loss, label_smoothing=cfg.dpo.label_smoothing)
         evaluate_fn = loss_fn.evaluate
     elif cfg.objective == "reward":
-        from llmstack.finetune.preference import RewardLoss, RewardModel, RewardWeights
+        from llmstack.finetune.preference import RewardLoss, RewardModel, reward_weights
 
         model = RewardModel(model)
-        weights = RewardWeights(weights)
+        weights = reward_weights(weights)
         loss_fn = RewardLoss(cfg.reward.margin)
         evaluate_fn = loss_fn.evaluate
     elif cfg.objective in ("grpo", "ppo"):

@@ -181,37 +181,43 @@ class RewardLoss:
         return {"loss": losses.mean().item(), "accuracy": acc.mean().item(), "pairs": len(acc)}
 
 
-class RewardWeights:
-    """Checkpoints of a reward model: the backbone as its method keeps it (all weights, or the adapter:
-    `inner`), and the scalar head in reward_head.safetensors. `load_reward_model` reads them."""
+class HeadWeights:
+    """Checkpoints of a model wrapped with a small head (a reward model's score, PPO's value head): the
+    wrapped model as `inner` keeps it (all weights, or the adapter) and the head in its own file."""
 
-    HEAD = "reward_head.safetensors"
-
-    def __init__(self, inner=None):
+    def __init__(self, inner, *, body: str, head: str, filename: str):
         from llmstack.train.checkpoint import FullWeights
 
-        self.inner = inner or FullWeights()
+        self.inner, self.body, self.head, self.filename = inner or FullWeights(), body, head, filename
 
-    def write(self, model: "RewardModel", directory, step: int) -> None:
+    def write(self, model: nn.Module, directory, step: int) -> None:
         from safetensors.torch import save_file
 
-        self.inner.write(model.backbone, directory, step)
-        save_file({"score.weight": model.score.weight.detach().cpu().contiguous()}, str(directory / self.HEAD))
+        self.inner.write(getattr(model, self.body), directory, step)
+        save_file({k: v.detach().cpu().contiguous() for k, v in getattr(model, self.head).state_dict().items()},
+                  str(directory / self.filename))
 
     def read(self, directory):
         from safetensors.torch import load_file
 
         try:
-            head = load_file(str(directory / self.HEAD))
+            head = load_file(str(directory / self.filename))
         except Exception as e:
-            raise ValueError(f"{directory / self.HEAD} is missing, truncated or corrupt ({e})") from None
+            raise ValueError(f"{directory / self.filename} is missing, truncated or corrupt ({e})") from None
         return self.inner.read(directory), head
 
-    def restore(self, model: "RewardModel", state) -> None:
-        backbone, head = state
-        self.inner.restore(model.backbone, backbone)
-        with torch.no_grad():
-            model.score.weight.copy_(head["score.weight"])
+    def restore(self, model: nn.Module, state) -> None:
+        body, head = state
+        self.inner.restore(getattr(model, self.body), body)
+        getattr(model, self.head).load_state_dict(head)
+
+
+REWARD_HEAD = "reward_head.safetensors"
+
+
+def reward_weights(inner=None) -> HeadWeights:
+    """A reward model's checkpoints: the backbone as its method keeps it, the score in reward_head.safetensors."""
+    return HeadWeights(inner, body="backbone", head="score", filename=REWARD_HEAD)
 
 
 def load_reward_model(path, *, device=None, dtype=None) -> RewardModel:
@@ -223,10 +229,8 @@ def load_reward_model(path, *, device=None, dtype=None) -> RewardModel:
     from llmstack.interop import resolve_checkpoint
 
     path = resolve_checkpoint(path)
-    if not (path / RewardWeights.HEAD).is_file():
-        raise ValueError(f"{path} is not a reward model: it has no {RewardWeights.HEAD} (train one with objective: "
-                         "reward)")
+    if not (path / REWARD_HEAD).is_file():
+        raise ValueError(f"{path} is not a reward model: it has no {REWARD_HEAD} (train one with objective: reward)")
     model = RewardModel(from_pretrained(path, device=device, dtype=dtype))
-    with torch.no_grad():
-        model.score.weight.copy_(load_file(str(path / RewardWeights.HEAD))["score.weight"])
-    return model.eval()
+    model.score.load_state_dict(load_file(str(path / REWARD_HEAD)))
+    return model.to(next(model.backbone.parameters()).dtype).eval()

@@ -32,7 +32,6 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from llmstack.data.chat import load_conversations
 from llmstack.data.corpus import DataError
@@ -347,38 +346,6 @@ class PolicyWithValue(nn.Module):
         nn.init.zeros_(self.value_head.bias)
 
 
-class PolicyWeights:
-    """Checkpoints of a PPO run: the policy as its method keeps it (`inner`) and the value head."""
-
-    HEAD = "value_head.safetensors"
-
-    def __init__(self, inner=None):
-        from llmstack.train.checkpoint import FullWeights
-
-        self.inner = inner or FullWeights()
-
-    def write(self, model: PolicyWithValue, directory, step: int) -> None:
-        from safetensors.torch import save_file
-
-        self.inner.write(model.policy, directory, step)
-        save_file({k: v.detach().cpu().contiguous() for k, v in model.value_head.state_dict().items()},
-                  str(directory / self.HEAD))
-
-    def read(self, directory):
-        from safetensors.torch import load_file
-
-        try:
-            head = load_file(str(directory / self.HEAD))
-        except Exception as e:
-            raise ValueError(f"{directory / self.HEAD} is missing, truncated or corrupt ({e})") from None
-        return self.inner.read(directory), head
-
-    def restore(self, model: PolicyWithValue, state) -> None:
-        policy, head = state
-        self.inner.restore(model.policy, policy)
-        model.value_head.load_state_dict(head)
-
-
 def rl_objective(cfg, model: nn.Module, tok, prompts: Prompts, val: Prompts, weights, run_dir):
     """(model to train, loss function, evaluation, checkpoint weights) for objective grpo or ppo."""
     reference = copy.deepcopy(model).eval().requires_grad_(False)  # the starting policy, frozen
@@ -392,8 +359,10 @@ def rl_objective(cfg, model: nn.Module, tok, prompts: Prompts, val: Prompts, wei
         reward_model = load_reward_model(cfg.rl.reward_model, device=next(model.parameters()).device)
     objective = RLObjective(cfg, reference, tok, prompts, val, run_dir, reward_model)
     if cfg.objective == "ppo":
+        from llmstack.finetune.preference import HeadWeights
+
         model = PolicyWithValue(model)
-        weights = PolicyWeights(weights)
+        weights = HeadWeights(weights, body="policy", head="value_head", filename="value_head.safetensors")
     return model, objective, objective.evaluate, weights
 
 
