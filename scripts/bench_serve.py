@@ -18,6 +18,7 @@ sharing a --system-len-token system prompt, with prefix caching and without (one
     python scripts/bench_serve.py --quick                        # 64 requests, a fast smoke run
     python scripts/bench_serve.py                                # 256 requests
     python scripts/bench_serve.py --checkpoint runs/quickstart --quick
+    python scripts/bench_serve.py --quick --repeats 3             # medians of 3 rounds (a shared machine)
 
 Model: a random ~12M-parameter Llama (benchlib's), or --checkpoint. Greedy, no stop token, so
 every system produces exactly the requested lengths. Float32 on the CPU.
@@ -179,6 +180,15 @@ def summarize(name: str, traces: list[Trace], reference: list[Trace]) -> dict:
                 same=f"{same}/{len(traces)}")
 
 
+def median_row(rows: list[dict]) -> dict:
+    """Each figure's median over rounds; `same` from the first round's line, and the worst of them."""
+    out = dict(rows[0])
+    for key in ("tps", "ttft50", "ttft99", "itl50", "itl99"):
+        out[key] = statistics.median(r[key] for r in rows)
+    out["same"] = min((r["same"] for r in rows), key=lambda s: int(s.split("/")[0]))
+    return out
+
+
 def print_table(title: str, rows: list[dict]) -> None:
     base = rows[-1]["tps"]
     print(f"\n{title}")
@@ -226,6 +236,8 @@ def main() -> None:
     parser.add_argument("--max-batch-tokens", type=positive_int, default=512)
     parser.add_argument("--system-len", type=positive_int, default=512, help="the shared system prompt's tokens")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--repeats", type=positive_int, default=1,
+                        help="rounds of the three systems per arrival pattern; medians are reported")
     add_device_argument(parser)
     args = parser.parse_args()
     quick_defaults(args, args.quick, {"requests": (256, 64)})
@@ -267,20 +279,22 @@ def main() -> None:
     all_wastes = []
     for label, r in patterns:
         arrivals = make_arrivals(len(work), r, args.seed)
-        if r == 0:
-            engine_traces = ours
-        else:
-            engine_traces, wastes, engine = run_engine(model, work, arrivals, engine_kwargs)
-        all_wastes += wastes
-        print(f"  ran the engine ({label}): {engine.stats.steps} steps, {engine.stats.preemptions} preemptions",
-              file=sys.stderr, flush=True)
-        static_ours = run_static(llmstack_static(model), work, arrivals, args.static_batch)
-        print("  ran llmstack static", file=sys.stderr, flush=True)
-        static_hf = run_static(hf_static(hf), work, arrivals, args.static_batch)
-        rows = [summarize("llmstack engine (continuous)", engine_traces, engine_traces),
-                summarize(f"llmstack generate (static {args.static_batch})", static_ours, engine_traces),
-                summarize(f"transformers (static {args.static_batch})", static_hf, engine_traces)]
-        print_table(f"arrivals: {label}", rows)
+        rounds = []
+        for i in range(args.repeats):  # the three systems one after another, each round: drift hits all
+            if r == 0 and i == 0:
+                engine_traces = ours
+            else:
+                engine_traces, wastes, engine = run_engine(model, work, arrivals, engine_kwargs)
+            all_wastes += wastes
+            print(f"  round {i + 1}, {label}: engine {engine.stats.steps} steps, {engine.stats.preemptions} "
+                  "preemptions", file=sys.stderr, flush=True)
+            static_ours = run_static(llmstack_static(model), work, arrivals, args.static_batch)
+            static_hf = run_static(hf_static(hf), work, arrivals, args.static_batch)
+            rounds.append([summarize("llmstack engine (continuous)", engine_traces, engine_traces),
+                           summarize(f"llmstack generate (static {args.static_batch})", static_ours, engine_traces),
+                           summarize(f"transformers (static {args.static_batch})", static_hf, engine_traces)])
+        print_table(f"arrivals: {label}" + (f" (medians of {args.repeats} rounds)" if args.repeats > 1 else ""),
+                    [median_row([rnd[k] for rnd in rounds]) for k in range(3)])
 
     print(f"\nKV waste (allocated, unfilled slots of running sequences, block {args.block_size}): "
           f"mean {statistics.mean(all_wastes) * 100:.1f}%, worst step {max(all_wastes) * 100:.1f}%")
