@@ -346,3 +346,28 @@ def test_serve_script_serves_a_checkpoint(model, tok, tmp_path):
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def test_batched_prompts_streamed_choices_and_echo(server, client, model, tok):
+    prompts = ["import os", "class Point"]
+    want = [llmstack.generate_text(model, tok, p, 6, temperature=0) for p in prompts]
+    got = client.completions.create(model="tiny", prompt=prompts, max_tokens=6, temperature=0)
+    assert [c.text for c in got.choices] == want and [c.index for c in got.choices] == [0, 1]
+    stream = client.completions.create(model="tiny", prompt=prompts, max_tokens=6, temperature=0, stream=True)
+    texts = ["", ""]
+    for chunk in stream:
+        for c in chunk.choices:
+            texts[c.index] += c.text
+    assert texts == want
+    echoed = client.completions.create(model="tiny", prompt=prompts[0], max_tokens=6, temperature=0, echo=True)
+    assert echoed.choices[0].text == prompts[0] + want[0]
+    stream = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "x"}], max_tokens=5,
+                                            n=2, seed=3, temperature=1.0, stream=True)
+    replies, roles = ["", ""], [None, None]
+    for chunk in stream:
+        for c in chunk.choices:
+            replies[c.index] += c.delta.content or ""
+            roles[c.index] = roles[c.index] or c.delta.role
+    again = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "x"}], max_tokens=5,
+                                           n=2, seed=3, temperature=1.0)
+    assert replies == [c.message.content for c in again.choices] and roles == ["assistant", "assistant"]
