@@ -219,6 +219,17 @@ def test_engine_stop_tokens_max_tokens_and_abort(model):
     assert d.output == alone(model, long, 50, temperature=0, stop_tokens=()) and len(d.tokens) == 96
 
 
+def test_request_token_slices():
+    from llmstack.inference.sampling import SamplingParams
+    from llmstack.serve.engine import Request
+
+    req = Request("r", [1, 2, 3], SamplingParams(), 5, [], output=[4, 5])
+    for start in range(7):
+        for end in range(start, 8):
+            assert req.tokens_between(start, end) == req.tokens[start:end]
+    assert req.num_tokens == len(req.tokens) == 5
+
+
 def test_engine_rejects_bad_requests(model):
     engine = Engine(model)
     for bad, match in [(dict(prompt=[]), "empty"), (dict(prompt=[VOCAB]), "outside the vocabulary"),

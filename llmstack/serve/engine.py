@@ -75,6 +75,15 @@ class Request:
         return self.prompt + self.output
 
     @property
+    def num_tokens(self) -> int:
+        return len(self.prompt) + len(self.output)
+
+    def tokens_between(self, start: int, end: int) -> list[int]:
+        """tokens[start:end], without building prompt + output."""
+        P = len(self.prompt)
+        return self.prompt[start:min(end, P)] + self.output[max(start - P, 0):max(end - P, 0)]
+
+    @property
     def text(self) -> str:
         """The output text so far (cut before a stop string); needs a tokenizer's stop watcher."""
         return self.watcher.text if self.watcher is not None else ""
@@ -225,10 +234,10 @@ class Engine:
         chunk never delays a token already being streamed, then chunks, then admissions."""
         budget = self.max_batch_tokens
         scheduled: dict[Request, int] = {}
-        for req in sorted(self.running, key=lambda r: len(r.tokens) - r.computed > 1):  # stable: oldest first
+        for req in sorted(self.running, key=lambda r: r.num_tokens - r.computed > 1):  # stable: oldest first
             if req.status != RUNNING:  # preempted below, for an older request
                 continue
-            n = min(len(req.tokens) - req.computed, budget)
+            n = min(req.num_tokens - req.computed, budget)
             if n <= 0:
                 continue
             while True:
@@ -279,7 +288,7 @@ class Engine:
         tables = [req.blocks for req, _ in batch]
         starts = [req.computed for req, _ in batch]
         counts = [n for _, n in batch]
-        ids = [req.tokens[s:s + n] for (req, n), s in zip(batch, starts)]
+        ids = [req.tokens_between(s, s + n) for (req, n), s in zip(batch, starts)]
         hidden = [None] * len(batch)
         with evaluating(self.model):
             for layout, items in self._plan(tables, counts):
@@ -292,12 +301,15 @@ class Engine:
         for i, (req, n) in enumerate(batch):
             req.computed += n
             self._register_full_blocks(req)
-            if req.computed == len(req.tokens):
+            if req.computed == req.num_tokens:
                 ready.append(i)
         if ready:
             logits = self.model.head(torch.stack([hidden[i] for i in ready])).float()  # (R, V)
+            # Greedy rows without penalties: one argmax for all of them (what `sample` does per row).
+            plain = [row for row, i in enumerate(ready) if batch[i][0].params.greedy and batch[i][0].history is None]
+            chosen = dict(zip(plain, logits[plain].argmax(dim=-1).tolist())) if plain else {}
             for row, i in enumerate(ready):
-                outputs.append(self._sample(batch[i][0], logits[row:row + 1]))
+                outputs.append(self._sample(batch[i][0], logits[row:row + 1], chosen.get(row)))
         return outputs
 
     def _forward(self, layout: str, tables, starts, counts, ids) -> torch.Tensor:
@@ -351,16 +363,16 @@ class Engine:
 
     def _register_full_blocks(self, req: Request) -> None:
         bs = self.pool.block_size
-        full = min(req.computed, len(req.tokens)) // bs
-        tokens = req.tokens
+        full = min(req.computed, req.num_tokens) // bs
         while len(req.keys) < full:
             i = len(req.keys)
-            key = block_hash(req.keys[-1] if req.keys else None, tokens[i * bs:(i + 1) * bs])
+            key = block_hash(req.keys[-1] if req.keys else None, req.tokens_between(i * bs, (i + 1) * bs))
             self.pool.register(req.blocks[i], key)
             req.keys.append(key)
 
-    def _sample(self, req: Request, logits: torch.Tensor) -> StepOutput:
-        token = int(sample(logits, req.params, history=req.history, generator=req.generator)[0])
+    def _sample(self, req: Request, logits: torch.Tensor, token: Optional[int] = None) -> StepOutput:
+        if token is None:
+            token = int(sample(logits, req.params, history=req.history, generator=req.generator)[0])
         now = time.perf_counter()
         if req.first_token_at is None:
             req.first_token_at = now
@@ -384,7 +396,7 @@ class Engine:
                 text = req.watcher.push(token)
                 if req.watcher.stopped:
                     reason = "stop"
-            if reason is None and (len(req.output) >= req.max_tokens or len(req.tokens) >= self.max_seq_len):
+            if reason is None and (len(req.output) >= req.max_tokens or req.num_tokens >= self.max_seq_len):
                 reason = "length"
         if reason is not None:
             if req.watcher is not None:
