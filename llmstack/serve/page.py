@@ -11,7 +11,7 @@ CHAT_PAGE = """<!doctype html>
 <style>
   body { font-family: system-ui, sans-serif; max-width: 46rem; margin: 1rem auto; padding: 0 1rem; color: #222; }
   header { display: flex; justify-content: space-between; align-items: baseline; }
-  #messages { border: 1px solid #ccc; border-radius: 6px; padding: .5rem; min-height: 20rem; overflow-y: auto; }
+  #messages { border: 1px solid #ccc; border-radius: 6px; padding: .5rem; height: 60vh; overflow-y: auto; }
   .msg { margin: .4rem 0; white-space: pre-wrap; }
   .user { color: #0645ad; } .user::before { content: "you: "; font-weight: bold; }
   .assistant::before { content: "model: "; font-weight: bold; }
