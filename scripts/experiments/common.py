@@ -89,7 +89,8 @@ def lm_tokens(quick: bool, vocab_size: int = LM_VOCAB) -> tuple[np.ndarray, np.n
 
     if quick:
         docs = load_corpus("stdlib", "train")
-        texts = [docs[i]["text"] for i in range(0, 40 * 20, 20)]  # 40 files spread over the library
+        stride = max(1, len(docs) // 40)  # 40 files spread over the library, whatever its size (Debian's
+        texts = [docs[i]["text"] for i in range(0, min(len(docs), 40 * stride), stride)]  # has no test package)
         tok = Tokenizer.train(texts, 300)
         ids = np.concatenate([np.asarray(tok.encode(t) + [tok.eos_id], dtype=np.int64) for t in texts])
         split = int(0.9 * len(ids))
