@@ -32,6 +32,11 @@ class TrainConfig:
     precision: Literal["fp32", "bf16", "fp16"] = option(
         "fp32", "fp32; bf16 autocast; fp16 autocast with a gradient scaler")
     compile: bool = option(False, "torch.compile the model")
+    activation_checkpointing: Literal["none", "full", "selective"] = option(
+        "none", "recompute activations in backward: every block (full) or some (selective): less memory, more time")
+    ac_policy: Literal["layer", "op"] = option(
+        "layer", "selective: every ac_every-th block (layer), or every block keeping matmul and attention outputs (op)")
+    ac_every: int = option(2, "selective, layer policy: checkpoint every ac_every-th block")
     device: str = option("auto", '"auto": cuda when available, else cpu')
     eval_every: int = option(100, "steps between validation passes")
     eval_batches: int = option(20, "validation batches per pass")
@@ -44,7 +49,7 @@ class TrainConfig:
 
     def validate(self) -> "TrainConfig":
         check_at_least("train", self, 1, "max_steps", "batch_size", "grad_accum", "eval_every", "eval_batches",
-                       "log_every", "save_every", "keep_last", "max_bad_steps")
+                       "log_every", "save_every", "keep_last", "max_bad_steps", "ac_every")
         check_at_least("train", self, 0, "warmup_steps", "weight_decay", "grad_clip")
         if not (math.isfinite(self.lr) and self.lr > 0):
             raise ConfigError(f"train.lr must be a finite number > 0, got {self.lr}")

@@ -22,6 +22,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
+from llmstack.config import ConfigError
 from llmstack.eval.perplexity import evaluate, unpack_batch
 from llmstack.train.config import TrainConfig
 from llmstack.train.checkpoint import (FullWeights, checkpoint_step, latest_checkpoint, load_latest_checkpoint,
@@ -29,6 +30,7 @@ from llmstack.train.checkpoint import (FullWeights, checkpoint_step, latest_chec
 from llmstack.train.interrupt import StopOnInterrupt
 from llmstack.train.metrics import MetricsLogger, plot_metrics
 from llmstack.train.optim import build_optimizer
+from llmstack.train.recompute import apply_activation_checkpointing, checkpointed_blocks
 from llmstack.train.schedule import lr_multiplier
 
 # Dense bf16 peak FLOP/s, for the MFU estimate.
@@ -90,6 +92,12 @@ def train(model: torch.nn.Module, cfg: TrainConfig, batches, *, val_batches=None
     cfg.validate()
     run_dir = Path(run_dir)
     device = next(model.parameters()).device
+    if cfg.activation_checkpointing != "none" and not checkpointed_blocks(model):
+        try:
+            apply_activation_checkpointing(model, cfg.activation_checkpointing, every=cfg.ac_every,
+                                           policy=cfg.ac_policy)
+        except ValueError as e:
+            raise ConfigError(f"train.activation_checkpointing={cfg.activation_checkpointing}: {e}") from None
     optimizer = build_optimizer(model, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(cfg.beta1, cfg.beta2),
                                 eps=cfg.eps)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
