@@ -3,6 +3,7 @@ model, fewer activations kept, names unchanged, refused where there are no block
 import pytest
 import torch
 
+from bench_recompute import saved_bytes  # scripts/ is on the path (conftest): the benchmark's own count
 from llmstack.config import ConfigError
 from llmstack.model import ModelConfig, Transformer
 from llmstack.train.recompute import apply_activation_checkpointing, checkpointed_blocks
@@ -23,21 +24,6 @@ def loss_and_grads(model, x, y):
     loss = model(x, targets=y)
     loss.backward()
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
-
-
-def saved_bytes(model, x, y) -> int:
-    """Bytes of the tensors autograd keeps for backward, counted as they are packed."""
-    total = 0
-
-    def pack(t):
-        nonlocal total
-        total += t.numel() * t.element_size()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = model(x, targets=y)
-    loss.backward()
-    return total
 
 
 @pytest.mark.parametrize("mode,every,policy,blocks", CASES)
