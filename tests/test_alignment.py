@@ -299,3 +299,12 @@ def test_bad_alignment_configs(base, tmp_path):
     with pytest.raises(DataError, match="no prompt leaves room for rl.max_new_tokens=96 within data.seq_len=64"):
         finetune(job(base, tmp_path / "x", "grpo", rl={"max_new_tokens": 96}), progress=False)
     assert not (tmp_path / "x").exists()
+
+
+def test_built_in_tasks_through_the_child_process():
+    runner = RewardRunner("python_parses", timeout=5)
+    assert runner.score(["p", "p", "p"], ["x = 1", "def (", "```python\nreturn_ = 2\n```"]) == [1.0, 0.0, 1.0]
+    sig = RewardRunner("python_signature", timeout=5)
+    prompt = "Write the Python function `load_file(path)`."
+    scores = sig.score([prompt] * 3, ["def load_file(path):\n    pass", "def load(path):", "load_file = 1"])
+    assert scores[0] == 1.0 and 0.25 < scores[1] < 1.0 and scores[2] == 0.0

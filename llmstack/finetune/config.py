@@ -83,7 +83,7 @@ class RewardConfig:
 class RLConfig:
     task: str = option("python_function", 'the reward: "python_function" (the answer compiles and defines the '
                                           'function the prompt names), "python_signature" (its first line is that '
-                                          'function\'s def) or "module:function" / "file.py:function", '
+                                          'function\'s def), "python_parses" (it compiles) or "module:function" / "file.py:function", '
                                           'f(prompt, answer) -> float, run in a child process')
     group_size: int = option(4, "GRPO: answers sampled per prompt (their rewards normalised within the group)")
     prompts_per_step: int = option(4, "prompts per optimizer step")

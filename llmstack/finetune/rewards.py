@@ -17,6 +17,7 @@ Built-in tasks (the code is compiled, never run):
 - `python_function`: the answer (the code in a ```python fence, or the whole answer) must compile
   and define the function or method the prompt asks for ("Write the Python function `name(...)`"):
   1.0; compiling without defining it: 0.25; not compiling: 0.
+- `python_parses`: the answer compiles: 1.0; else 0. Easy to game (the shortest valid answer earns it).
 - `python_signature`: the answer's first line must be the `def` of that function (it compiles with a
   `pass` body): 1.0; the `def` of another name: 0.25 plus up to 0.5 for how close the name is; else 0.
   Judges a short answer: a small model rarely finishes a whole function within a rollout's budget.
@@ -57,7 +58,8 @@ for line in sys.stdin:
 """
 
 # Built-in tasks: this file, loaded alone in the child (it imports only the standard library).
-TASKS = {name: f"{os.path.abspath(__file__)}:{name}" for name in ("python_function", "python_signature")}
+TASKS = {name: f"{os.path.abspath(__file__)}:{name}" for name in ("python_function", "python_parses",
+                                                                    "python_signature")}
 
 
 def python_function(prompt: str, answer: str) -> float:
@@ -76,6 +78,19 @@ def python_function(prompt: str, answer: str) -> float:
     wanted = re.search(r"`(?:[\w.]*\.)?(\w+)\(", prompt)
     names = {n.name for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))}
     return 1.0 if wanted and wanted.group(1) in names else 0.25
+
+
+def python_parses(prompt: str, answer: str) -> float:
+    """1.0 when the answer (the code in a ```python fence, or the whole answer) compiles, else 0.0."""
+    import ast
+    import re
+
+    m = re.search(r"```(?:python|py)?\n(.*?)(?:```|$)", answer, re.S)
+    try:
+        compile(ast.parse(m.group(1) if m else answer), "<answer>", "exec")
+    except (SyntaxError, ValueError, RecursionError, MemoryError):
+        return 0.0
+    return 1.0
 
 
 def python_signature(prompt: str, answer: str) -> float:
