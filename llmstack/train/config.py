@@ -9,6 +9,7 @@ from llmstack.config import ConfigError, check_at_least, check_fraction, option
 from llmstack.data.config import DataConfig
 from llmstack.model.config import ModelConfig
 from llmstack.tokenizer.config import TokenizerConfig
+from llmstack.train.parallel import ParallelConfig
 
 
 @dataclass
@@ -69,9 +70,12 @@ class PretrainConfig:
     tokenizer: TokenizerConfig = option(doc="which tokenizer", factory=TokenizerConfig)
     data: DataConfig = option(doc="which corpus", factory=DataConfig)
     train: TrainConfig = option(doc="the training loop", factory=TrainConfig)
+    parallel: ParallelConfig = option(doc="processes and how the work is split over them (torchrun)",
+                                      factory=ParallelConfig)
 
     def validate(self) -> "PretrainConfig":
         self.model.validate()
+        self.parallel.validate()
         self.tokenizer.validate()
         self.data.validate()
         self.train.validate()

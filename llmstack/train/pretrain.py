@@ -24,6 +24,8 @@ from llmstack.tokenizer import load as load_tokenizer_file
 from llmstack.tokenizer.tokenizer import SPECIAL_TOKENS
 from llmstack.train.config import PretrainConfig
 from llmstack.train.checkpoint import latest_checkpoint
+from llmstack.train.parallel import RankSlice, rank_and_world
+from llmstack.train.parallel import setup as setup_parallel
 from llmstack.train.trainer import TrainResult, train
 
 # Sections that must match for a run directory to be continued.
@@ -96,7 +98,11 @@ def build_tokenizer(cfg: PretrainConfig, progress: bool = True) -> Tokenizer:
 def pretrain(cfg: PretrainConfig, *, resume: bool = False, progress: bool = True) -> TrainResult:
     cfg.validate()  # every check that needs no work comes first: nothing is written before they pass
     resume = check_run_dir(cfg, resume or cfg.train.resume == "auto")
-    device = resolve_device(cfg.train.device)
+    device = setup_parallel(cfg.parallel, resolve_device(cfg.train.device))  # torchrun: join the process group
+    rank, world = rank_and_world()
+    if cfg.train.batch_size % world:
+        raise ConfigError(f"train.batch_size={cfg.train.batch_size} does not split over {world} data-parallel "
+                          f"ranks; make it a multiple of {world}")
     run_dir = Path(cfg.train.out_dir)
     if resume:  # the checkpoint's own tokenizer, whatever the cache holds now
         tok = load_tokenizer_file(latest_checkpoint(run_dir) / "tokenizer.json")
@@ -111,6 +117,8 @@ def pretrain(cfg: PretrainConfig, *, resume: bool = False, progress: bool = True
                             text_field=cfg.data.text_field, progress=progress)
     batches = TokenBatches(tokens["train"], cfg.train.batch_size, cfg.data.seq_len, seed=cfg.train.seed,
                            device=device, name="train")
+    if world > 1:  # each rank its slice of every global batch
+        batches = RankSlice(batches, rank, world)
     val = TokenBatches(tokens["val"], cfg.train.batch_size, cfg.data.seq_len, seed=cfg.train.seed, device=device,
                        name="val")
     stats = token_stats(tokens["val"])
@@ -119,6 +127,7 @@ def pretrain(cfg: PretrainConfig, *, resume: bool = False, progress: bool = True
     model = build(cfg.model, device=device)  # a Transformer, or an LSTM / GRU LM (model.arch)
     model.init_weights()
     run_dir.mkdir(parents=True, exist_ok=True)
+    progress = progress and rank == 0
     if progress:
         print(f"model: {model.num_params() / 1e6:.2f}M parameters on {device} | train {len(tokens['train']):,} "
               f"tokens, val {len(tokens['val']):,} tokens | out_dir {run_dir}")

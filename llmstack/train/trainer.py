@@ -30,6 +30,7 @@ from llmstack.train.checkpoint import (FullWeights, checkpoint_step, latest_chec
 from llmstack.train.interrupt import StopOnInterrupt
 from llmstack.train.metrics import MetricsLogger, plot_metrics
 from llmstack.train.optim import build_optimizer
+from llmstack.train.parallel import all_sum, barrier, rank_and_world
 from llmstack.train.recompute import apply_activation_checkpointing, checkpointed_blocks
 from llmstack.train.schedule import lr_multiplier
 
@@ -40,6 +41,16 @@ PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A
 
 class TrainingError(RuntimeError):
     pass
+
+
+class NullLogger:
+    """What ranks other than 0 log to."""
+
+    def log(self, row: dict) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 def next_token_loss(model, batch) -> tuple[torch.Tensor, int, dict]:
@@ -107,8 +118,15 @@ def train(model: torch.nn.Module, cfg: TrainConfig, batches, *, val_batches=None
         last_ckpt, state = found
         step, total_bad, tokens_seen = state["step"], state.get("bad_steps", 0), state.get("tokens_seen", 0)
     start_step = step
-    forward_model = torch.compile(model) if cfg.compile else model
-    logger = MetricsLogger(run_dir, tensorboard=cfg.tensorboard, resume_step=step if last_ckpt else None)
+    rank, world = rank_and_world()  # data parallelism (llmstack.train.parallel): rank 0 writes, all train
+    forward_model = model
+    if world > 1:
+        if loss_fn is not next_token_loss:
+            raise ConfigError("data parallelism runs the next-token loss (pretraining) so far")
+        forward_model = torch.nn.parallel.DistributedDataParallel(model)
+    forward_model = torch.compile(forward_model) if cfg.compile else forward_model
+    logger = (MetricsLogger(run_dir, tensorboard=cfg.tensorboard, resume_step=step if last_ckpt else None)
+              if rank == 0 else NullLogger())
     peak = next((v for k, v in PEAK_FLOPS.items() if device.type == "cuda" and k in torch.cuda.get_device_name()),
                 None)
 
@@ -127,14 +145,19 @@ def train(model: torch.nn.Module, cfg: TrainConfig, batches, *, val_batches=None
         return out
 
     def checkpoint(at_step: int) -> Path:
-        return save_checkpoint(run_dir, step=at_step, model=model, optimizer=optimizer, scaler=scaler,
+        if rank != 0:  # rank 0 writes; the others wait until it has
+            barrier()
+            return run_dir / "checkpoints" / f"step_{at_step:06d}"
+        path = save_checkpoint(run_dir, step=at_step, model=model, optimizer=optimizer, scaler=scaler,
                                tokenizer=tokenizer, config=job_config if job_config is not None else cfg,
                                extra={"bad_steps": total_bad, "tokens_seen": tokens_seen}, keep_last=cfg.keep_last,
                                weights=weights)
+        barrier()
+        return path
 
     from tqdm import tqdm
 
-    bar = tqdm(total=cfg.max_steps, initial=step, desc="training", unit="step", disable=not progress,
+    bar = tqdm(total=cfg.max_steps, initial=step, desc="training", unit="step", disable=not progress or rank != 0,
                dynamic_ncols=True)
     model.train()
     bad_in_row, bad_kinds, last_loss, val, first_val = 0, set(), float("nan"), {}, None
@@ -153,14 +176,16 @@ def train(model: torch.nn.Module, cfg: TrainConfig, batches, *, val_batches=None
                 for group in optimizer.param_groups:
                     group["lr"] = lr
                 micro = [batches.get_batch(step, m) for m in range(cfg.grad_accum)]
-                n_total = sum(int((b[1] != -100).sum()) for b in micro)
+                # Targets of the whole step, every rank's: each rank's loss is scaled so that DDP's mean of
+                # the ranks' gradients is the gradient of the global batch's mean loss.
+                n_total = int(all_sum(sum(int((b[1] != -100).sum()) for b in micro), device))
                 loss_sum, extra = 0.0, {}
                 for batch in micro:
                     with autocast():
                         loss, _, extra = loss_fn(forward_model, batch)
-                    scaler.scale(loss / max(n_total, 1)).backward()
+                    scaler.scale(loss * world / max(n_total, 1)).backward()
                     loss_sum += loss.item()
-                step_loss = loss_sum / max(n_total, 1)
+                step_loss = all_sum(loss_sum, device) / max(n_total, 1)
                 if cfg.grad_clip > 0:
                     scaler.unscale_(optimizer)
                     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip).item()
@@ -212,7 +237,8 @@ def train(model: torch.nn.Module, cfg: TrainConfig, batches, *, val_batches=None
                 if step > start_step:
                     val = run_eval(step)
                     last_ckpt = checkpoint(step)
-                plot_metrics(run_dir / "metrics.jsonl", run_dir / "loss.png")
+                if rank == 0:
+                    plot_metrics(run_dir / "metrics.jsonl", run_dir / "loss.png")
     except KeyboardInterrupt:  # a second Ctrl-C
         print(f"\nstopped without saving; the last checkpoint is {latest_checkpoint(run_dir)}")
         raise

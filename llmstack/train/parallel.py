@@ -1,0 +1,111 @@
+"""Data parallelism for the training loop, on torch.distributed (torchrun sets the environment).
+
+    torchrun --standalone --nproc_per_node 2 scripts/pretrain.py --config ... parallel.dp_replicate=2
+
+`parallel.dp_replicate` processes each hold the whole model (DDP: gradients all-reduced in
+backward) and read a disjoint slice of every global batch: rank r takes rows
+[r * B / W, (r + 1) * B / W) of the batch a single process would take at that step. Each rank's loss
+is scaled by W / (target tokens of the whole step, all ranks), so that DDP's average of the ranks'
+gradients is the gradient of the global batch's mean loss: the same as one process, up to the
+order of float additions (tests/test_parallel.py). Rank 0 writes checkpoints, metrics and the
+progress bar; every rank resumes from the same checkpoint. NCCL on CUDA, gloo on the CPU.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from llmstack.config import ConfigError, check_at_least, option
+
+
+@dataclass
+class ParallelConfig:
+    dp_replicate: int = option(1, "data-parallel replicas (DDP); the product of the four is the world size")
+    dp_shard: int = option(1, "FSDP2 shards (not available yet: 1)")
+    tp: int = option(1, "tensor-parallel ranks (not available yet: 1)")
+    pp: int = option(1, "pipeline stages (not available yet: 1)")
+
+    def validate(self) -> "ParallelConfig":
+        check_at_least("parallel", self, 1, "dp_replicate", "dp_shard", "tp", "pp")
+        for name in ("dp_shard", "tp", "pp"):
+            if getattr(self, name) > 1:
+                raise ConfigError(f"parallel.{name}={getattr(self, name)}: only data parallelism "
+                                  "(parallel.dp_replicate) is available so far; set parallel.{name}=1".replace(
+                                      "{name}", name))
+        return self
+
+    @property
+    def world_size(self) -> int:
+        return self.dp_replicate * self.dp_shard * self.tp * self.pp
+
+
+def rank_and_world() -> tuple[int, int]:
+    """(rank, world size) of this process: (0, 1) without torch.distributed."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def setup(cfg: ParallelConfig, device: torch.device) -> torch.device:
+    """Join the process group torchrun describes (WORLD_SIZE, RANK, ...) when the world has more
+    than one process, after checking it is the size the config asks for; returns the device this
+    rank uses (cuda:LOCAL_RANK on GPUs). A plain `python` run is world size 1 and changes nothing."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world != cfg.world_size:
+        raise ConfigError(f"the product of the parallel sizes is {cfg.world_size} but {world} processes run "
+                          f"(WORLD_SIZE); launch with torchrun --nproc_per_node {cfg.world_size} or set "
+                          f"parallel.dp_replicate={world}")
+    if world == 1:
+        return device
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return device
+
+
+class RankSlice:
+    """This rank's rows of each global batch of `batches` (any object with get_batch/eval_batches).
+    Validation batches are not split: every rank evaluates the same ones."""
+
+    def __init__(self, batches, rank: int, world: int):
+        size = getattr(batches, "batch_size", None)
+        if size is not None and size % world:
+            raise ConfigError(f"train.batch_size={size} does not split over {world} data-parallel ranks; make it a "
+                              f"multiple of {world}")
+        self.batches, self.rank, self.world = batches, rank, world
+
+    def get_batch(self, step: int, micro_step: int = 0):
+        batch = self.batches.get_batch(step, micro_step)
+        rows = batch[0].shape[0] // self.world
+        part = slice(self.rank * rows, (self.rank + 1) * rows)
+        out = [t[part] for t in batch[:2]]
+        if len(batch) > 2:
+            out.append({k: v[part] if torch.is_tensor(v) and v.dim() and v.shape[0] == batch[0].shape[0] else v
+                        for k, v in batch[2].items()})
+        return tuple(out)
+
+    def eval_batches(self, n_batches: Optional[int] = None):
+        return self.batches.eval_batches(n_batches)
+
+    def __getattr__(self, name):
+        return getattr(self.batches, name)
+
+
+def all_sum(value: float, device: torch.device) -> float:
+    """The sum of `value` over all ranks (itself without torch.distributed)."""
+    if rank_and_world()[1] == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return float(t.item())
+
+
+def barrier() -> None:
+    if rank_and_world()[1] > 1:
+        dist.barrier()
