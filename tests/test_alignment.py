@@ -217,7 +217,7 @@ def test_dpo_job_raises_held_out_reward_accuracy(base, tmp_path):
     assert result.val["reward_accuracy"] > 0.8 and result.val["reward_margin"] > 0
     rows = [r for r in read_metrics(tmp_path / "dpo") if "loss" in r]
     assert rows[0]["loss"] == pytest.approx(0.6931, abs=1e-3)  # log 2 at the start
-    assert {"reward_accuracy", "reward_margin"} <= set(rows[0])
+    assert {"reward_accuracy", "reward_margin", "pairs", "pairs_per_s"} <= set(rows[0])
     assert (result.checkpoint / "adapter_model.safetensors").is_file()
 
 
@@ -269,6 +269,7 @@ def test_ppo_resume_between_epochs_equals_uninterrupted(base, tmp_path, monkeypa
             if len(calls) == 4:
                 raise RuntimeError("killed")
             return loss_fn(model, batch)
+        wrapped.unit = loss_fn.unit
         return real_train(*a, loss_fn=wrapped, **k)
 
     with monkeypatch.context() as m:  # killed in step 4 (the second epoch of the second rollout), after step 3's save
@@ -276,11 +277,11 @@ def test_ppo_resume_between_epochs_equals_uninterrupted(base, tmp_path, monkeypa
         with pytest.raises(RuntimeError, match="killed"):
             finetune(job(base, tmp_path / "b", "ppo", train__max_steps=4, train__save_every=1), progress=False)
     finetune(job(base, tmp_path / "b", "ppo", train__max_steps=4, train__save_every=1), resume=True, progress=False)
-    drop = lambda rows: [{k: v for k, v in r.items() if k not in ("tokens_per_s", "generate_share")}  # noqa: E731
+    drop = lambda rows: [{k: v for k, v in r.items() if k not in ("answers_per_s", "generate_share")}  # noqa: E731
                          for r in rows if "loss" in r]
     a, b = drop(read_metrics(tmp_path / "a")), drop(read_metrics(tmp_path / "b"))
     assert len(a) == 4 and a == b
-    assert {"value_loss", "kl", "reward", "clip_fraction", "entropy"} <= set(a[0])
+    assert {"value_loss", "kl", "reward", "clip_fraction", "entropy", "answers"} <= set(a[0])
 
 
 def test_bad_alignment_configs(base, tmp_path):

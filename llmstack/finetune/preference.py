@@ -70,6 +70,8 @@ class DPO:
     """The trainer's loss function for DPO on `PairBatches`, and its held-out evaluation. `reference`
     (N, 2): each pair's reference log-probs (chosen, rejected), from `reference_logps`."""
 
+    unit = "pairs"  # what the loss is summed over (the trainer's metrics name it)
+
     def __init__(self, reference: dict[str, torch.Tensor], *, beta: float, loss_type: str = "sigmoid",
                  label_smoothing: float = 0.0):
         self.reference, self.beta, self.loss_type, self.label_smoothing = reference, beta, loss_type, label_smoothing
@@ -153,6 +155,8 @@ def bradley_terry_loss(chosen: torch.Tensor, rejected: torch.Tensor, margin: flo
 
 class RewardLoss:
     """The trainer's loss function for a reward model on `PairBatches` (rows: chosen, then rejected)."""
+
+    unit = "pairs"  # what the loss is summed over (the trainer's metrics name it)
 
     def __init__(self, margin: float = 0.0):
         self.margin = margin

@@ -172,6 +172,8 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim=None) -> torch.Tensor:
 class RLObjective:
     """GRPO or PPO as the trainer's loss function (one optimizer step per call) and evaluation."""
 
+    unit = "answers"  # what the loss is summed over (the trainer's metrics name it)
+
     def __init__(self, cfg, reference: nn.Module, tok, prompts: Prompts, val: Prompts, run_dir: Path,
                  reward_model: Optional[nn.Module] = None):
         self.cfg, self.rc, self.kind = cfg, cfg.rl, cfg.objective

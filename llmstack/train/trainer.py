@@ -118,6 +118,9 @@ def train(model: torch.nn.Module, cfg: TrainConfig, batches, *, val_batches=None
         last_ckpt, state = found
         step, total_bad, tokens_seen = state["step"], state.get("bad_steps", 0), state.get("tokens_seen", 0)
     start_step = step
+    # What the loss is summed over, for the metrics' names: tokens, or a loss function's own `unit`
+    # (DPO's pairs, RL's answers).
+    unit = getattr(loss_fn, "unit", "tokens")
     rank, world = rank_and_world()  # data parallelism (llmstack.train.parallel): rank 0 writes, all train
     forward_model = model
     if world > 1:
@@ -219,12 +222,12 @@ def train(model: torch.nn.Module, cfg: TrainConfig, batches, *, val_batches=None
                     now = time.perf_counter()
                     tps = (tokens_seen - tokens_last) / max(now - t_last, 1e-9)
                     t_last, tokens_last = now, tokens_seen
-                    row = {"step": step, "loss": step_loss, "lr": lr, "grad_norm": grad_norm, "tokens": tokens_seen,
-                           "tokens_per_s": tps, **extra}
+                    row = {"step": step, "loss": step_loss, "lr": lr, "grad_norm": grad_norm, unit: tokens_seen,
+                           f"{unit}_per_s": tps, **extra}
                     if peak and flops_per_token:
                         row["mfu"] = tps * flops_per_token / peak
                     logger.log(row)
-                    bar.set_postfix(loss=f"{step_loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{tps:,.0f}",
+                    bar.set_postfix(loss=f"{step_loss:.3f}", lr=f"{lr:.2e}", **{f"{unit[:3]}_s": f"{tps:,.0f}"},
                                     **({"mfu": f"{row['mfu']:.1%}"} if "mfu" in row else {}))
                 if step % cfg.eval_every == 0 and step < cfg.max_steps:
                     val = run_eval(step)
