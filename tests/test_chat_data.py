@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from llmstack.data import DataError
-from llmstack.data.chat import (ChatBatches, Example, conversation_of, document_positions, encode_conversation,
+from llmstack.data.chat import (ChatBatches, epoch_order, Example, conversation_of, document_positions, encode_conversation,
                                 fit_length, load_conversations, pack, read_conversations, stdlib_instructions,
                                 targets_of)
 from llmstack.data.chat import _stdlib_instructions
@@ -157,7 +157,7 @@ def test_batches_are_deterministic_epochs():
         for m in range(2):
             assert all(torch.equal(u, v) for u, v in zip(a.get_batch(step, m)[:2], b.get_batch(step, m)[:2]))
     # Positions 0..9 of the sample stream are one shuffled epoch: every row exactly once.
-    seen = [int(a._order(0)[i]) for i in range(10)]
+    seen = [int(epoch_order(10, 5, 0)[i]) for i in range(10)]
     assert sorted(seen) == list(range(10))
     assert a.epoch(5) == pytest.approx(5 * 2 * 3 / 10)
     assert not a.packed and a.get_batch(0)[2] == {}

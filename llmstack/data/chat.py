@@ -350,6 +350,18 @@ def document_positions(docs: torch.Tensor) -> torch.Tensor:
     return t - first
 
 
+@lru_cache(maxsize=8)
+def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
+    """A seeded shuffle of range(n) for one epoch."""
+    return np.random.default_rng([seed, epoch]).permutation(n)
+
+
+def sample_indices(n: int, seed: int, first: int, count: int) -> list[int]:
+    """Positions first .. first + count - 1 of the stream of epochs of seeded shuffles of range(n): what
+    a batch at a given step reads, a pure function of (seed, step) so that a resumed run reads the same."""
+    return [int(epoch_order(n, seed, i // n)[i % n]) for i in range(first, first + count)]
+
+
 class ChatBatches:
     """Batches of rows, a pure function of (seed, step, micro_step) as `TokenBatches` are, so a
     resumed run sees the same batches: epochs of a seeded shuffle, `batch_size` rows per micro-batch,
@@ -367,14 +379,9 @@ class ChatBatches:
     def __len__(self) -> int:
         return len(self.rows)
 
-    @lru_cache(maxsize=4)
-    def _order(self, epoch: int) -> np.ndarray:
-        return np.random.default_rng([self.seed, epoch]).permutation(len(self.rows))
-
     def get_batch(self, step: int, micro_step: int = 0):
         first = (step * self.grad_accum + micro_step) * self.batch_size
-        picked = [self._order(i // len(self.rows))[i % len(self.rows)] for i in range(first, first + self.batch_size)]
-        return self.collate([self.rows[i] for i in picked])
+        return self.collate([self.rows[i] for i in sample_indices(len(self.rows), self.seed, first, self.batch_size)])
 
     def epoch(self, step: int) -> float:
         """Epochs completed after `step` optimizer steps."""

@@ -18,16 +18,15 @@ file as pretraining and instruction tuning split it.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
 import torch
 
-from llmstack.data.chat import ROLES, Example, encode_conversation, jsonl_split, read_jsonl, stdlib_instructions
+from llmstack.data.chat import (ROLES, Example, encode_conversation, jsonl_split, read_jsonl, sample_indices,
+                                stdlib_instructions, targets_of)
 from llmstack.data.corpus import DataError
 
 CORRUPTIONS = ("truncated", "shuffled", "other")
@@ -173,14 +172,9 @@ class PairBatches:
     def __len__(self) -> int:
         return len(self.pairs)
 
-    def _order(self, epoch: int) -> np.ndarray:
-        return np.random.default_rng([self.seed, epoch]).permutation(len(self.pairs))
-
     def get_batch(self, step: int, micro_step: int = 0):
-        n = len(self.pairs)
         first = (step * self.grad_accum + micro_step) * self.batch_size
-        picked = [int(self._order(i // n)[i % n]) for i in range(first, first + self.batch_size)]
-        return self.collate(picked)
+        return self.collate(sample_indices(len(self.pairs), self.seed, first, self.batch_size))
 
     def epoch(self, step: int) -> float:
         return step * self.grad_accum * self.batch_size / len(self.pairs)
@@ -194,8 +188,6 @@ class PairBatches:
             yield self.collate([int(i) for i in picked[b:b + self.batch_size]])
 
     def collate(self, indices: Sequence[int]):
-        from llmstack.data.chat import targets_of
-
         rows = [self.pairs[i].chosen for i in indices] + [self.pairs[i].rejected for i in indices]
         T = max(len(r) for r in rows)
         x = torch.full((len(rows), T), self.pad_id, dtype=torch.long)
@@ -207,9 +199,3 @@ class PairBatches:
         lengths = torch.tensor([len(r) for r in rows])
         return (x.to(self.device), torch.zeros(len(indices), device=self.device),
                 {"targets": y.to(self.device), "index": index, "lengths": lengths.to(self.device)})
-
-
-def save_pairs(pairs: Sequence[Pair], path: str | os.PathLike) -> None:
-    """Write pairs as JSONL in the chat form ({"prompt": [...], "chosen": str, "rejected": str})."""
-    Path(path).write_text("".join(json.dumps({"prompt": p.prompt, "chosen": p.chosen, "rejected": p.rejected}) + "\n"
-                                  for p in pairs))

@@ -21,16 +21,10 @@ import torch
 
 from llmstack.data.chat import ChatBatches, encode_conversation, pack
 from llmstack.eval import evaluate
+from llmstack.finetune.rewards import code_of
 from llmstack.inference.generate import generate
 
-_FENCE = re.compile(r"```(?:python|py)?\n(.*?)(?:```|$)", re.S)
 _TOKEN = re.compile(r"\w+|[^\w\s]")
-
-
-def code_of(answer: str) -> str:
-    """The code in an answer: the first fenced block when there is one, else the whole answer."""
-    m = _FENCE.search(answer)
-    return m.group(1) if m else answer
 
 
 def parses(answer: str) -> bool:

@@ -62,16 +62,22 @@ TASKS = {name: f"{os.path.abspath(__file__)}:{name}" for name in ("python_functi
                                                                     "python_signature")}
 
 
+def code_of(answer: str) -> str:
+    """The code in an answer: the first ```python fenced block when there is one, else the whole answer."""
+    import re
+
+    m = re.search(r"```(?:python|py)?\n(.*?)(?:```|$)", answer, re.S)
+    return m.group(1) if m else answer
+
+
 def python_function(prompt: str, answer: str) -> float:
     """1.0 when the answer compiles and defines the function the prompt names; 0.25 when it only
     compiles; 0.0 otherwise. Compiled, never executed."""
     import ast
     import re
 
-    m = re.search(r"```(?:python|py)?\n(.*?)(?:```|$)", answer, re.S)
-    code = m.group(1) if m else answer
     try:
-        tree = ast.parse(code)
+        tree = ast.parse(code_of(answer))
         compile(tree, "<answer>", "exec")
     except (SyntaxError, ValueError, RecursionError, MemoryError):
         return 0.0
@@ -83,11 +89,9 @@ def python_function(prompt: str, answer: str) -> float:
 def python_parses(prompt: str, answer: str) -> float:
     """1.0 when the answer (the code in a ```python fence, or the whole answer) compiles, else 0.0."""
     import ast
-    import re
 
-    m = re.search(r"```(?:python|py)?\n(.*?)(?:```|$)", answer, re.S)
     try:
-        compile(ast.parse(m.group(1) if m else answer), "<answer>", "exec")
+        compile(ast.parse(code_of(answer)), "<answer>", "exec")
     except (SyntaxError, ValueError, RecursionError, MemoryError):
         return 0.0
     return 1.0

@@ -29,11 +29,10 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence
 
-import numpy as np
 import torch
 import torch.nn as nn
 
-from llmstack.data.chat import load_conversations
+from llmstack.data.chat import load_conversations, sample_indices
 from llmstack.data.corpus import DataError
 from llmstack.finetune.rewards import RewardRunner
 from llmstack.inference.generate import generate
@@ -54,10 +53,7 @@ class Prompts:
         return len(self.ids)
 
     def get_batch(self, step: int, micro_step: int = 0):
-        n = len(self.ids)
-        first = step * self.per_step
-        order = lambda e: np.random.default_rng([self.seed, e]).permutation(n)  # noqa: E731
-        picked = [int(order(i // n)[i % n]) for i in range(first, first + self.per_step)]
+        picked = sample_indices(len(self.ids), self.seed, step * self.per_step, self.per_step)
         return torch.tensor(picked), torch.zeros(len(picked) * self.samples), {"step": step, "micro": micro_step}
 
     def epoch(self, step: int) -> float:
