@@ -141,7 +141,10 @@ class Engine:
         if self.pool.usable * block_size < cfg.max_seq_len:
             raise ValueError(f"{n_blocks} blocks of {block_size} tokens cannot hold one sequence of the model's "
                              f"context ({cfg.max_seq_len} tokens)")
-        self.cache = PagedKVCache.for_model(model, self.pool)
+        # Rows hand the pools and block tables to attention, which reads the blocks in place (the
+        # Triton kernel on a GPU) or gathers rows of like lengths together (a CPU); packed steps
+        # are gathered by the cache.
+        self.cache = PagedKVCache.for_model(model, self.pool, gather_in_attention=True)
         if layout not in ("auto", "rows", "packed", "split"):
             raise ValueError(f"layout must be auto, rows, packed or split, got {layout!r}")
         self.max_batch_tokens, self.max_running, self.layout = max_batch_tokens, max_running, layout
