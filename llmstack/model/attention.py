@@ -148,12 +148,19 @@ def gather_blocks(pool: torch.Tensor, block_table: torch.Tensor) -> torch.Tensor
     (B, Hkv, blocks * block_size, D) for a block table (B, blocks). One index_select of D-wide rows
     of the pool seen as (n_blocks * Hkv * block_size, D), straight into the output's layout
     (indexing blocks, then transposing, copies twice and was 6x slower on a CPU)."""
+    return _gather_rows(pool, _block_rows(block_table, pool.shape[1], pool.shape[2]))
+
+
+def _block_rows(block_table: torch.Tensor, Hkv: int, size: int) -> torch.Tensor:
+    """(B, Hkv, blocks * size): the rows of the pool seen as (n_blocks * Hkv * size, D) to read."""
     B, n = block_table.shape
-    _, Hkv, size, D = pool.shape
     heads = torch.arange(Hkv, device=block_table.device)[None, :, None, None]
     slots = torch.arange(size, device=block_table.device)
-    rows = ((block_table[:, None, :, None] * Hkv + heads) * size + slots).reshape(-1)  # (B * Hkv * n * size,)
-    return pool.reshape(-1, D).index_select(0, rows).view(B, Hkv, n * size, D)
+    return ((block_table[:, None, :, None] * Hkv + heads) * size + slots).view(B, Hkv, n * size)
+
+
+def _gather_rows(pool: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    return pool.reshape(-1, pool.shape[-1]).index_select(0, rows.reshape(-1)).view(*rows.shape, pool.shape[-1])
 
 
 # What one more group costs in _paged_by_length, in gathered key slots: the dispatch of a gather
@@ -199,7 +206,8 @@ def _paged_by_length(impl, q, k_pool, v_pool, block_table, kv_lengths, **kwargs)
         else:
             idx = torch.tensor(rows, device=q.device)
             table = block_table.index_select(0, idx)[:, :blocks]
-        k, v = gather_blocks(k_pool, table), gather_blocks(v_pool, table)
+        index = _block_rows(table, k_pool.shape[1], page)  # one index for k and v
+        k, v = _gather_rows(k_pool, index), _gather_rows(v_pool, index)
         out[idx] = impl(q[idx], k, v, kv_lengths=kv_lengths[idx], **kwargs)
     return out
 
