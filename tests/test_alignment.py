@@ -15,8 +15,9 @@ from llmstack.data.preference import CORRUPTIONS, pair_of, stdlib_pairs
 from llmstack.finetune.config import FinetuneConfig
 from llmstack.finetune.job import finetune
 from llmstack.finetune.preference import bradley_terry_loss, dpo_loss, load_reward_model, preferred
-from llmstack.finetune.rewards import RewardRunner, python_function
-from llmstack.finetune.rl import gae, group_advantages
+from llmstack.finetune.arithmetic import arithmetic_conversations, arithmetic_problems, max_operand_of, problems
+from llmstack.finetune.rewards import RewardRunner, arithmetic, python_function
+from llmstack.finetune.rl import gae, group_advantages, token_logps
 from llmstack.interop import save_pretrained
 from llmstack.model import ModelConfig, Transformer
 from llmstack.tokenizer import Tokenizer
@@ -309,3 +310,83 @@ def test_built_in_tasks_through_the_child_process():
     prompt = "Write the Python function `load_file(path)`."
     scores = sig.score([prompt] * 3, ["def load_file(path):\n    pass", "def load(path):", "load_file = 1"])
     assert scores[0] == 1.0 and 0.25 < scores[1] < 1.0 and scores[2] == 0.0
+
+
+# ---------------------------------------------------------------------- integer arithmetic
+
+
+def test_arithmetic_reward_checks_the_last_integer():
+    q = "What is 17 - 9? Answer with the number only."
+    assert arithmetic(q, "8") == arithmetic(q, " 17 - 9 = 8\n") == arithmetic(q, "The answer is 8.") == 1.0
+    assert arithmetic(q, "9") == arithmetic(q, "8 or 9") == arithmetic(q, "-8") == arithmetic(q, "26") == 0.0
+    assert arithmetic(q, "") == arithmetic(q, "eight") == arithmetic(q, "8.5") == 0.0  # malformed: no integer, or another
+    assert arithmetic("What is 12 + 1000?", "1,012") == 1.0 and arithmetic("What is 6 * 7?", "42") == 1.0
+    assert arithmetic("What is 3 - 10?", "3 - 10 = -7") == 1.0
+    with pytest.raises(ValueError, match="asks for no"):
+        arithmetic("Write a poem.", "7")
+    runner = RewardRunner("arithmetic", timeout=5)  # the same interface, in the child process
+    assert runner.score([q, q, q, "no question"], ["8", "9", "", "1"]) == [1.0, 0.0, 0.0, 0.0]
+    assert runner.errors == 1
+
+
+def test_arithmetic_prompts_split_disjoint_and_deterministic():
+    train = arithmetic_problems("train", val_fraction=0.1)
+    val = arithmetic_problems("val", val_fraction=0.1)
+    assert not set(train) & set(val) and sorted(train + val) == sorted(problems(20)) == sorted(set(problems(20)))
+    assert 0.05 < len(val) / len(problems(20)) < 0.15
+    assert val == arithmetic_problems("val", val_fraction=0.1)  # a pure function of the question
+    commuted = {(b, "+", a) for a, op, b in val if op == "+"}
+    assert commuted <= set(val)  # a held-out sum is not trained on in the other order
+    assert all(op == "+" or a >= b for a, op, b in problems(20)) and len(problems(20)) == 400 + 210
+    chats = arithmetic_conversations("val", val_fraction=0.1)
+    assert all(arithmetic(c[0]["content"], c[1]["content"]) == 1.0 for c in chats)
+    assert max_operand_of("arithmetic") == 20 and max_operand_of("arithmetic:50") == 50
+    with pytest.raises(ValueError, match="arithmetic:N"):
+        max_operand_of("arithmetic:x")
+
+
+def test_token_logps_equal_the_full_softmax_at_answer_positions():
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_hidden=64,
+                                    max_seq_len=32))
+    model.init_weights()
+    x = torch.randint(0, 64, (3, 10))
+    y = torch.full((3, 10), -100)
+    y[0, 4:9], y[1, 2:3], y[2, 5:10] = x[0, 5:10], x[1, 3:4], torch.randint(0, 64, (5,))
+    logp, entropy = token_logps(model, x, y, chunk=3, with_entropy=True)
+    full = torch.log_softmax(model(x).float(), dim=-1)
+    mask = y != -100
+    want = full.gather(-1, y.clamp(min=0)[..., None]).squeeze(-1) * mask
+    torch.testing.assert_close(logp, want)
+    torch.testing.assert_close(entropy, -(full.exp() * full).sum(-1) * mask)
+    logp.sum().backward()  # gradients flow through the answer positions
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.layers[0].parameters())
+
+
+def test_grpo_job_on_arithmetic_prompts(base, tmp_path):
+    cfg = job(base, tmp_path / "arith", "grpo", data={"source": "arithmetic:9", "val_fraction": 0.2, "seq_len": 64},
+              rl={"task": "arithmetic", "group_size": 2, "prompts_per_step": 2, "max_new_tokens": 4,
+                  "eval_prompts": 6}, train__max_steps=2)
+    result = finetune(cfg, progress=False)
+    assert result.val["prompts"] == 6 and {"reward", "success"} <= set(result.val)
+    rows = [r for r in read_metrics(tmp_path / "arith") if "loss" in r]
+    assert len(rows) == 2 and rows[-1]["reward_errors"] == 0  # every prompt is a question the reward reads
+    with pytest.raises(ValueError, match="arithmetic:N"):
+        finetune(job(base, tmp_path / "bad", "grpo", data={"source": "arithmetic:0", "seq_len": 64}), progress=False)
+
+
+@pytest.mark.slow
+def test_smollm2_grpo_config_runs_and_the_base_has_signal(smollm2, tmp_path):
+    """configs/finetune/smollm2-grpo.yaml for two steps on the real model: the base already answers some
+    held-out questions (so groups of answers differ and GRPO has a signal), and the run logs and plots."""
+    from llmstack.config import load_config
+
+    root = Path(__file__).resolve().parents[1]
+    cfg = load_config(FinetuneConfig, root / "configs/finetune/smollm2-grpo.yaml",
+                      [f"base={smollm2}", f"train.out_dir={tmp_path / 'run'}", "train.max_steps=2",
+                       "train.eval_every=100", "train.log_every=1", "rl.eval_prompts=16"])
+    result = finetune(cfg, progress=False)
+    assert result.first_val["prompts"] == 16 and 0 < result.first_val["success"] < 1
+    rows = [r for r in read_metrics(tmp_path / "run") if "loss" in r]
+    assert len(rows) == 2 and all(r["reward_errors"] == 0 and r["kl"] > -1e-3 for r in rows)
+    assert (tmp_path / "run" / "rl.png").is_file()

@@ -21,6 +21,8 @@ Built-in tasks (the code is compiled, never run):
 - `python_signature`: the answer's first line must be the `def` of that function (it compiles with a
   `pass` body): 1.0; the `def` of another name: 0.25 plus up to 0.5 for how close the name is; else 0.
   Judges a short answer: a small model rarely finishes a whole function within a rollout's budget.
+- `arithmetic`: the prompt asks for `a + b`, `a - b` or `a * b` (integers; `data.source: arithmetic`
+  makes such prompts) and the answer's last integer is its exact value: 1.0; else 0.
 """
 from __future__ import annotations
 
@@ -59,7 +61,7 @@ for line in sys.stdin:
 
 # Built-in tasks: this file, loaded alone in the child (it imports only the standard library).
 TASKS = {name: f"{os.path.abspath(__file__)}:{name}" for name in ("python_function", "python_parses",
-                                                                    "python_signature")}
+                                                                    "python_signature", "arithmetic")}
 
 
 def code_of(answer: str) -> str:
@@ -117,6 +119,21 @@ def python_signature(prompt: str, answer: str) -> float:
         return 0.25
     name = tree.body[0].name
     return 1.0 if name == wanted.group(1) else 0.25 + 0.5 * difflib.SequenceMatcher(None, name, wanted.group(1)).ratio()
+
+
+def arithmetic(prompt: str, answer: str) -> float:
+    """1.0 when the last integer in the answer equals the exact value of the first `a op b` in the
+    prompt (op one of + - *), else 0.0 (no integer, or another). Thousands separators are ignored;
+    a prompt without such an expression is an error."""
+    import re
+
+    asked = re.search(r"(-?\d+)\s*([-+*])\s*(-?\d+)", prompt)
+    if asked is None:
+        raise ValueError("the prompt asks for no a + b, a - b or a * b")
+    a, op, b = int(asked.group(1)), asked.group(2), int(asked.group(3))
+    exact = a + b if op == "+" else a - b if op == "-" else a * b
+    numbers = re.findall(r"-?\d+", re.sub(r"(?<=\d),(?=\d{3}\b)", "", answer))
+    return 1.0 if numbers and int(numbers[-1]) == exact else 0.0
 
 
 def _limits(cpu_seconds: int, memory_bytes: int):

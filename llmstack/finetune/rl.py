@@ -34,6 +34,7 @@ import torch.nn as nn
 
 from llmstack.data.chat import load_conversations, sample_indices
 from llmstack.data.corpus import DataError
+from llmstack.finetune.arithmetic import arithmetic_conversations, is_arithmetic_source, max_operand_of
 from llmstack.finetune.rewards import RewardRunner
 from llmstack.inference.generate import generate
 from llmstack.interop import load_tokenizer
@@ -65,11 +66,16 @@ class Prompts:
 
 def prompt_sets(cfg, tok, device, progress: bool = True) -> tuple[Prompts, Prompts]:
     """Train and held-out prompts: the first user turn(s) of the data's conversations, rendered
-    with the generation prompt."""
+    with the generation prompt (`data.source: arithmetic[:N]`: integer-arithmetic questions,
+    `llmstack.finetune.arithmetic`)."""
     dc, rc = cfg.data, cfg.rl
     out = []
     for split in ("train", "val"):
-        chats = load_conversations(dc.source, split, val_fraction=dc.val_fraction, max_chars=dc.max_chars)
+        if is_arithmetic_source(dc.source):
+            chats = arithmetic_conversations(split, val_fraction=dc.val_fraction,
+                                             max_operand=max_operand_of(dc.source))
+        else:
+            chats = load_conversations(dc.source, split, val_fraction=dc.val_fraction, max_chars=dc.max_chars)
         if split == "train" and dc.max_examples:
             chats = chats[:dc.max_examples]
         if split == "val":
@@ -96,22 +102,26 @@ def prompt_sets(cfg, tok, device, progress: bool = True) -> tuple[Prompts, Promp
 # ---------------------------------------------------------------------- rollouts
 
 
-def token_logps(model: nn.Module, x: torch.Tensor, targets: torch.Tensor, *, chunk: int = 8,
+def token_logps(model: nn.Module, x: torch.Tensor, targets: torch.Tensor, *, chunk: int = 256,
                 with_entropy: bool = False, values: Optional[nn.Module] = None):
     """Per-token log p(target) (R, T) (0 where the target is -100), and optionally the policy's entropy
-    (R, T) and a value head's output (R, T). The head runs a few rows at a time."""
+    (R, T) (0 there too) and a value head's output (R, T). The output head runs only at the answer's
+    positions (where the target is set), `chunk` of them at a time: a prompt's positions need no
+    distribution over the vocabulary."""
     h = model(x, return_hidden=True)
+    mask = targets != -100
+    hs, ts = h[mask], targets[mask]  # (N, D), (N,)
     logps, entropy = [], []
-    for i in range(0, x.shape[0], chunk):
-        logits = model.head(h[i:i + chunk]).float()
-        t = targets[i:i + chunk]
-        lp = torch.log_softmax(logits, dim=-1)
-        logps.append(lp.gather(-1, t.clamp(min=0)[..., None]).squeeze(-1) * (t != -100))
+    for i in range(0, ts.shape[0], chunk):
+        lp = torch.log_softmax(model.head(hs[i:i + chunk]).float(), dim=-1)
+        logps.append(lp.gather(-1, ts[i:i + chunk, None]).squeeze(-1))
         if with_entropy:
             entropy.append(-(lp.exp() * lp).sum(-1).detach())
-    out = [torch.cat(logps)]
+    zeros = torch.zeros(targets.shape, dtype=torch.float32, device=x.device)
+    cat = (lambda parts: torch.cat(parts) if parts else zeros.new_zeros(0))
+    out = [zeros.masked_scatter(mask, cat(logps))]
     if with_entropy:
-        out.append(torch.cat(entropy))
+        out.append(zeros.masked_scatter(mask, cat(entropy)))
     if values is not None:
         out.append(values(h).squeeze(-1).float())
     return out if len(out) > 1 else out[0]
