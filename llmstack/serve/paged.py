@@ -10,11 +10,12 @@ filled block, any free block serves any sequence, and identical prefixes can sha
     cache.set_rows(block_tables, lengths, T)              # this step's layout, then model(ids, cache=cache)
 
 Block 0 is never handed out: it is the null block that pads block tables, and where padding
-tokens write. Each row's blocks are gathered into contiguous keys, and `kv_lengths` hides the
-slots past each row's length. By default the cache gathers them itself, with one indexing op
-per layer whose index is computed once per step; `gather_in_attention=True` instead hands the
-pools and the block table to attention (`attention(..., block_table=)`, `gather_blocks`): the
-interface a paged attention kernel reads blocks in place through.
+tokens write. `kv_lengths` hides the slots past each row's length. By default the cache gathers
+each row's blocks into contiguous keys itself, with one indexing op per layer whose index is
+computed once per step; `gather_in_attention=True` (the engine's choice for its rows) instead
+hands the pools and the block table to attention (`attention(..., block_table=)`), which reads
+the blocks in place with the Triton paged-decode kernel (`llmstack.kernels.paged_decode`, the
+`triton` backend) or gathers rows of like lengths together (`gather_blocks`).
 
 Prefix caching: a full block is keyed by a hash of its tokens and of every token before it
 (the hash of the block before it), so two requests whose prompts start alike find the same
