@@ -5,10 +5,23 @@ line (exit code 2) instead of a traceback."""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Any, Callable, Optional
 
 from llmstack.config import ConfigError, dump_config, load_config
+
+
+def is_rank_zero() -> bool:
+    """Whether this process prints errors: under torchrun every rank fails alike and rank 0 says why."""
+    return os.environ.get("RANK", "0") == "0"
+
+
+def fail(message: str, code: int = 2) -> None:
+    """Exit with one line on stderr (from rank 0 only under torchrun)."""
+    if is_rank_zero():
+        print(message, file=sys.stderr)
+    sys.exit(code)
 
 
 class OneLineErrors(argparse.ArgumentParser):
@@ -16,6 +29,9 @@ class OneLineErrors(argparse.ArgumentParser):
 
     def error(self, message: str):
         self.exit(2, f"error: {message} (--help lists the options)\n")
+
+    def exit(self, status: int = 0, message: Optional[str] = None):
+        super().exit(status, message if is_rank_zero() else None)
 
 
 def _int_at_least(minimum: int) -> Callable[[str], int]:

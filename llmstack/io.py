@@ -19,7 +19,7 @@ from typing import Callable, Iterable, Optional
 # checkpoint in replaces the old directory whole, so one holding anything else is refused.
 CHECKPOINT_FILE = re.compile(r"(generation_)?config\.(yaml|json)|tokenizer(_config)?\.json|trainer_state\.pt"
                              r"|model(-\d+-of-\d+)?\.safetensors|model\.safetensors\.index\.json"
-                             r"|adapter_config\.json|adapter_model\.safetensors")
+                             r"|adapter_config\.json|adapter_model\.safetensors|dcp")
 # What atomic_directory and atomic_write_text name their temporaries: `.NAME.tmp-*` and `.NAME.old-*`.
 TEMPORARY = re.compile(r"\.(.+)\.(?:tmp|old)-[^.]*")
 

@@ -15,18 +15,13 @@ before anything is written.
 import math
 import sys
 
-from llmstack.cli import parse_cli
+from llmstack.cli import fail, parse_cli
 from llmstack.config import ConfigError
 from llmstack.data import DataError
 from llmstack.finetune.config import FinetuneConfig
 from llmstack.finetune.job import finetune
 from llmstack.runtime import set_threads
 from llmstack.train import TrainingError
-
-
-def fail(message: str, code: int = 2) -> None:
-    print(message, file=sys.stderr)
-    sys.exit(code)
 
 
 def main() -> None:

@@ -102,11 +102,11 @@ LAYERS = {
     "llmstack.inference": {"llmstack.config", "llmstack.io", "llmstack.runtime", "llmstack.kernels",
                            "llmstack.model", "llmstack.tokenizer", "llmstack.interop", "llmstack.data"},
     "llmstack.train": {"llmstack.config", "llmstack.io", "llmstack.runtime", "llmstack.model", "llmstack.tokenizer",
-                       "llmstack.data", "llmstack.interop", "llmstack.eval"},
+                       "llmstack.data", "llmstack.interop", "llmstack.eval", "llmstack.distributed"},
     "llmstack.finetune": {"llmstack.config", "llmstack.io", "llmstack.runtime", "llmstack.kernels", "llmstack.model",
                           "llmstack.tokenizer", "llmstack.data", "llmstack.interop", "llmstack.eval", "llmstack.train",
                           "llmstack.inference"},
-    "llmstack.distributed": {"llmstack.config", "llmstack.runtime", "llmstack.model", "llmstack.train"},
+    "llmstack.distributed": {"llmstack.config", "llmstack.io", "llmstack.runtime", "llmstack.model", "llmstack.eval"},
     "llmstack.serve": {"llmstack.config", "llmstack.io", "llmstack.runtime", "llmstack.model", "llmstack.tokenizer",
                        "llmstack.interop", "llmstack.inference", "llmstack.finetune"},
 }

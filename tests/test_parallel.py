@@ -1,7 +1,9 @@
-"""Data parallelism (llmstack.train.parallel): two gloo processes under torchrun train as one process
-does on the same global batch, step for step; a checkpoint written by two ranks resumes on one."""
+"""Training on several processes (llmstack.distributed): each strategy, launched by torchrun with gloo
+on the CPU, trains as one process does on the same global batch (per-step losses and final weights
+within 1e-5, float32), and a checkpoint written by one layout resumes in another."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -9,15 +11,32 @@ from pathlib import Path
 import pytest
 import torch
 
-from llmstack.config import ConfigError
-from llmstack.train.parallel import ParallelConfig
+from llmstack.config import ConfigError, load_config
+from llmstack.distributed import ParallelConfig, qkv_order
+from llmstack.model import ModelConfig
 
 ROOT = Path(__file__).resolve().parents[1]
+
+# name -> overrides; every job runs 10 steps with a checkpoint at 5 and 10
+TWO_RANKS = {
+    "ddp": "parallel.dp_replicate=2",
+    "zero1": "parallel.dp_replicate=2 parallel.shard_optimizer=true",
+    "fsdp": "parallel.dp_shard=2",
+    "zero2": "parallel.dp_shard=2 parallel.reshard_after_forward=false",
+    "tp": "parallel.tp=2",
+    "tp_no_sp": "parallel.tp=2 parallel.sequence_parallel=false",
+    "pp_gpipe": "parallel.pp=2 parallel.pp_schedule=gpipe",
+    "pp_1f1b": "parallel.pp=2 parallel.pp_schedule=1f1b",
+    "pp_interleaved": "parallel.pp=2 parallel.pp_schedule=interleaved_1f1b",
+}
+FOUR_RANKS = {"fsdp_tp": "parallel.dp_shard=2 parallel.tp=2", "ddp_tp": "parallel.dp_replicate=2 parallel.tp=2"}
+# a single process's checkpoint of step 5, resumed by two ranks in these layouts
+FROM_ONE = {"one_to_fsdp": "parallel.dp_shard=2", "one_to_tp": "parallel.tp=2", "one_to_pp": "parallel.pp=2"}
 
 
 @pytest.fixture(scope="module")
 def job(tmp_path_factory):
-    root = tmp_path_factory.mktemp("ddp")
+    root = tmp_path_factory.mktemp("parallel")
     corpus = root / "corpus"
     corpus.mkdir()
     g = torch.Generator().manual_seed(0)
@@ -27,27 +46,40 @@ def job(tmp_path_factory):
         (corpus / f"doc{i}.txt").write_text(text)
     cfg = root / "tiny.yaml"
     # AdamW's eps at 1e-3: with the default 1e-8, a weight whose gradient is ~0 moves by about lr times the
-    # gradient's sign, so float-order differences between the ranks' all-reduce and one process's sum
-    # (~1e-9) could move it by 1e-5 and more; the DDP equivalence under test is not about that.
+    # gradient's sign, so float-order differences between the ranks' reductions and one process's sum
+    # (~1e-9) could move it by 1e-5 and more; the equivalence under test is not about that.
     cfg.write_text(f"""
-model: {{vocab_size: 320, dim: 32, n_layers: 2, n_heads: 4, n_kv_heads: 2, max_seq_len: 64}}
+model: {{vocab_size: 320, dim: 32, n_layers: 4, n_heads: 4, n_kv_heads: 2, max_seq_len: 64}}
 tokenizer: {{vocab_size: 300}}
 data: {{source: "{corpus}/*.txt", seq_len: 32, val_fraction: 0.25, cache_dir: "{root / 'cache'}", num_proc: 1}}
 train: {{max_steps: 10, batch_size: 4, lr: 1.0e-2, warmup_steps: 2, eval_every: 5, eval_batches: 2, log_every: 1,
         save_every: 5, keep_last: 5, tensorboard: false, seed: 3, eps: 1.0e-3}}
 """)
+    one_process(cfg, root / "one")
     return root, cfg
 
 
-def run(cfg: Path, out: Path, procs: int, *extra: str) -> subprocess.CompletedProcess:
+def one_process(cfg: Path, out: Path, *overrides: str, resume: bool = False) -> None:
+    from llmstack.train import PretrainConfig, pretrain
+
+    pretrain(load_config(PretrainConfig, cfg, [f"train.out_dir={out}", *overrides]), resume=resume, progress=False)
+
+
+def launch(procs: int, cfg: Path, jobs: dict, root: Path, resume: bool = False) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "LLMSTACK_THREADS": "1"}
-    launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={procs}"]
-                if procs > 1 else [sys.executable])
-    cmd = [*launcher, str(ROOT / "scripts" / "pretrain.py"), "--config", str(cfg), f"train.out_dir={out}",
-           f"parallel.dp_replicate={procs}", *extra]
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
-    assert p.returncode == 0, p.stderr[-3000:]
-    return p
+    args = [f"{root / name} {overrides}" + (" --resume" if resume else "") for name, overrides in jobs.items()]
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={procs}",
+                        str(ROOT / "tests" / "parallel_jobs.py"), str(cfg), *args],
+                       capture_output=True, text=True, timeout=420, env=env, cwd=ROOT)
+    assert p.returncode == 0, p.stderr[-4000:]
+
+
+def stopped_at_step_5(src: Path, dst: Path) -> Path:
+    """A copy of a finished run as if it had died after its checkpoint of step 5."""
+    shutil.copytree(src, dst)
+    shutil.rmtree(dst / "checkpoints" / "step_000010")
+    (dst / "latest").write_text("checkpoints/step_000005\n")
+    return dst
 
 
 def losses(out: Path) -> list[float]:
@@ -56,45 +88,91 @@ def losses(out: Path) -> list[float]:
 
 
 def weights(out: Path) -> dict:
-    from llmstack.interop import load_weights
-    from llmstack.interop import resolve_checkpoint
+    from llmstack.interop import load_weights, resolve_checkpoint
 
     return load_weights(resolve_checkpoint(out))[0]
 
 
-def test_two_ranks_train_as_one_process(job, tmp_path):
-    root, cfg = job
-    run(cfg, tmp_path / "one", 1)
-    run(cfg, tmp_path / "two", 2)
-    a, b = losses(tmp_path / "one"), losses(tmp_path / "two")
+def assert_same_run(ref: Path, out: Path) -> None:
+    a, b = losses(ref), losses(out)
     assert len(a) == 10 == len(b)
     for x, y in zip(a, b):
-        assert y == pytest.approx(x, rel=1e-5)  # the same global batch, the gradient averaged over ranks
-    wa, wb = weights(tmp_path / "one"), weights(tmp_path / "two")
+        assert y == pytest.approx(x, rel=1e-5)
+    wa, wb = weights(ref), weights(out)
+    assert wa.keys() == wb.keys()  # the consolidated model.safetensors: every weight, whole, in the model's order
     for name in wa:
         torch.testing.assert_close(wb[name], wa[name], rtol=1e-5, atol=1e-5)
-    assert not any(p.name.startswith("metrics") for p in (tmp_path / "two").iterdir() if p.name.endswith(".tmp"))
 
 
-def test_two_ranks_save_one_rank_resumes(job, tmp_path):
+@pytest.fixture(scope="module")
+def two_ranks(job):
     root, cfg = job
-    run(cfg, tmp_path / "ref", 1)
-    out = tmp_path / "run"
-    run(cfg, out, 2)
-    # As if the two-rank run had died after its checkpoint of step 5: continue it in one process.
-    import shutil
+    for name in FROM_ONE:
+        stopped_at_step_5(root / "one", root / name)
+    launch(2, cfg, TWO_RANKS, root)
+    launch(2, cfg, FROM_ONE, root, resume=True)
+    return root
 
-    shutil.rmtree(out / "checkpoints" / "step_000010")
-    (out / "latest").write_text("checkpoints/step_000005\n")
-    run(cfg, out, 1, "--resume")
-    for x, y in zip(losses(tmp_path / "ref"), losses(out)):
-        assert y == pytest.approx(x, rel=1e-5)
-    assert len(losses(out)) == 10
+
+@pytest.mark.parametrize("name", TWO_RANKS)
+def test_two_ranks_train_as_one_process(two_ranks, name):
+    assert_same_run(two_ranks / "one", two_ranks / name)
+    ckpt = two_ranks / name / "checkpoints" / "step_000010"
+    assert (ckpt / "dcp").is_dir() == ParallelConfig(**parse(TWO_RANKS[name])).sharded
+    assert not list((two_ranks / name / "checkpoints").glob(".*"))  # no temporaries left
+
+
+@pytest.mark.parametrize("name", ["fsdp", "tp", "pp_interleaved", "zero1"])
+def test_two_ranks_save_one_process_resumes(two_ranks, tmp_path, name):
+    out = stopped_at_step_5(two_ranks / name, tmp_path / name)
+    one_process(two_ranks.parent / two_ranks.name / "tiny.yaml", out, resume=True)
+    assert_same_run(two_ranks / "one", out)
+
+
+@pytest.mark.parametrize("name", FROM_ONE)
+def test_one_process_saves_two_ranks_resume(two_ranks, name):
+    assert_same_run(two_ranks / "one", two_ranks / name)
+
+
+def test_data_and_tensor_parallel_together(job):
+    root, cfg = job
+    launch(4, cfg, FOUR_RANKS, root)
+    for name in FOUR_RANKS:
+        assert_same_run(root / "one", root / name)
+
+
+def parse(overrides: str) -> dict:
+    out = {}
+    for item in overrides.split():
+        key, value = item.removeprefix("parallel.").split("=")
+        out[key] = int(value) if value.isdigit() else value == "true" if value in ("true", "false") else value
+    return out
+
+
+def test_qkv_order_gives_each_rank_its_heads():
+    H, Hkv, D, tp = 8, 4, 3, 2
+    order = qkv_order(H, Hkv, D, tp)
+    assert sorted(order.tolist()) == list(range((H + 2 * Hkv) * D))  # a permutation
+    rows = order.view(tp, -1)  # rank r's contiguous share after reordering
+    q, kv = H * D, Hkv * D
+    for r in range(tp):
+        want = [*range(r * q // tp, (r + 1) * q // tp), *range(q + r * kv // tp, q + (r + 1) * kv // tp),
+                *range(q + kv + r * kv // tp, q + kv + (r + 1) * kv // tp)]
+        assert rows[r].tolist() == want
 
 
 def test_bad_parallel_configs(job, tmp_path):
-    with pytest.raises(ConfigError, match="only data parallelism"):
-        ParallelConfig(tp=2).validate()
+    model = ModelConfig(vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=32)
+    with pytest.raises(ConfigError, match="does not divide model.n_kv_heads=2"):
+        ParallelConfig(tp=4).validate().check_model(model, 8)
+    with pytest.raises(ConfigError, match="more than model.n_layers=2"):
+        ParallelConfig(pp=4).validate().check_model(model, 8)
+    with pytest.raises(ConfigError, match="more than model.n_layers=2"):
+        ParallelConfig(pp=2, pp_schedule="interleaved_1f1b").validate().check_model(model, 8)
+    with pytest.raises(ConfigError, match="does not split over 2 data-parallel ranks"):
+        ParallelConfig(dp_shard=2).validate().check_model(model, 3)
+    with pytest.raises(ConfigError, match="pp_schedule"):
+        ParallelConfig(pp=2, pp_schedule="zigzag").validate()
     root, cfg = job
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     p = subprocess.run([sys.executable, str(ROOT / "scripts" / "pretrain.py"), "--config", str(cfg),
@@ -102,3 +180,32 @@ def test_bad_parallel_configs(job, tmp_path):
                        timeout=120, env=env, cwd=ROOT)
     assert p.returncode == 2 and "launch with torchrun --nproc_per_node 2" in p.stderr
     assert not (tmp_path / "x").exists()
+
+
+def test_two_ranks_refuse_a_bad_config_and_both_exit(job, tmp_path):
+    """tp not dividing the KV heads: one error line (from rank 0), every rank gone, nothing written."""
+    root, cfg = job
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        str(ROOT / "scripts" / "pretrain.py"), "--config", str(cfg), f"train.out_dir={tmp_path / 'x'}",
+                        "parallel.tp=2", "model.n_kv_heads=1"], capture_output=True, text=True, timeout=120, env=env,
+                       cwd=ROOT)
+    assert p.returncode != 0
+    assert p.stderr.count("parallel.tp=2 does not divide model.n_kv_heads=1") == 1, p.stderr[-2000:]
+    assert not (tmp_path / "x").exists()
+
+
+def test_checkpoint_of_another_model_is_refused(two_ranks, tmp_path):
+    """A DCP checkpoint whose tensors differ from the model's: a one-line error before anything loads."""
+    from llmstack.distributed import Parallelism
+    from llmstack.distributed.checkpoint import load_state
+    from llmstack.model import build_model
+    from llmstack.train import build_optimizer
+
+    other = build_model(ModelConfig(vocab_size=320, dim=64, n_layers=4, n_heads=4, n_kv_heads=2, max_seq_len=64))
+    other.init_weights()
+    opt = build_optimizer(other, lr=1e-3, weight_decay=0.0, betas=(0.9, 0.95))
+    before = {k: v.clone() for k, v in other.state_dict().items()}
+    with pytest.raises(ConfigError, match="holds another model: .* is shape"):
+        load_state(Parallelism(), other, opt, two_ranks / "fsdp" / "checkpoints" / "step_000010" / "dcp")
+    assert all(torch.equal(before[k], v) for k, v in other.state_dict().items())

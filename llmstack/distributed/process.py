@@ -1,46 +1,22 @@
-"""Data parallelism for the training loop, on torch.distributed (torchrun sets the environment).
+"""Processes: joining torchrun's process group, this rank's slice of each batch, sums over ranks.
 
-    torchrun --standalone --nproc_per_node 2 scripts/pretrain.py --config ... parallel.dp_replicate=2
+    torchrun --standalone --nproc_per_node 2 scripts/pretrain.py --config ... parallel.dp_shard=2
 
-`parallel.dp_replicate` processes each hold the whole model (DDP: gradients all-reduced in
-backward) and read a disjoint slice of every global batch: rank r takes rows
-[r * B / W, (r + 1) * B / W) of the batch a single process would take at that step. Each rank's loss
-is scaled by W / (target tokens of the whole step, all ranks), so that DDP's average of the ranks'
-gradients is the gradient of the global batch's mean loss: the same as one process, up to the
-order of float additions (tests/test_parallel.py). Rank 0 writes checkpoints, metrics and the
-progress bar; every rank resumes from the same checkpoint. NCCL on CUDA, gloo on the CPU.
+torchrun starts one process per rank and describes the world in the environment (WORLD_SIZE,
+RANK, LOCAL_RANK, MASTER_ADDR); `setup` checks that the config's degrees multiply to that world
+and joins the process group: NCCL on CUDA, gloo on the CPU. A plain `python` run is world size 1
+and touches nothing here.
 """
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from typing import Optional
 
 import torch
 import torch.distributed as dist
 
-from llmstack.config import ConfigError, check_at_least, option
-
-
-@dataclass
-class ParallelConfig:
-    dp_replicate: int = option(1, "data-parallel replicas (DDP); the product of the four is the world size")
-    dp_shard: int = option(1, "FSDP2 shards (not available yet: 1)")
-    tp: int = option(1, "tensor-parallel ranks (not available yet: 1)")
-    pp: int = option(1, "pipeline stages (not available yet: 1)")
-
-    def validate(self) -> "ParallelConfig":
-        check_at_least("parallel", self, 1, "dp_replicate", "dp_shard", "tp", "pp")
-        for name in ("dp_shard", "tp", "pp"):
-            if getattr(self, name) > 1:
-                raise ConfigError(f"parallel.{name}={getattr(self, name)}: only data parallelism "
-                                  "(parallel.dp_replicate) is available so far; set parallel.{name}=1".replace(
-                                      "{name}", name))
-        return self
-
-    @property
-    def world_size(self) -> int:
-        return self.dp_replicate * self.dp_shard * self.tp * self.pp
+from llmstack.config import ConfigError
+from llmstack.distributed.config import ParallelConfig
 
 
 def rank_and_world() -> tuple[int, int]:

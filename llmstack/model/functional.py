@@ -57,11 +57,11 @@ class RMSNormFunction(torch.autograd.Function):
             x_hat = x.to(rstd.dtype) * rstd
             dy = dy.to(rstd.dtype)
             p = dy * x_hat
-            dweight = p.flatten(0, -2).sum(0).to(weight.dtype) if ctx.needs_input_grad[1] else None
+            dweight = p.sum(tuple(range(p.dim() - 1))).to(weight.dtype) if ctx.needs_input_grad[1] else None
             dx = None
             if ctx.needs_input_grad[0]:
                 w = weight.to(rstd.dtype)
-                mean_g_xhat = (p @ w).unsqueeze_(-1).div_(x.shape[-1])
+                mean_g_xhat = (p @ w).unsqueeze(-1).div_(x.shape[-1])
                 dx = (dy * w).addcmul_(x_hat, mean_g_xhat, value=-1).mul_(rstd).to(x.dtype)
         return dx, dweight, None
 

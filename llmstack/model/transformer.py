@@ -260,19 +260,8 @@ class Transformer(nn.Module):
         B, T = input_ids.shape
         if positions is None:
             positions = self._positions(T, cache, input_ids.device)
-        x = self.embed(input_ids)  # (B, T, C)
-        rope = None
-        if self.config.pos == "rope":
-            rope = rope_cos_sin(positions, self.rope_inv_freq, self.rope_attention_factor, dtype=x.dtype)
-        elif self.config.pos == "learned":
-            if int(positions.max()) >= self.config.max_seq_len:
-                raise ValueError(f"position {int(positions.max())} is past the learned table "
-                                 f"(model.max_seq_len={self.config.max_seq_len})")
-            x = x + self.pos_embed(positions)
-        elif self.config.pos == "sinusoidal":
-            x = x + sinusoidal_embedding(positions, self.config.dim).to(x.dtype)
-        if self.config.dropout:
-            x = F.dropout(x, self.config.dropout, self.training)
+        x = self.inputs(input_ids, positions)  # (B, T, C)
+        rope = self.rope_for(positions, x.dtype)
         for layer in self.layers:
             x = layer(x, rope, cache, attn_mask)
         if cache is not None:
@@ -287,6 +276,27 @@ class Transformer(nn.Module):
         else:
             out = self.head(x)
         return (out, self.aux_outputs()) if return_aux else out
+
+    def inputs(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """The residual stream's start (B, T, C): token embeddings, plus learned or sinusoidal
+        positions, then dropout."""
+        x = self.embed(input_ids)
+        if self.config.pos == "learned":
+            if int(positions.max()) >= self.config.max_seq_len:
+                raise ValueError(f"position {int(positions.max())} is past the learned table "
+                                 f"(model.max_seq_len={self.config.max_seq_len})")
+            x = x + self.pos_embed(positions)
+        elif self.config.pos == "sinusoidal":
+            x = x + sinusoidal_embedding(positions, self.config.dim).to(x.dtype)
+        if self.config.dropout:
+            x = F.dropout(x, self.config.dropout, self.training)
+        return x
+
+    def rope_for(self, positions: torch.Tensor, dtype: torch.dtype) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+        """RoPE's (cos, sin) for `positions`, which every block rotates q and k by; None unless model.pos is rope."""
+        if self.config.pos != "rope":
+            return None
+        return rope_cos_sin(positions, self.rope_inv_freq, self.rope_attention_factor, dtype=dtype)
 
     @staticmethod
     def _positions(T: int, cache, device: torch.device) -> torch.Tensor:

@@ -9,7 +9,7 @@ from llmstack.config import ConfigError, check_at_least, check_fraction, option
 from llmstack.data.config import DataConfig
 from llmstack.model.config import ModelConfig
 from llmstack.tokenizer.config import TokenizerConfig
-from llmstack.train.parallel import ParallelConfig
+from llmstack.distributed.config import ParallelConfig
 
 
 @dataclass
@@ -39,6 +39,8 @@ class TrainConfig:
         "layer", "selective: every ac_every-th block (layer), or every block keeping matmul and attention outputs (op)")
     ac_every: int = option(2, "selective, layer policy: checkpoint every ac_every-th block")
     device: str = option("auto", '"auto": cuda when available, else cpu')
+    peak_tflops: float = option(0.0, "the device's peak TFLOP/s for the MFU in the log; 0: known GPUs' dense bf16 "
+                                     "peak, else no MFU (TFLOP/s per device are logged either way)")
     eval_every: int = option(100, "steps between validation passes")
     eval_batches: int = option(20, "validation batches per pass")
     log_every: int = option(10, "steps between metrics.jsonl lines")
@@ -51,7 +53,7 @@ class TrainConfig:
     def validate(self) -> "TrainConfig":
         check_at_least("train", self, 1, "max_steps", "batch_size", "grad_accum", "eval_every", "eval_batches",
                        "log_every", "save_every", "keep_last", "max_bad_steps", "ac_every")
-        check_at_least("train", self, 0, "warmup_steps", "weight_decay", "grad_clip")
+        check_at_least("train", self, 0, "warmup_steps", "weight_decay", "grad_clip", "peak_tflops")
         if not (math.isfinite(self.lr) and self.lr > 0):
             raise ConfigError(f"train.lr must be a finite number > 0, got {self.lr}")
         check_fraction("train", self, "min_lr_ratio", "decay_fraction")
@@ -76,6 +78,7 @@ class PretrainConfig:
     def validate(self) -> "PretrainConfig":
         self.model.validate()
         self.parallel.validate()
+        self.parallel.check_model(self.model, self.train.batch_size)
         self.tokenizer.validate()
         self.data.validate()
         self.train.validate()

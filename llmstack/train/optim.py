@@ -19,8 +19,19 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 
 def build_optimizer(model: nn.Module, *, lr: float, weight_decay: float, betas: tuple[float, float],
-                    eps: float = 1e-8) -> torch.optim.AdamW:
+                    eps: float = 1e-8, shard: bool = False) -> torch.optim.Optimizer:
+    """AdamW over `param_groups`. `shard`: ZeRO-1 over the data-parallel processes (torch's
+    ZeroRedundancyOptimizer): each keeps the AdamW state of a share of the parameters, updates them
+    and broadcasts them; `consolidate_state_dict` gathers the whole state for a checkpoint."""
     on_cuda = next(model.parameters()).is_cuda
     # fused: one kernel for all parameters on the GPU; foreach: batched ops on the CPU.
     kwargs = {"fused": True} if on_cuda else {"foreach": True}
-    return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=betas, eps=eps, **kwargs)
+    groups = param_groups(model, weight_decay)
+    if not shard:
+        return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, **kwargs)
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+
+    opt = ZeroRedundancyOptimizer(groups[0]["params"], optimizer_class=torch.optim.AdamW, lr=lr, betas=betas,
+                                  eps=eps, weight_decay=weight_decay, **kwargs)
+    opt.add_param_group(groups[1])
+    return opt

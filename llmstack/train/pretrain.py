@@ -16,6 +16,8 @@ import yaml
 
 from llmstack.config import ConfigError, from_dict, to_dict
 from llmstack.data import TokenBatches, corpus_fingerprint, default_cache_dir, load_corpus, prepare_tokens, token_stats
+from llmstack.distributed import Parallelism, RankSlice
+from llmstack.distributed import setup as setup_parallel
 from llmstack.interop import build, resolve_checkpoint
 from llmstack.model import flops_per_token
 from llmstack.runtime import resolve_device
@@ -24,8 +26,6 @@ from llmstack.tokenizer import load as load_tokenizer_file
 from llmstack.tokenizer.tokenizer import SPECIAL_TOKENS
 from llmstack.train.config import PretrainConfig
 from llmstack.train.checkpoint import latest_checkpoint
-from llmstack.train.parallel import RankSlice, rank_and_world
-from llmstack.train.parallel import setup as setup_parallel
 from llmstack.train.trainer import TrainResult, train
 
 # Sections that must match for a run directory to be continued.
@@ -99,10 +99,7 @@ def pretrain(cfg: PretrainConfig, *, resume: bool = False, progress: bool = True
     cfg.validate()  # every check that needs no work comes first: nothing is written before they pass
     resume = check_run_dir(cfg, resume or cfg.train.resume == "auto")
     device = setup_parallel(cfg.parallel, resolve_device(cfg.train.device))  # torchrun: join the process group
-    rank, world = rank_and_world()
-    if cfg.train.batch_size % world:
-        raise ConfigError(f"train.batch_size={cfg.train.batch_size} does not split over {world} data-parallel "
-                          f"ranks; make it a multiple of {world}")
+    plan = Parallelism(cfg.parallel, device)  # this rank's place in the mesh (llmstack.distributed)
     run_dir = Path(cfg.train.out_dir)
     if resume:  # the checkpoint's own tokenizer, whatever the cache holds now
         tok = load_tokenizer_file(latest_checkpoint(run_dir) / "tokenizer.json")
@@ -117,8 +114,8 @@ def pretrain(cfg: PretrainConfig, *, resume: bool = False, progress: bool = True
                             text_field=cfg.data.text_field, progress=progress)
     batches = TokenBatches(tokens["train"], cfg.train.batch_size, cfg.data.seq_len, seed=cfg.train.seed,
                            device=device, name="train")
-    if world > 1:  # each rank its slice of every global batch
-        batches = RankSlice(batches, rank, world)
+    if plan.dp_size > 1:  # each data-parallel rank its slice of every global batch
+        batches = RankSlice(batches, plan.dp_rank, plan.dp_size)
     val = TokenBatches(tokens["val"], cfg.train.batch_size, cfg.data.seq_len, seed=cfg.train.seed, device=device,
                        name="val")
     stats = token_stats(tokens["val"])
@@ -127,14 +124,17 @@ def pretrain(cfg: PretrainConfig, *, resume: bool = False, progress: bool = True
     model = build(cfg.model, device=device)  # a Transformer, or an LSTM / GRU LM (model.arch)
     model.init_weights()
     run_dir.mkdir(parents=True, exist_ok=True)
-    progress = progress and rank == 0
-    if progress:
-        print(f"model: {model.num_params() / 1e6:.2f}M parameters on {device} | train {len(tokens['train']):,} "
-              f"tokens, val {len(tokens['val']):,} tokens | out_dir {run_dir}")
-    # FLOPs per token feed the MFU estimate (reported on GPUs); the formula is the Transformer's.
+    progress = progress and plan.rank == 0
+    # FLOPs per token feed the TFLOP/s and MFU in the log; the formula is the Transformer's.
     flops = flops_per_token(cfg.model, cfg.data.seq_len) if cfg.model.arch == "transformer" else None
+    if progress:
+        print(f"model: {model.num_params() / 1e6:.2f}M parameters on {device}"
+              + (f" x {plan.world} processes" if plan.world > 1 else "")
+              + (f", {flops / 1e6:,.1f} MFLOPs per token" if flops else "")
+              + f" | train {len(tokens['train']):,} tokens, val {len(tokens['val']):,} tokens | out_dir {run_dir}")
     return train(model, cfg.train, batches, val_batches=val, run_dir=run_dir, tokenizer=tok, job_config=cfg,
-                 resume=resume, bytes_per_token=bytes_per_token, flops_per_token=flops, progress=progress)
+                 resume=resume, bytes_per_token=bytes_per_token, flops_per_token=flops, progress=progress,
+                 parallel=plan)
 
 
 def load_run_config(path: str | os.PathLike) -> PretrainConfig:

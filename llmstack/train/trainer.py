@@ -23,14 +23,14 @@ from typing import Any, Callable, Optional
 import torch
 
 from llmstack.config import ConfigError
+from llmstack.distributed import Parallelism, barrier
 from llmstack.eval.perplexity import evaluate, unpack_batch
 from llmstack.train.config import TrainConfig
 from llmstack.train.checkpoint import (FullWeights, checkpoint_step, latest_checkpoint, load_latest_checkpoint,
                                        save_checkpoint)
 from llmstack.train.interrupt import StopOnInterrupt
 from llmstack.train.metrics import MetricsLogger, plot_metrics
-from llmstack.train.optim import build_optimizer
-from llmstack.train.parallel import all_sum, barrier, rank_and_world
+from llmstack.train.optim import build_optimizer, param_groups
 from llmstack.train.recompute import apply_activation_checkpointing, checkpointed_blocks
 from llmstack.train.schedule import lr_multiplier
 
@@ -89,7 +89,7 @@ def train(model: torch.nn.Module, cfg: TrainConfig, batches, *, val_batches=None
           tokenizer=None, job_config: Any = None, loss_fn: Callable = next_token_loss, resume: bool = False,
           bytes_per_token: Optional[float] = None, flops_per_token: Optional[float] = None,
           progress: bool = True, weights: Optional[FullWeights] = None,
-          evaluate_fn: Optional[Callable] = None) -> TrainResult:
+          evaluate_fn: Optional[Callable] = None, parallel: Optional[Parallelism] = None) -> TrainResult:
     """Train `model` for cfg.max_steps optimizer steps on `batches` (`get_batch(step, micro_step)`),
     evaluating on `val_batches` (`eval_batches(n)`), checkpointing into `run_dir`. Only parameters
     with requires_grad train (a frozen base with adapters: the adapters). `weights` says how
@@ -99,7 +99,9 @@ def train(model: torch.nn.Module, cfg: TrainConfig, batches, *, val_batches=None
     other than -100 (the target tokens; one per pair for a preference loss), so that the step's
     gradient is that of the mean. `loss_fn(model, batch)` returns (summed loss, count, metrics).
     `evaluate_fn(model, batches)` replaces the validation loss and perplexity: its dict, with
-    a "loss", is logged with val_ before each key."""
+    a "loss", is logged with val_ before each key. `parallel` (`llmstack.distributed.Parallelism`,
+    after its process group is joined) spreads the step over processes; `batches` then give this
+    rank's slice of each global batch."""
     cfg.validate()
     run_dir = Path(run_dir)
     device = next(model.parameters()).device
@@ -109,29 +111,34 @@ def train(model: torch.nn.Module, cfg: TrainConfig, batches, *, val_batches=None
                                            policy=cfg.ac_policy)
         except ValueError as e:
             raise ConfigError(f"train.activation_checkpointing={cfg.activation_checkpointing}: {e}") from None
+    plan = parallel or Parallelism(device=device)
+    plan.check_loss(loss_fn, next_token_loss)
+    rank, world = plan.rank, plan.world  # rank 0 writes metrics and the progress bar
+    # How a single process's optimizer numbers the parameters (a checkpoint's optimizer state), then the
+    # model split over the processes: `model` is what this rank trains, `forward_model` what it calls.
+    names = {id(p): n for n, p in model.named_parameters()}
+    model, forward_model = plan.parallelize(model, [names[id(p)] for g in param_groups(model, 0.0)
+                                                    for p in g["params"]])
     optimizer = build_optimizer(model, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(cfg.beta1, cfg.beta2),
-                                eps=cfg.eps)
+                                eps=cfg.eps, shard=plan.zero1)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
     autocast = autocast_for(cfg.precision, device)
     step, total_bad, tokens_seen, last_ckpt = 0, 0, 0, None
-    if resume and (found := load_latest_checkpoint(run_dir, model, optimizer, scaler, weights)) is not None:
+    if resume and (found := load_latest_checkpoint(run_dir, model, optimizer, scaler, weights, plan)) is not None:
         last_ckpt, state = found
         step, total_bad, tokens_seen = state["step"], state.get("bad_steps", 0), state.get("tokens_seen", 0)
     start_step = step
     # What the loss is summed over, for the metrics' names: tokens, or a loss function's own `unit`
     # (DPO's pairs, RL's answers).
     unit = getattr(loss_fn, "unit", "tokens")
-    rank, world = rank_and_world()  # data parallelism (llmstack.train.parallel): rank 0 writes, all train
-    forward_model = model
-    if world > 1:
-        if loss_fn is not next_token_loss:
-            raise ConfigError("data parallelism runs the next-token loss (pretraining) so far")
-        forward_model = torch.nn.parallel.DistributedDataParallel(model)
-    forward_model = torch.compile(forward_model) if cfg.compile else forward_model
+    if cfg.compile and forward_model is not None:
+        forward_model = torch.compile(forward_model)
     logger = (MetricsLogger(run_dir, tensorboard=cfg.tensorboard, resume_step=step if last_ckpt else None)
               if rank == 0 else NullLogger())
-    peak = next((v for k, v in PEAK_FLOPS.items() if device.type == "cuda" and k in torch.cuda.get_device_name()),
-                None)
+    # Model FLOPs utilisation: the FLOPs the model needs per token (6N plus attention) at the measured
+    # tokens/s, over the device's dense bf16 peak (train.peak_tflops, or the GPU's from PEAK_FLOPS).
+    peak = cfg.peak_tflops * 1e12 or next((v for k, v in PEAK_FLOPS.items()
+                                           if device.type == "cuda" and k in torch.cuda.get_device_name()), None)
 
     def run_eval(at_step: int) -> dict:
         if val_batches is None:
@@ -141,28 +148,23 @@ def train(model: torch.nn.Module, cfg: TrainConfig, batches, *, val_batches=None
                 out = evaluate_fn(model, val_batches.eval_batches(cfg.eval_batches))
             logger.log({"step": at_step, **{f"val_{k}": v for k, v in out.items() if isinstance(v, (int, float))}})
             return out
-        out = evaluate(model, val_batches.eval_batches(cfg.eval_batches), bytes_per_token=bytes_per_token,
+        out = evaluate(plan.pipeline or model, val_batches.eval_batches(cfg.eval_batches), bytes_per_token=bytes_per_token,
                        autocast=autocast if cfg.precision != "fp32" else None)
         logger.log({"step": at_step, "val_loss": out["loss"], "val_ppl": out["perplexity"],
                     **({"val_bpb": out["bits_per_byte"]} if "bits_per_byte" in out else {})})
         return out
 
     def checkpoint(at_step: int) -> Path:
-        if rank != 0:  # rank 0 writes; the others wait until it has
-            barrier()
-            return run_dir / "checkpoints" / f"step_{at_step:06d}"
-        path = save_checkpoint(run_dir, step=at_step, model=model, optimizer=optimizer, scaler=scaler,
+        return save_checkpoint(run_dir, step=at_step, model=model, optimizer=optimizer, scaler=scaler,
                                tokenizer=tokenizer, config=job_config if job_config is not None else cfg,
                                extra={"bad_steps": total_bad, "tokens_seen": tokens_seen}, keep_last=cfg.keep_last,
-                               weights=weights)
-        barrier()
-        return path
+                               weights=weights, plan=plan)
 
     from tqdm import tqdm
 
     bar = tqdm(total=cfg.max_steps, initial=step, desc="training", unit="step", disable=not progress or rank != 0,
                dynamic_ncols=True)
-    model.train()
+    (plan.pipeline or model).train()
     bad_in_row, bad_kinds, last_loss, val, first_val = 0, set(), float("nan"), {}, None
     t_last, tokens_last = time.perf_counter(), tokens_seen
     # Ctrl-C sets stop.requested and the loop ends at the next step boundary, with every piece
@@ -179,19 +181,23 @@ def train(model: torch.nn.Module, cfg: TrainConfig, batches, *, val_batches=None
                 for group in optimizer.param_groups:
                     group["lr"] = lr
                 micro = [batches.get_batch(step, m) for m in range(cfg.grad_accum)]
-                # Targets of the whole step, every rank's: each rank's loss is scaled so that DDP's mean of
-                # the ranks' gradients is the gradient of the global batch's mean loss.
-                n_total = int(all_sum(sum(int((b[1] != -100).sum()) for b in micro), device))
+                # Targets of the whole step, all data-parallel slices': each rank's loss is scaled so that
+                # the mean of the slices' gradients (DDP, FSDP) is the gradient of the global batch's mean loss.
+                n_total = int(plan.sum_over_slices(sum(int((b[1] != -100).sum()) for b in micro)))
+                scale = plan.dp_size / max(n_total, 1)
                 loss_sum, extra = 0.0, {}
                 for batch in micro:
+                    if plan.pipeline is not None:  # forward and backward through the stages
+                        loss_sum += plan.pipeline.step(batch, scale)
+                        continue
                     with autocast():
                         loss, _, extra = loss_fn(forward_model, batch)
-                    scaler.scale(loss * world / max(n_total, 1)).backward()
+                    scaler.scale(loss * scale).backward()
                     loss_sum += loss.item()
-                step_loss = all_sum(loss_sum, device) / max(n_total, 1)
+                step_loss = plan.sum_over_slices(loss_sum) / max(n_total, 1)
                 if cfg.grad_clip > 0:
                     scaler.unscale_(optimizer)
-                    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip).item()
+                    grad_norm = plan.clip_grad_norm(model.parameters(), cfg.grad_clip)
                 else:
                     grad_norm = float("nan")
                 # A non-finite loss, or gradient norm (fp16's scaler handles its own), skips the update.
@@ -224,11 +230,14 @@ def train(model: torch.nn.Module, cfg: TrainConfig, batches, *, val_batches=None
                     t_last, tokens_last = now, tokens_seen
                     row = {"step": step, "loss": step_loss, "lr": lr, "grad_norm": grad_norm, unit: tokens_seen,
                            f"{unit}_per_s": tps, **extra}
-                    if peak and flops_per_token:
-                        row["mfu"] = tps * flops_per_token / peak
+                    if flops_per_token:  # per device: the step's tokens are spread over all of them
+                        row["tflops"] = tps * flops_per_token / world / 1e12
+                        if peak:
+                            row["mfu"] = row["tflops"] * 1e12 / peak
                     logger.log(row)
                     bar.set_postfix(loss=f"{step_loss:.3f}", lr=f"{lr:.2e}", **{f"{unit[:3]}_s": f"{tps:,.0f}"},
-                                    **({"mfu": f"{row['mfu']:.1%}"} if "mfu" in row else {}))
+                                    **({"mfu": f"{row['mfu']:.1%}"} if "mfu" in row else
+                                       {"tflops": f"{row['tflops']:.3g}"} if "tflops" in row else {}))
                 if step % cfg.eval_every == 0 and step < cfg.max_steps:
                     val = run_eval(step)
                 if step % cfg.save_every == 0 and step < cfg.max_steps:
