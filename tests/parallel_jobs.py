@@ -3,7 +3,8 @@
 
     torchrun --standalone --nproc_per_node 2 tests/parallel_jobs.py CONFIG "OUT_DIR key=value ..." ...
 
-Each argument after the config is a job: its out_dir and dotted overrides; `--resume` continues it.
+Each argument after the config is a job: its out_dir and dotted overrides; `--resume` continues it,
+`--finetune=CONFIG` makes it a fine-tuning job with that config.
 """
 import shlex
 import sys
@@ -11,6 +12,7 @@ import sys
 import torch
 
 from llmstack.config import load_config
+from llmstack.finetune import FinetuneConfig, finetune
 from llmstack.train import PretrainConfig, pretrain
 
 
@@ -19,9 +21,13 @@ def main() -> None:
     config, *jobs = sys.argv[1:]
     for job in jobs:
         out, *overrides = shlex.split(job)
-        resume = "--resume" in overrides
-        cfg = load_config(PretrainConfig, config, [f"train.out_dir={out}", *(o for o in overrides if o != "--resume")])
-        pretrain(cfg, resume=resume, progress=False)
+        flags = [o for o in overrides if o.startswith("--")]
+        overrides = [f"train.out_dir={out}", *(o for o in overrides if not o.startswith("--"))]
+        tune = next((f.split("=", 1)[1] for f in flags if f.startswith("--finetune=")), None)
+        if tune:
+            finetune(load_config(FinetuneConfig, tune, overrides), resume="--resume" in flags, progress=False)
+        else:
+            pretrain(load_config(PretrainConfig, config, overrides), resume="--resume" in flags, progress=False)
 
 
 if __name__ == "__main__":

@@ -105,7 +105,7 @@ LAYERS = {
                        "llmstack.data", "llmstack.interop", "llmstack.eval", "llmstack.distributed"},
     "llmstack.finetune": {"llmstack.config", "llmstack.io", "llmstack.runtime", "llmstack.kernels", "llmstack.model",
                           "llmstack.tokenizer", "llmstack.data", "llmstack.interop", "llmstack.eval", "llmstack.train",
-                          "llmstack.inference"},
+                          "llmstack.inference", "llmstack.distributed"},
     "llmstack.distributed": {"llmstack.config", "llmstack.runtime", "llmstack.model"},
     "llmstack.serve": {"llmstack.config", "llmstack.io", "llmstack.runtime", "llmstack.model", "llmstack.tokenizer",
                        "llmstack.interop", "llmstack.inference", "llmstack.finetune"},

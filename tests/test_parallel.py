@@ -56,6 +56,22 @@ train: {{max_steps: 10, batch_size: 4, lr: 1.0e-2, warmup_steps: 2, eval_every: 
         save_every: 5, keep_last: 5, tensorboard: false, seed: 3, eps: 1.0e-3}}
 """)
     one_process(cfg, root / "one")
+    # LoRA fine-tuning of that run on a few conversations (data-parallel fine-tuning)
+    lines = [{"messages": [{"role": "user", "content": " ".join(words[(i + j) % len(words)] for j in range(5))},
+                           {"role": "assistant", "content": " ".join(words[(2 * i + j) % len(words)] for j in range(4))}]}
+             for i in range(48)]
+    (root / "chats.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    (root / "lora.yaml").write_text(f"""
+base: {root / 'one'}
+method: lora
+lora: {{rank: 4, alpha: 8, dropout: 0.0}}
+data: {{source: "{root / 'chats.jsonl'}", val_fraction: 0.2, seq_len: 32}}
+train: {{max_steps: 10, batch_size: 4, lr: 1.0e-2, warmup_steps: 1, eval_every: 5, eval_batches: 2, log_every: 1,
+        save_every: 5, keep_last: 5, weight_decay: 0.0, tensorboard: false, eps: 1.0e-3}}
+""")
+    from llmstack.finetune import FinetuneConfig, finetune
+
+    finetune(load_config(FinetuneConfig, root / "lora.yaml", [f"train.out_dir={root / 'lora_one'}"]), progress=False)
     return root, cfg
 
 
@@ -109,7 +125,7 @@ def two_ranks(job):
     root, cfg = job
     for name in FROM_ONE:
         stopped_at_step_5(root / "one", root / name)
-    launch(2, cfg, TWO_RANKS, root)
+    launch(2, cfg, {**TWO_RANKS, "lora_ddp": f"parallel.dp_replicate=2 --finetune={root / 'lora.yaml'}"}, root)
     launch(2, cfg, FROM_ONE, root, resume=True)
     return root
 
@@ -120,6 +136,17 @@ def test_two_ranks_train_as_one_process(two_ranks, name):
     ckpt = two_ranks / name / "checkpoints" / "step_000010"
     assert (ckpt / "dcp").is_dir() == ParallelConfig(**parse(TWO_RANKS[name])).sharded
     assert not list((two_ranks / name / "checkpoints").glob(".*"))  # no temporaries left
+
+
+def test_fine_tuning_on_two_ranks_trains_as_one_process(two_ranks):
+    """LoRA on packed conversations (per-document masks), two data-parallel ranks: the same steps, and
+    a checkpoint that is the adapter alone."""
+    a, b = losses(two_ranks / "lora_one"), losses(two_ranks / "lora_ddp")
+    assert len(a) == 10 == len(b)
+    for x, y in zip(a, b):
+        assert y == pytest.approx(x, rel=1e-5)
+    ckpt = two_ranks / "lora_ddp" / "checkpoints" / "step_000010"
+    assert (ckpt / "adapter_model.safetensors").is_file() and not (ckpt / "model.safetensors").exists()
 
 
 @pytest.mark.parametrize("name", ["fsdp", "tp", "pp_interleaved", "zero1"])
@@ -173,6 +200,11 @@ def test_bad_parallel_configs(job, tmp_path):
         ParallelConfig(dp_shard=2).validate().check_model(model, 3)
     with pytest.raises(ConfigError, match="pp_schedule"):
         ParallelConfig(pp=2, pp_schedule="zigzag").validate()
+    from llmstack.finetune import FinetuneConfig
+
+    for over in (["parallel.dp_shard=2"], ["parallel.dp_replicate=2", "objective=dpo"]):
+        with pytest.raises(ConfigError, match="data-parallel replicas of an sft job"):
+            load_config(FinetuneConfig, None, over)
     root, cfg = job
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     p = subprocess.run([sys.executable, str(ROOT / "scripts" / "pretrain.py"), "--config", str(cfg),

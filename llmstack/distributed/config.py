@@ -64,12 +64,15 @@ class ParallelConfig:
         return self.pp_microbatches or 2 * self.pp
 
     def check_model(self, model, batch_size: int) -> None:
-        """ConfigError when the model (a ModelConfig) or the batch cannot be split this way."""
+        """ConfigError when the model (a ModelConfig; None: not known yet) or the batch cannot be split
+        this way."""
         if self.world_size == 1:
             return
         if batch_size % self.dp_size:
             raise ConfigError(f"train.batch_size={batch_size} does not split over {self.dp_size} data-parallel ranks "
                               f"(dp_replicate x dp_shard); make it a multiple of {self.dp_size}")
+        if model is None:
+            return
         if getattr(model, "arch", "transformer") != "transformer" and (self.sharded):
             raise ConfigError(f"model.arch={model.arch}: dp_shard, tp and pp split a Transformer's blocks; use "
                               "parallel.dp_replicate for a recurrent model")

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Literal, Optional
 
 from llmstack.config import ConfigError, check_at_least, check_fraction, option
+from llmstack.distributed.config import ParallelConfig
 from llmstack.train.config import TrainConfig
 
 METHODS = ("full", "lora", "qlora")
@@ -129,6 +130,8 @@ class FinetuneConfig:
     reward: RewardConfig = option(doc="the reward model (objective: reward)", factory=RewardConfig)
     rl: RLConfig = option(doc="GRPO and PPO (objective: grpo, ppo)", factory=RLConfig)
     train: TrainConfig = option(doc="the training loop, as in pretraining", factory=TrainConfig)
+    parallel: ParallelConfig = option(doc="processes (torchrun): data-parallel replicas for sft so far",
+                                      factory=ParallelConfig)
 
     def validate(self) -> "FinetuneConfig":
         if not self.base:
@@ -137,6 +140,12 @@ class FinetuneConfig:
             self.lora.validate()
         self.data.validate()
         self.train.validate()
+        self.parallel.validate()
+        if self.parallel.world_size > 1:
+            if self.objective != "sft" or self.parallel.sharded:
+                raise ConfigError("fine-tuning runs on several processes as data-parallel replicas of an sft job "
+                                  "(parallel.dp_replicate, with parallel.shard_optimizer for ZeRO-1) so far")
+            self.parallel.check_model(None, self.train.batch_size)
         if self.objective == "dpo":
             self.dpo.validate()
         if self.objective in ("grpo", "ppo"):

@@ -23,6 +23,8 @@ import yaml
 from llmstack.config import ConfigError, from_dict, to_dict
 from llmstack.data import DataError
 from llmstack.data.chat import ChatBatches, encode_conversation, fit_length, load_conversations, pack
+from llmstack.distributed import Parallelism, RankSlice
+from llmstack.distributed import setup as setup_parallel
 from llmstack.finetune.config import FinetuneConfig
 from llmstack.finetune.loading import from_pretrained
 from llmstack.finetune.lora import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, apply_lora, load_adapter_tensors,
@@ -127,7 +129,9 @@ def finetune(cfg: FinetuneConfig, *, resume: bool = False, progress: bool = True
         raise ConfigError(f"base={cfg.base!r} does not exist; name an llmstack run or checkpoint, a Hugging Face "
                           "directory or a GGUF file")
     resume = check_run_dir(cfg, resume or cfg.train.resume == "auto", identity=RUN_IDENTITY)
-    device = resolve_device(cfg.train.device)
+    device = setup_parallel(cfg.parallel, resolve_device(cfg.train.device))  # torchrun: join the process group
+    plan = Parallelism(cfg.parallel, device)
+    progress = progress and plan.rank == 0
     run_dir = Path(cfg.train.out_dir)
     tok = chat_tokenizer(cfg.base, cfg.data.chat_template)
     batches, val = job_data(cfg, tok, device, progress)
@@ -166,8 +170,11 @@ def finetune(cfg: FinetuneConfig, *, resume: bool = False, progress: bool = True
     if progress:
         print(f"fine-tuning {cfg.base} ({cfg.objective}, {cfg.method}) on {device}: {len(batches)} train and "
               f"{len(val)} val examples, {batches.epoch(cfg.train.max_steps):.2f} epochs | out_dir {run_dir}")
+    if plan.dp_size > 1:  # each data-parallel rank its slice of every global batch
+        batches = RankSlice(batches, plan.dp_rank, plan.dp_size)
     result = train(model, cfg.train, batches, val_batches=val, run_dir=run_dir, tokenizer=tok, job_config=job,
-                   resume=resume, progress=progress, weights=weights, loss_fn=loss_fn, evaluate_fn=evaluate_fn)
+                   resume=resume, progress=progress, weights=weights, loss_fn=loss_fn, evaluate_fn=evaluate_fn,
+                   parallel=plan)
     if cfg.objective in ("grpo", "ppo"):
         from llmstack.finetune.rl import plot_rl
 
