@@ -125,7 +125,8 @@ def two_ranks(job):
     root, cfg = job
     for name in FROM_ONE:
         stopped_at_step_5(root / "one", root / name)
-    launch(2, cfg, {**TWO_RANKS, "lora_ddp": f"parallel.dp_replicate=2 --finetune={root / 'lora.yaml'}"}, root)
+    launch(2, cfg, {**TWO_RANKS, "lora_ddp": f"parallel.dp_replicate=2 --finetune={root / 'lora.yaml'}",
+                    "fsdp_bf16": "parallel.dp_shard=2 parallel.param_dtype=bfloat16"}, root)
     launch(2, cfg, FROM_ONE, root, resume=True)
     return root
 
@@ -147,6 +148,27 @@ def test_fine_tuning_on_two_ranks_trains_as_one_process(two_ranks):
         assert y == pytest.approx(x, rel=1e-5)
     ckpt = two_ranks / "lora_ddp" / "checkpoints" / "step_000010"
     assert (ckpt / "adapter_model.safetensors").is_file() and not (ckpt / "model.safetensors").exists()
+
+
+def test_fsdp_mixed_precision_stays_close(two_ranks):
+    """FSDP2 computing in bfloat16 with float32 shards and reductions: the float32 run's losses within 1e-3."""
+    a, b = losses(two_ranks / "one"), losses(two_ranks / "fsdp_bf16")
+    assert len(a) == 10 == len(b)
+    for x, y in zip(a, b):
+        assert y == pytest.approx(x, rel=1e-3)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_two_gpus_with_nccl_train_as_one_process(job):
+    """The same jobs on two GPUs (NCCL): FSDP2, TP and the pipeline against the CPU run, TF32 off."""
+    root, cfg = job
+    jobs = {f"cuda_{k}": f"{TWO_RANKS[k]} train.device=cuda" for k in ("fsdp", "tp", "pp_1f1b")}
+    launch(2, cfg, jobs, root)
+    for name in jobs:
+        a, b = losses(root / "one"), losses(root / name)
+        for x, y in zip(a, b):
+            assert y == pytest.approx(x, rel=1e-4)
 
 
 @pytest.mark.parametrize("name", ["fsdp", "tp", "pp_interleaved", "zero1"])

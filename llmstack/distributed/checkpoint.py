@@ -14,6 +14,7 @@ saved and re-split when loaded.
 """
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Optional
 
@@ -81,7 +82,9 @@ def load_state(plan, model: torch.nn.Module, optimizer, directory: Path) -> None
     """Read this rank's slices of a DCP checkpoint (saved with any layout) into `model` and `optimizer`."""
     state = training_state(plan, model, optimizer)  # the layout to fill: this run's shards
     check_matches(state, directory)
-    dcp.load(state, checkpoint_id=str(directory))
+    with warnings.catch_warnings():  # one process reading: what DCP then warns about is what is meant
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(state, checkpoint_id=str(directory))
     params = dict(model.named_parameters())
     for name, order in plan.permuted.items():
         state["model"][name] = _permute_like(state["model"][name], order, params[name])

@@ -231,6 +231,7 @@ def train(model: torch.nn.Module, cfg: TrainConfig, batches, *, val_batches=None
                     row = {"step": step, "loss": step_loss, "lr": lr, "grad_norm": grad_norm, unit: tokens_seen,
                            f"{unit}_per_s": tps, **extra}
                     if flops_per_token:  # per device: the step's tokens are spread over all of them
+                        row["flops_per_token"] = flops_per_token
                         row["tflops"] = tps * flops_per_token / world / 1e12
                         if peak:
                             row["mfu"] = row["tflops"] * 1e12 / peak
