@@ -2,7 +2,9 @@
 (transformers' generate, and llmstack's own generate) on the same weights, in the same run.
 
 A fixed-seed workload of requests with mixed prompt and output lengths arrives all at once, or at
-a Poisson rate. Static batching takes up to --static-batch requests that have arrived, runs them
+a Poisson rate. Its lengths are drawn uniformly (--lengths uniform, the default: prompts 16-256
+tokens, outputs 16-128) or from heavy-tailed log-normals modeled on ShareGPT's (--lengths sharegpt:
+many short answers, a few long ones, as chat traffic has; see SHAREGPT below). Static batching takes up to --static-batch requests that have arrived, runs them
 to the longest one's end, then takes the next ones; the engine admits requests at every step.
 Reported per system, for each arrival pattern:
 
@@ -19,10 +21,12 @@ sharing a --system-len-token system prompt, with prefix caching and without (one
     python scripts/bench_serve.py                                # 256 requests
     python scripts/bench_serve.py --checkpoint runs/quickstart --quick
     python scripts/bench_serve.py --quick --repeats 3             # medians of 3 rounds (a shared machine)
+    python scripts/bench_serve.py --lengths sharegpt              # ShareGPT-like heavy-tailed lengths
 
 Model: a random ~12M-parameter Llama (benchlib's), or --checkpoint. Greedy, no stop token, so
 every system produces exactly the requested lengths. Float32 on the CPU.
 """
+import math
 import random
 import statistics
 import sys
@@ -56,6 +60,44 @@ def make_workload(n: int, vocab: int, context: int, prompt_range, output_range, 
         o = min(rng.randint(*output_range), context - p)
         work.append(([rng.randrange(vocab) for _ in range(p)], o))
     return work
+
+
+# ShareGPT's lengths as vLLM's paper measured them (Kwon et al., "Efficient Memory Management for
+# Large Language Model Serving with PagedAttention", SOSP 2023, section 6.1 and Figure 11): prompts of
+# 161.31 tokens and outputs of 337.99 tokens on average (LLaMA's tokenizer), for models of a
+# 2,048-token context. The paper gives the means and histograms, both skewed right with long tails,
+# but no spread: sigma 1.0 (the log of each length has a standard deviation of 1) is our reading of
+# those histograms, fixed before any measurement, which puts each median at 0.61x its mean and
+# about 1 length in 20 above 2.3x the mean. Lengths scale with the model's context (context / 2048;
+# --quick halves them again, as it halves the uniform ranges); prompts are clipped to half the
+# context (vLLM's benchmark_serving drops ShareGPT prompts over 1,024 of 2,048 tokens), outputs to
+# what the context leaves, and both to at least 4 tokens (that benchmark drops shorter ones).
+SHAREGPT = dict(prompt_mean=161.31, output_mean=337.99, sigma=1.0, context=2048, min_len=4)
+
+
+def lognormal_length(rng: random.Random, mean: float, sigma: float, lo: int, hi: int) -> int:
+    """A log-normal draw of the given mean (mu = ln(mean) - sigma^2 / 2), rounded and clipped to [lo, hi]."""
+    mu = math.log(mean) - sigma * sigma / 2
+    return max(lo, min(hi, round(rng.lognormvariate(mu, sigma))))
+
+
+def make_sharegpt_workload(n: int, vocab: int, context: int, seed: int, scale: float = 1.0):
+    """`n` requests whose prompt and output lengths follow SHAREGPT at `context / 2048 * scale`."""
+    rng = random.Random(seed)
+    k = context / SHAREGPT["context"] * scale
+    sigma, lo = SHAREGPT["sigma"], SHAREGPT["min_len"]
+    work = []
+    for _ in range(n):
+        p = lognormal_length(rng, SHAREGPT["prompt_mean"] * k, sigma, lo, context // 2)
+        o = lognormal_length(rng, SHAREGPT["output_mean"] * k, sigma, lo, context - p)
+        work.append(([rng.randrange(vocab) for _ in range(p)], o))
+    return work
+
+
+def describe_lengths(values: list[int]) -> str:
+    values = sorted(values)
+    return (f"mean {statistics.mean(values):.0f}, p50 {percentile(values, 50):.0f}, p90 {percentile(values, 90):.0f}, "
+            f"max {values[-1]}")
 
 
 def make_arrivals(n: int, rate: float, seed: int) -> list[float]:
@@ -223,7 +265,7 @@ def prefix_cache_gain(model, system_len: int, requests: int, block_size: int, se
     return medians[0], medians[1], hit
 
 
-def main() -> None:
+def parse_args(argv=None):
     parser = script_parser(__doc__)
     parser.add_argument("--checkpoint", default=None, help="a model to load (default: benchlib's random Llama)")
     parser.add_argument("--quick", action="store_true", help="64 requests, shorter lengths")
@@ -235,12 +277,19 @@ def main() -> None:
     parser.add_argument("--max-running", type=positive_int, default=64)
     parser.add_argument("--max-batch-tokens", type=positive_int, default=512)
     parser.add_argument("--system-len", type=positive_int, default=512, help="the shared system prompt's tokens")
+    parser.add_argument("--lengths", choices=("uniform", "sharegpt"), default="uniform",
+                        help="prompt and output lengths: uniform ranges, or ShareGPT-like log-normals")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--repeats", type=positive_int, default=1,
                         help="rounds of the three systems per arrival pattern; medians are reported")
     add_device_argument(parser)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     quick_defaults(args, args.quick, {"requests": (256, 64)})
+    return args
+
+
+def main() -> None:
+    args = parse_args()
     threads = set_threads(args.threads)
     device = resolve_device(args.device)
     if args.checkpoint:
@@ -255,15 +304,24 @@ def main() -> None:
     context = cfg.max_seq_len
     prompt_range = (8, min(128, context // 2)) if args.quick else (16, min(256, context // 2))
     output_range = (8, min(64, context // 4)) if args.quick else (16, min(128, context // 4))
-    work = make_workload(args.requests, cfg.vocab_size, context, prompt_range, output_range, args.seed)
+    if args.lengths == "sharegpt":
+        scale = 0.5 if args.quick else 1.0
+        work = make_sharegpt_workload(args.requests, cfg.vocab_size, context, args.seed, scale)
+        k = context / SHAREGPT["context"] * scale
+        lengths = (f"ShareGPT-like log-normal lengths (means {SHAREGPT['prompt_mean'] * k:.0f} and "
+                   f"{SHAREGPT['output_mean'] * k:.0f} before clipping, sigma {SHAREGPT['sigma']}): prompts "
+                   f"{describe_lengths([len(p) for p, _ in work])}; outputs {describe_lengths([o for _, o in work])}")
+    else:
+        work = make_workload(args.requests, cfg.vocab_size, context, prompt_range, output_range, args.seed)
+        lengths = (f"prompts {prompt_range[0]}-{prompt_range[1]} tokens, outputs {output_range[0]}-{output_range[1]} "
+                   "tokens")
     engine_kwargs = dict(block_size=args.block_size, max_running=args.max_running,
                          max_batch_tokens=args.max_batch_tokens)
     import transformers
     print(f"device: {device_name(device)} | threads: {threads} | torch {torch.__version__} | "
           f"transformers {transformers.__version__}")
     print(f"model: {desc}, {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, context {context}")
-    print(f"workload: {len(work)} requests, prompts {prompt_range[0]}-{prompt_range[1]} tokens, outputs "
-          f"{output_range[0]}-{output_range[1]} tokens (seed {args.seed}), greedy; engine: block {args.block_size}, "
+    print(f"workload: {len(work)} requests, {lengths} (seed {args.seed}), greedy; engine: block {args.block_size}, "
           f"max running {args.max_running}, {args.max_batch_tokens} tokens per step; static batch {args.static_batch}")
     run_engine(model, work[:4], [0.0] * 4, engine_kwargs)  # warm up every path once
     llmstack_static(model)([p for p, _ in work[:2]], 2)
