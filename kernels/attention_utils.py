@@ -53,6 +53,34 @@ def _visible(q_pos, k_idx, kv_len, window, CAUSAL: tl.constexpr, HAS_WINDOW: tl.
     return vis
 
 
+@triton.jit
+def _online_softmax_tile(qk, v, m_i, l_i, acc, DOT_PRECISION: tl.constexpr):
+    """One tile of keys in the streaming softmax of the decode kernels: qk (rows, keys) in base 2
+    with -inf where a key is not visible, v (keys, D). Returns the running max, the normaliser and
+    the unnormalised output after the tile (a row with no visible key so far keeps max -inf, sum 0)."""
+    m_new = tl.maximum(m_i, tl.max(qk, 1))
+    m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.math.exp2(qk - m_sub[:, None])
+    alpha = tl.math.exp2(m_i - m_sub)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
+    return m_new, l_i, acc
+
+
+@triton.jit
+def _store_split(acc, l_i, m_i, O_part, LSE_part, b, h, t, r_ok, offs_d, H_Q, Q_LEN, NUM_SPLITS, split,
+                 BLOCK_D: tl.constexpr):
+    """A decode split's normalised output and base-2 log-sum-exp, for the combine kernel to merge; an
+    empty split (past its row's length) gets LSE -inf, weight 0."""
+    empty = l_i == 0.0
+    l_safe = tl.where(empty, 1.0, l_i)
+    acc = acc / l_safe[:, None]
+    lse = tl.where(empty, float("-inf"), m_i + tl.math.log2(l_safe))
+    part = (b * H_Q + h) * Q_LEN + t  # row of the (batch, q_head, q_len) output
+    tl.store(LSE_part + part * NUM_SPLITS + split, lse, mask=r_ok)
+    tl.store(O_part + (part * NUM_SPLITS + split)[:, None] * BLOCK_D + offs_d[None, :], acc, mask=r_ok[:, None])
+
+
 
 def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: Optional[int]) -> None:
     if q.dim() != 4 or k.dim() != 4 or v.shape != k.shape:

@@ -20,7 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .attention_utils import _INTERPRET, _LOG2E, _bucket, _check, _chunk_batch, _common, _device_ctx, _visible
+from .attention_utils import (_INTERPRET, _LOG2E, _bucket, _check, _chunk_batch, _common, _device_ctx,
+                              _online_softmax_tile, _store_split, _visible)
 from .attention_utils import is_available  # noqa: F401  (what llmstack.kernels.available asks)
 from .launch import autotuned
 
@@ -93,23 +94,10 @@ def _attn_decode_split(Q, K, V, O_part, LSE_part, Seqlens, KeyMask,
             real = tl.load(KeyMask + b * s_mb + offs_n * s_mn, mask=n_ok, other=0)
             vis = vis & (real != 0)[None, :]
         qk = tl.where(vis, qk, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.math.exp2(qk - m_sub[:, None])
-        alpha = tl.math.exp2(m_i - m_sub)
-        l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(v_base + offs_n[:, None] * s_vn + offs_d[None, :] * s_vd,
                     mask=n_ok[:, None] & d_ok[None, :], other=0.0)
-        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
-        m_i = m_new
-
-    empty = l_i == 0.0  # an empty chunk (past this row's length) contributes weight 0
-    l_safe = tl.where(empty, 1.0, l_i)
-    acc = acc / l_safe[:, None]
-    lse = tl.where(empty, float("-inf"), m_i + tl.math.log2(l_safe))
-    part = (b * H_Q + h) * Q_LEN + t  # row of the (batch, q_head, q_len) output
-    tl.store(LSE_part + part * NUM_SPLITS + split, lse, mask=r_ok)
-    tl.store(O_part + (part * NUM_SPLITS + split)[:, None] * BLOCK_D + offs_d[None, :], acc, mask=r_ok[:, None])
+        m_i, l_i, acc = _online_softmax_tile(qk, v, m_i, l_i, acc, DOT_PRECISION)
+    _store_split(acc, l_i, m_i, O_part, LSE_part, b, h, t, r_ok, offs_d, H_Q, Q_LEN, NUM_SPLITS, split, BLOCK_D)
 
 
 @triton.jit

@@ -23,22 +23,14 @@ import torch
 import triton
 import triton.language as tl
 
-from .attention_utils import _DTYPES, _INTERPRET, _LOG2E, _MAX_HEAD_DIM, _bucket, _device_ctx, _visible
+from .attention_utils import (_DTYPES, _INTERPRET, _LOG2E, _MAX_HEAD_DIM, _bucket, _device_ctx, _online_softmax_tile,
+                              _store_split, _visible)
 from .attention_utils import is_available  # noqa: F401  (what llmstack.kernels.available asks)
-from .flash_decode import _DECODE_MAX_ROWS_EXPLICIT, _attn_decode_combine, _num_splits
+from .flash_decode import _DECODE_MAX_ROWS_EXPLICIT, _attn_decode_combine, _decode_configs, _num_splits
 from .launch import autotuned
 
 
-def _paged_configs():
-    if _INTERPRET:
-        return [triton.Config({"BLOCK_N": 16}, num_warps=1, num_stages=1)]
-    return [
-        triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=s)
-        for bn, w, s in [(64, 4, 2), (64, 4, 3), (128, 4, 2), (128, 4, 3), (128, 8, 3), (32, 4, 2)]
-    ]
-
-
-@autotuned(_paged_configs(), ["KV_LEN_BUCKET", "HEAD_DIM", "BLOCK_R", "PAGE", "CAUSAL", "HAS_WINDOW"])
+@autotuned(_decode_configs(), ["KV_LEN_BUCKET", "HEAD_DIM", "BLOCK_R", "PAGE", "CAUSAL", "HAS_WINDOW"])
 @triton.jit
 def _paged_decode_split(Q, K, V, Table, Seqlens, O_part, LSE_part,
                         s_qb, s_qh, s_qm, s_qd, s_kp, s_kh, s_kn, s_kd, s_vp, s_vh, s_vn, s_vd, s_tb, s_tn,
@@ -87,22 +79,9 @@ def _paged_decode_split(Q, K, V, Table, Seqlens, O_part, LSE_part,
         qk = tl.dot(q, kT, input_precision=DOT_PRECISION) * qk_scale
         vis = _visible(q_pos[:, None], offs_n[None, :], end, window, CAUSAL, HAS_WINDOW)
         qk = tl.where(vis, qk, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.math.exp2(qk - m_sub[:, None])
-        alpha = tl.math.exp2(m_i - m_sub)
-        l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(v_head + v_rows[:, None] + offs_d[None, :] * s_vd, mask=n_ok[:, None] & d_ok[None, :], other=0.0)
-        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
-        m_i = m_new
-
-    empty = l_i == 0.0  # an empty chunk (past this row's length) contributes weight 0
-    l_safe = tl.where(empty, 1.0, l_i)
-    acc = acc / l_safe[:, None]
-    lse = tl.where(empty, float("-inf"), m_i + tl.math.log2(l_safe))
-    part = (b * H_Q + h) * Q_LEN + t  # row of the (batch, q_head, q_len) output
-    tl.store(LSE_part + part * NUM_SPLITS + split, lse, mask=r_ok)
-    tl.store(O_part + (part * NUM_SPLITS + split)[:, None] * BLOCK_D + offs_d[None, :], acc, mask=r_ok[:, None])
+        m_i, l_i, acc = _online_softmax_tile(qk, v, m_i, l_i, acc, DOT_PRECISION)
+    _store_split(acc, l_i, m_i, O_part, LSE_part, b, h, t, r_ok, offs_d, H_Q, Q_LEN, NUM_SPLITS, split, BLOCK_D)
 
 
 # ---------------------------------------------------------------------------
