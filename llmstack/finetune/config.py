@@ -40,7 +40,8 @@ class LoraConfig:
 
 @dataclass
 class ChatDataConfig:
-    source: str = option("stdlib", '"stdlib" (built from the standard library) or JSONL file(s), a path or glob: '
+    source: str = option("stdlib", '"stdlib" (built from the standard library), "arithmetic[:N]" (grpo, ppo: '
+                                   'sums and differences of 1..N, default 20) or JSONL file(s), a path or glob: '
                                    '{"messages"} or {"prompt", "completion"} (sft, grpo, ppo), '
                                    '{"prompt", "chosen", "rejected"} (reward, dpo)')
     val_fraction: float = option(0.02, "share held out for validation (stdlib: by file, as pretraining splits it)")
@@ -84,7 +85,8 @@ class RewardConfig:
 class RLConfig:
     task: str = option("python_function", 'the reward: "python_function" (the answer compiles and defines the '
                                           'function the prompt names), "python_signature" (its first line is that '
-                                          'function\'s def), "python_parses" (it compiles) or "module:function" / "file.py:function", '
+                                          'function\'s def), "python_parses" (it compiles), "arithmetic" (the answer\'s last integer is the '
+                                          'exact value asked) or "module:function" / "file.py:function", '
                                           'f(prompt, answer) -> float, run in a child process')
     group_size: int = option(4, "GRPO: answers sampled per prompt (their rewards normalised within the group)")
     prompts_per_step: int = option(4, "prompts per optimizer step")
