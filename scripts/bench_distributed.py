@@ -1,9 +1,9 @@
 """Each parallel strategy on N processes against one process, in one run: tokens/s, the bytes of
-parameters + gradients + optimizer state a rank keeps (measured from its tensors, and as
-`llmstack.distributed.memory` estimates them), and the share of step time spent in communication.
+parameters + gradients + optimizer state the fullest rank keeps (measured from its tensors, and
+as `llmstack.distributed.memory` estimates them), and the share of step time spent in communication.
 
     python scripts/bench_distributed.py                       # 2 CPU processes (gloo), the quickstart model
-    python scripts/bench_distributed.py --nproc 8 --preset gpt2-124m --batch-size 16   # on 8 GPUs (NCCL)
+    python scripts/bench_distributed.py --processes 8 --preset gpt2-124m --batch-size 16   # on 8 GPUs (NCCL)
 
 The model is the preset with untied embeddings (a pipeline splits the embedding from the head).
 Every strategy runs the same global batch per step (each data-parallel rank its slice) for
@@ -56,14 +56,25 @@ def optimizer_tensors(opt):
 
 
 def worker(args) -> None:
-    from llmstack.distributed import Parallelism, ParallelConfig, setup
-    from llmstack.model import build_model, flops_per_token
-    from llmstack.runtime import resolve_device, set_threads
-    from llmstack.train import build_optimizer, param_groups
+    """Every strategy in turn, in this launch's processes (one process: the baseline)."""
+    import torch.distributed as dist
+
+    from llmstack.runtime import set_threads
 
     set_threads(args.threads)
-    sizes = STRATEGIES.get(args.strategy, {}) if args.nproc > 1 else {}
-    sizes = {k: (args.nproc if v == 2 else v) for k, v in sizes.items()}
+    for strategy in args.strategies if args.processes > 1 else ["single"]:
+        measure(args, strategy)
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def measure(args, strategy: str) -> None:
+    from llmstack.distributed import Parallelism, ParallelConfig, setup
+    from llmstack.model import build_model, flops_per_token
+    from llmstack.runtime import resolve_device
+    from llmstack.train import build_optimizer, param_groups
+
+    sizes = {k: (args.processes if v == 2 else v) for k, v in STRATEGIES.get(strategy, {}).items()}
     pcfg = ParallelConfig(**sizes).validate()
     cfg = bench_model(args.preset)
     pcfg.check_model(cfg, args.batch_size)
@@ -120,14 +131,16 @@ def worker(args) -> None:
         events = [e for e in prof.events() if e.name.startswith("c10d::") and e.cpu_parent is None or
                   e.name.startswith("c10d::") and not (e.cpu_parent and e.cpu_parent.name.startswith("c10d::"))]
         comm = sum(e.cpu_time_total for e in events) / 1e6 / profiled
+    held = torch.tensor([local_bytes(model.parameters()), grad_bytes, local_bytes(optimizer_tensors(opt))],
+                        dtype=torch.float64, device=device)
+    if plan.world > 1:  # the rank that holds the most (a pipeline's stages differ)
+        torch.distributed.all_reduce(held, op=torch.distributed.ReduceOp.MAX)
     if plan.rank == 0:
         print("RESULT " + json.dumps({
-            "strategy": args.strategy, "world": plan.world, "tokens_per_s": args.batch_size * args.seq_len / seconds,
-            "step_ms": seconds * 1e3, "params": local_bytes(model.parameters()), "grads": grad_bytes,
-            "optim": local_bytes(optimizer_tensors(opt)), "comm_share": comm,
+            "strategy": strategy, "world": plan.world, "tokens_per_s": args.batch_size * args.seq_len / seconds,
+            "step_ms": seconds * 1e3, **dict(zip(("params", "grads", "optim"), map(int, held.tolist()))),
+            "comm_share": comm,
             "flops_per_token": flops_per_token(cfg, args.seq_len)}), flush=True)
-    if plan.world > 1:
-        torch.distributed.destroy_process_group()
 
 
 def main() -> None:
@@ -136,13 +149,13 @@ def main() -> None:
 
     parser = script_parser(__doc__)
     parser.add_argument("--preset", default="quickstart", help="model preset (configs/model/)")
-    parser.add_argument("--nproc", type=positive_int, default=2, help="processes per strategy")
+    parser.add_argument("--processes", type=positive_int, default=2, help="processes per strategy")
     parser.add_argument("--batch-size", type=positive_int, default=8, help="global batch (sequences)")
     parser.add_argument("--seq-len", type=positive_int, default=256)
     parser.add_argument("--steps", type=positive_int, default=5, help="timed steps")
     parser.add_argument("--strategies", nargs="+", default=list(STRATEGIES), choices=list(STRATEGIES))
+    parser.add_argument("--json", action="store_true", help="print one JSON line per row instead of the table")
     parser.add_argument("--worker", action="store_true", help=argparse_hidden())
-    parser.add_argument("--strategy", default="single", help=argparse_hidden())
     add_device_argument(parser)
     args = parser.parse_args()
     if args.threads is None:
@@ -153,37 +166,42 @@ def main() -> None:
     from llmstack.distributed.memory import model_state_bytes
 
     common = [f"--preset={args.preset}", f"--batch-size={args.batch_size}", f"--seq-len={args.seq_len}",
-              f"--steps={args.steps}", f"--threads={args.threads}", f"--device={args.device}", "--worker"]
+              f"--steps={args.steps}", f"--threads={args.threads}", f"--device={args.device}", "--worker",
+              "--strategies", *args.strategies]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
     here = str(Path(__file__).resolve())
 
-    def run(strategy: str, nproc: int) -> dict:
+    def run(nproc: int) -> list[dict]:
         launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
                     if nproc > 1 else [sys.executable])
-        p = subprocess.run([*launcher, here, *common, f"--strategy={strategy}"], capture_output=True, text=True,
-                           env=env)
-        line = next((ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")), None)
-        if p.returncode or line is None:
-            sys.exit(f"{strategy}: failed\n{p.stderr[-3000:]}")
-        return json.loads(line.removeprefix("RESULT "))
+        p = subprocess.run([*launcher, here, *common, f"--processes={nproc}"], capture_output=True, text=True, env=env)
+        rows = [json.loads(ln.removeprefix("RESULT ")) for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
+        if p.returncode or not rows:
+            sys.exit(f"{nproc} process(es): failed\n{p.stderr[-3000:]}")
+        return rows
 
     cfg = bench_model(args.preset)
     device = "cuda" if args.device == "cuda" or args.device == "auto" and torch.cuda.is_available() else "cpu"
+    base, rows = run(1)[0], run(args.processes)
+    for r in [base, *rows]:  # what llmstack.distributed.memory expects this rank to hold
+        r["estimate"] = model_state_bytes(cfg, "ddp" if r["strategy"] == "single" else r["strategy"], r["world"])
+    if args.json:
+        for r in [base, *rows]:
+            print(json.dumps(r))
+        return
     print(f"# {device_name(device)}, torch {torch.__version__}, {args.threads} thread(s) per process; "
           f"{args.preset}, global batch {args.batch_size} x {args.seq_len} tokens")
-    base = run("single", 1)
     mib = 2 ** 20
     state = lambda r: r["params"] + r["grads"] + r["optim"]  # noqa: E731
     print("| strategy | processes | tokens/s | vs 1 process | params + grads + optimizer per rank (MiB) "
           "| vs 1 process | estimate (MiB) | communication share |")
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
-    print(f"| one process | 1 | {base['tokens_per_s']:,.0f} | 1.00x | {state(base) / mib:.1f} | 1.00x | "
-          f"{sum(model_state_bytes(cfg, 'ddp', 1).values()) / mib:.1f} | - |")
-    for s in args.strategies:
-        r = run(s, args.nproc)
-        est = sum(model_state_bytes(cfg, s, args.nproc).values()) / mib
-        print(f"| {s} | {args.nproc} | {r['tokens_per_s']:,.0f} | {r['tokens_per_s'] / base['tokens_per_s']:.2f}x | "
-              f"{state(r) / mib:.1f} | {state(r) / state(base):.2f}x | {est:.1f} | {r['comm_share']:.0%} |", flush=True)
+    for r in [base, *rows]:
+        name = "one process" if r is base else r["strategy"]
+        comm = "-" if r is base else f"{r['comm_share']:.0%}"
+        print(f"| {name} | {r['world']} | {r['tokens_per_s']:,.0f} | {r['tokens_per_s'] / base['tokens_per_s']:.2f}x | "
+              f"{state(r) / mib:.1f} | {state(r) / state(base):.2f}x | {sum(r['estimate'].values()) / mib:.1f} | "
+              f"{comm} |")
 
 
 def argparse_hidden():

@@ -263,3 +263,23 @@ def test_checkpoint_of_another_model_is_refused(two_ranks, tmp_path):
     with pytest.raises(ConfigError, match="holds another model: .* is shape"):
         load_state(Parallelism(), other, opt, two_ranks / "fsdp" / "checkpoints" / "step_000010" / "dcp")
     assert all(torch.equal(before[k], v) for k, v in other.state_dict().items())
+
+
+def test_memory_estimate_matches_the_ranks_tensors():
+    """What llmstack.distributed.memory computes from the config is what a rank's tensors hold after a
+    step (parameters, gradients, AdamW state): exactly, except ZeRO-1, whose optimizer splits whole
+    tensors and so only roughly in half."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    p = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_distributed.py"), "--preset", "tiny",
+                        "--batch-size", "4", "--seq-len", "32", "--steps", "1", "--threads", "1", "--json"],
+                       capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
+    assert p.returncode == 0, p.stderr[-3000:]
+    rows = {r["strategy"]: r for r in map(json.loads, p.stdout.splitlines())}
+    assert set(rows) == {"single", "ddp", "zero1", "zero2", "fsdp", "tp", "pp"}
+    for name, r in rows.items():
+        for part in ("params", "grads", "optim"):
+            if name == "zero1" and part == "optim":
+                assert r["estimate"][part] < r[part] < rows["single"][part]
+            else:
+                assert r[part] == r["estimate"][part], (name, part)
+    assert rows["fsdp"]["params"] * 2 == rows["single"]["params"]

@@ -36,9 +36,9 @@ STATE_BYTES = {"params": 4, "grads": 4, "optim": 8}  # float32 weights and gradi
 @dataclass
 class Counts:
     total: int       # every parameter
-    blocks: int      # the Transformer blocks' (what tp splits)
-    per_block: int
-    outside: int     # embedding, final norm, output head (whole on every tp rank)
+    blocks: int      # the blocks' projections (what tp splits)
+    per_block: int   # one block's parameters, norms included
+    outside: int     # the rest, whole on every tp rank: embedding, norms, output head
 
 
 def param_counts(cfg: ModelConfig) -> Counts:
@@ -46,7 +46,9 @@ def param_counts(cfg: ModelConfig) -> Counts:
         model = Transformer(cfg)
     total = model.num_params()
     per_block = sum(p.numel() for p in model.layers[0].parameters())
-    return Counts(total, per_block * cfg.n_layers, per_block, total - per_block * cfg.n_layers)
+    linears = sum(m.weight.numel() + (m.bias.numel() if m.bias is not None else 0)
+                  for m in model.layers[0].modules() if isinstance(m, torch.nn.Linear))
+    return Counts(total, linears * cfg.n_layers, per_block, total - linears * cfg.n_layers)
 
 
 def model_state_bytes(cfg: ModelConfig, strategy: str, n: int, *, counts: Counts | None = None) -> dict:
@@ -58,8 +60,9 @@ def model_state_bytes(cfg: ModelConfig, strategy: str, n: int, *, counts: Counts
         held = {k: c.blocks / n + c.outside for k in STATE_BYTES}
     elif strategy == "pp":  # the larger of the first stage (the embedding) and the last (final norm, head)
         embed = cfg.vocab_size * cfg.dim
+        rest = c.total - c.per_block * cfg.n_layers - embed  # the final norm and the output head
         first = -(-cfg.n_layers // n) * c.per_block + embed
-        last = cfg.n_layers // n * c.per_block + c.outside - embed
+        last = cfg.n_layers // n * c.per_block + rest
         held = {k: max(first, last) for k in STATE_BYTES}
     else:
         shared = {"ddp": set(), "zero1": {"optim"}, "zero2": set(STATE_BYTES), "fsdp": set(STATE_BYTES)}[strategy]
