@@ -57,8 +57,8 @@ train: {{max_steps: 10, batch_size: 4, lr: 1.0e-2, warmup_steps: 2, eval_every: 
 """)
     one_process(cfg, root / "one")
     # LoRA fine-tuning of that run on a few conversations (data-parallel fine-tuning)
-    lines = [{"messages": [{"role": "user", "content": " ".join(words[(i + j) % len(words)] for j in range(5))},
-                           {"role": "assistant", "content": " ".join(words[(2 * i + j) % len(words)] for j in range(4))}]}
+    say = lambda start, n: " ".join(words[(start + j) % len(words)] for j in range(n))  # noqa: E731
+    lines = [{"messages": [{"role": "user", "content": say(i, 5)}, {"role": "assistant", "content": say(2 * i, 4)}]}
              for i in range(48)]
     (root / "chats.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
     (root / "lora.yaml").write_text(f"""

@@ -44,8 +44,8 @@ def qkv_order(n_heads: int, n_kv_heads: int, head_dim: int, tp: int) -> torch.Te
     1/tp of the rows, the q, k and v rows of its own KV groups: the model's rows are all q heads,
     then all k heads, then all v heads; these are [q_0 k_0 v_0 | q_1 k_1 v_1 | ...], rank by rank."""
     q, kv = n_heads * head_dim, n_kv_heads * head_dim
-    parts = [torch.arange(q).view(tp, -1), (q + torch.arange(kv)).view(tp, -1), (q + kv + torch.arange(kv)).view(tp, -1)]
-    return torch.cat(parts, dim=1).flatten()
+    parts = [torch.arange(q), q + torch.arange(kv), q + kv + torch.arange(kv)]  # all q, all k, all v rows
+    return torch.cat([part.view(tp, -1) for part in parts], dim=1).flatten()
 
 
 class Parallelism:

@@ -85,9 +85,9 @@ class RewardConfig:
 class RLConfig:
     task: str = option("python_function", 'the reward: "python_function" (the answer compiles and defines the '
                                           'function the prompt names), "python_signature" (its first line is that '
-                                          'function\'s def), "python_parses" (it compiles), "arithmetic" (the answer\'s last integer is the '
-                                          'exact value asked) or "module:function" / "file.py:function", '
-                                          'f(prompt, answer) -> float, run in a child process')
+                                          'function\'s def), "python_parses" (it compiles), "arithmetic" (the '
+                                          'answer\'s last integer is the exact value asked) or "module:function" / '
+                                          '"file.py:function", f(prompt, answer) -> float, run in a child process')
     group_size: int = option(4, "GRPO: answers sampled per prompt (their rewards normalised within the group)")
     prompts_per_step: int = option(4, "prompts per optimizer step")
     max_new_tokens: int = option(96, "longest sampled answer")

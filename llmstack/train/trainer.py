@@ -148,8 +148,8 @@ def train(model: torch.nn.Module, cfg: TrainConfig, batches, *, val_batches=None
                 out = evaluate_fn(model, val_batches.eval_batches(cfg.eval_batches))
             logger.log({"step": at_step, **{f"val_{k}": v for k, v in out.items() if isinstance(v, (int, float))}})
             return out
-        out = evaluate(plan.pipeline or model, val_batches.eval_batches(cfg.eval_batches), bytes_per_token=bytes_per_token,
-                       autocast=autocast if cfg.precision != "fp32" else None)
+        out = evaluate(plan.pipeline or model, val_batches.eval_batches(cfg.eval_batches),
+                       bytes_per_token=bytes_per_token, autocast=autocast if cfg.precision != "fp32" else None)
         logger.log({"step": at_step, "val_loss": out["loss"], "val_ppl": out["perplexity"],
                     **({"val_bpb": out["bits_per_byte"]} if "bits_per_byte" in out else {})})
         return out
