@@ -4,8 +4,9 @@
 A fixed-seed workload of requests with mixed prompt and output lengths arrives all at once, or at
 a Poisson rate. Its lengths are drawn uniformly (--lengths uniform, the default: prompts 16-256
 tokens, outputs 16-128) or from heavy-tailed log-normals modeled on ShareGPT's (--lengths sharegpt:
-many short answers, a few long ones, as chat traffic has; see SHAREGPT below). Static batching takes up to --static-batch requests that have arrived, runs them
-to the longest one's end, then takes the next ones; the engine admits requests at every step.
+many short answers, a few long ones, as chat traffic has; see SHAREGPT below). Static batching
+takes up to --static-batch requests that have arrived, runs them to the longest one's end, then
+takes the next ones; the engine admits requests at every step.
 Reported per system, for each arrival pattern:
 
     tok/s       generated tokens (each request's own) per second, from the first arrival to the last token
