@@ -7,9 +7,11 @@ as `llmstack.distributed.memory` estimates them), and the share of step time spe
 
 The model is the preset with untied embeddings (a pipeline splits the embedding from the head).
 Every strategy runs the same global batch per step (each data-parallel rank its slice) for
-`--steps` timed steps after two warm-up steps, each process on `--threads` threads. Communication
-time is the time the profiler sees in torch.distributed's collectives and point-to-point calls
-(`c10d::`, including waits on them) on rank 0, over the step time.
+`--steps` timed steps after two warm-up steps, each process on `--threads` threads. The
+communication share is the time the profiler records in the backend's collectives and send/recv
+(`gloo:*`, `nccl:*`) on rank 0 during one more step, over that step's time: they run beside the
+computation, so the share says how busy the links were, not how much of the step waited on
+them (a pipeline's recv also counts the wait for the other stage).
 """
 import json
 import os
@@ -128,9 +130,10 @@ def measure(args, strategy: str) -> None:
             step()
             sync()
             profiled = time.perf_counter() - t1
-        events = [e for e in prof.events() if e.name.startswith("c10d::") and e.cpu_parent is None or
-                  e.name.startswith("c10d::") and not (e.cpu_parent and e.cpu_parent.name.startswith("c10d::"))]
-        comm = sum(e.cpu_time_total for e in events) / 1e6 / profiled
+        # The backend's own records of each collective and send/recv (gloo's and NCCL's work, which runs beside
+        # the computation; a pipeline's recv includes waiting for the other stage), the timing barrier aside.
+        comm = sum(e.cpu_time_total for e in prof.events() if e.name.startswith(("gloo:", "nccl:"))
+                   and "barrier" not in e.name) / 1e6 / profiled
     held = torch.tensor([local_bytes(model.parameters()), grad_bytes, local_bytes(optimizer_tensors(opt))],
                         dtype=torch.float64, device=device)
     if plan.world > 1:  # the rank that holds the most (a pipeline's stages differ)
