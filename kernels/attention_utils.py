@@ -54,6 +54,28 @@ def _visible(q_pos, k_idx, kv_len, window, CAUSAL: tl.constexpr, HAS_WINDOW: tl.
 
 
 @triton.jit
+def _decode_queries(Q, b, kv_h, kv_len, s_qb, s_qh, s_qm, s_qd, GROUP, Q_LEN, window, split, split_size,
+                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr, HAS_WINDOW: tl.constexpr):
+    """A decode program's query rows and key range. Rows are (query head in the group, query token)
+    pairs, r = g * Q_LEN + t, all the query heads one KV head serves; the queries are the last Q_LEN
+    of the row's kv_len keys (bottom-right causal alignment); the split covers keys [start, end)."""
+    rows = tl.arange(0, BLOCK_R)
+    r_ok = rows < GROUP * Q_LEN
+    t = rows % Q_LEN
+    h = kv_h * GROUP + rows // Q_LEN
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    q = tl.load(Q + b * s_qb + h[:, None] * s_qh + t[:, None] * s_qm + offs_d[None, :] * s_qd,
+                mask=r_ok[:, None] & d_ok[None, :], other=0.0)
+    q_pos = t + kv_len - Q_LEN
+    start = split * split_size
+    end = tl.minimum(start + split_size, kv_len)
+    if HAS_WINDOW:
+        start = tl.maximum(start, kv_len - Q_LEN - window + 1)  # oldest key any row's window reaches
+    return q, q_pos, r_ok, t, h, offs_d, d_ok, start, end
+
+
+@triton.jit
 def _online_softmax_tile(qk, v, m_i, l_i, acc, DOT_PRECISION: tl.constexpr):
     """One tile of keys in the streaming softmax of the decode kernels: qk (rows, keys) in base 2
     with -inf where a key is not visible, v (keys, D). Returns the running max, the normaliser and

@@ -23,8 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .attention_utils import (_DTYPES, _INTERPRET, _LOG2E, _MAX_HEAD_DIM, _bucket, _device_ctx, _online_softmax_tile,
-                              _store_split, _visible)
+from .attention_utils import (_DTYPES, _INTERPRET, _LOG2E, _MAX_HEAD_DIM, _bucket, _decode_queries, _device_ctx,
+                              _online_softmax_tile, _store_split, _visible)
 from .attention_utils import is_available  # noqa: F401  (what llmstack.kernels.available asks)
 from .flash_decode import _DECODE_MAX_ROWS_EXPLICIT, _attn_decode_combine, _decode_configs, _num_splits
 from .launch import autotuned
@@ -45,22 +45,9 @@ def _paged_decode_split(Q, K, V, Table, Seqlens, O_part, LSE_part,
     kv_h = (off_bh % H_KV).to(tl.int64)
     kv_len = tl.minimum(tl.load(Seqlens + b).to(tl.int32), KV_LEN)  # this row's keys
 
-    # Rows are (query head in the group, query token) pairs: r = g * Q_LEN + t.
-    rows = tl.arange(0, BLOCK_R)
-    r_ok = rows < GROUP * Q_LEN
-    g = rows // Q_LEN
-    t = rows % Q_LEN
-    h = kv_h * GROUP + g
-    offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < HEAD_DIM
-    q = tl.load(Q + b * s_qb + h[:, None] * s_qh + t[:, None] * s_qm + offs_d[None, :] * s_qd,
-                mask=r_ok[:, None] & d_ok[None, :], other=0.0)
-    q_pos = t + kv_len - Q_LEN  # bottom-right causal alignment against this row's own length
-
-    start = split * split_size
-    end = tl.minimum(start + split_size, kv_len)
-    if HAS_WINDOW:
-        start = tl.maximum(start, kv_len - Q_LEN - window + 1)  # oldest key any row's window reaches
+    q, q_pos, r_ok, t, h, offs_d, d_ok, start, end = _decode_queries(
+        Q, b, kv_h, kv_len, s_qb, s_qh, s_qm, s_qd, GROUP, Q_LEN, window, split, split_size, HEAD_DIM, BLOCK_D,
+        BLOCK_R, HAS_WINDOW)
     table = Table + b * s_tb
     k_head = K + kv_h * s_kh
     v_head = V + kv_h * s_vh
