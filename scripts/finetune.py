@@ -15,7 +15,7 @@ before anything is written.
 import math
 import sys
 
-from llmstack.cli import fail, parse_cli
+from llmstack.cli import fail, is_rank_zero, parse_cli
 from llmstack.config import ConfigError
 from llmstack.data import DataError
 from llmstack.finetune.config import FinetuneConfig
@@ -38,6 +38,8 @@ def main() -> None:
         fail(f"error: {e}", code=1)
     except KeyboardInterrupt:
         sys.exit(130)
+    if not is_rank_zero():  # under torchrun, rank 0 reports
+        return
     train = f", train loss {result.train_loss:.3f}" if math.isfinite(result.train_loss) else ", already complete"
     first = result.first_val or {}
     shown = [f"{k} {v:.4g}" + (f" (before: {first[k]:.4g})" if k in first else "") for k, v in (result.val or {}).items()

@@ -12,7 +12,7 @@ before anything is written.
 import math
 import sys
 
-from llmstack.cli import fail, parse_cli
+from llmstack.cli import fail, is_rank_zero, parse_cli
 from llmstack.config import ConfigError
 from llmstack.data import DataError
 from llmstack.runtime import set_threads
@@ -33,6 +33,8 @@ def main() -> None:
         fail(f"error: {e}", code=1)
     except KeyboardInterrupt:
         sys.exit(130)
+    if not is_rank_zero():  # under torchrun, rank 0 reports
+        return
     val = result.val
     # A run resumed at its last step trains nothing, so it has no train loss of its own.
     train = f", train loss {result.train_loss:.3f}" if math.isfinite(result.train_loss) else ", already complete"
