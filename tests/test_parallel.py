@@ -151,11 +151,15 @@ def test_fine_tuning_on_two_ranks_trains_as_one_process(two_ranks):
 
 
 def test_fsdp_mixed_precision_stays_close(two_ranks):
-    """FSDP2 computing in bfloat16 with float32 shards and reductions: the float32 run's losses within 1e-3."""
+    """FSDP2 computing in bfloat16 with float32 shards and reductions: the float32 run's losses within 1e-2
+    (bfloat16 keeps 8 bits of mantissa, a relative step of 4e-3; the rounding differs run to run with the
+    order of the CPU's bfloat16 reductions). Without the mixed-precision policy applied the losses equal
+    the float32 run's to 1e-5; with it broken (wrong dtype reduction, unscaled gradients) they drift by far more."""
     a, b = losses(two_ranks / "one"), losses(two_ranks / "fsdp_bf16")
     assert len(a) == 10 == len(b)
+    assert any(abs(y - x) > 1e-5 * x for x, y in zip(a, b))  # it did compute in bfloat16
     for x, y in zip(a, b):
-        assert y == pytest.approx(x, rel=1e-3)
+        assert y == pytest.approx(x, rel=1e-2)
 
 
 @pytest.mark.gpu
