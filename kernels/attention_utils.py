@@ -112,14 +112,22 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: Optional[i
         raise ValueError(f"q and k disagree on batch or head_dim: {tuple(q.shape)} vs {tuple(k.shape)}")
     if k.shape[1] == 0 or q.shape[1] % k.shape[1] != 0:
         raise ValueError(f"q_heads ({q.shape[1]}) must be a multiple of kv_heads ({k.shape[1]}), kv_heads >= 1")
+    _check_inputs(q, k, v, window, names="q, k, v")
+
+
+def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: Optional[int], *, names: str,
+                  others: tuple = ()) -> None:
+    """What every kernel entry checks once the shapes agree: one supported dtype, one device (with
+    `others`, e.g. a block table), a head_dim the kernels take, the window, and a GPU or the interpreter."""
     if not (q.dtype == k.dtype == v.dtype) or q.dtype not in _DTYPES:
-        raise ValueError(f"q, k, v must share one dtype of float16, bfloat16, float32; got {q.dtype}, {k.dtype}, "
+        raise ValueError(f"{names} must share one dtype of float16, bfloat16, float32; got {q.dtype}, {k.dtype}, "
                          f"{v.dtype}")
     if _INTERPRET and q.dtype == torch.bfloat16:
         raise ValueError("bfloat16 is computed wrongly by Triton's interpreter (TRITON_INTERPRET=1); use float32 "
                          "or float16 on the CPU")
-    if not (q.device == k.device == v.device):
-        raise ValueError(f"q, k, v must be on one device; got {q.device}, {k.device}, {v.device}")
+    devices = [t.device for t in (q, k, v, *others)]
+    if any(d != q.device for d in devices):
+        raise ValueError(f"{names} must be on one device; got {', '.join(map(str, devices))}")
     if q.shape[3] > _MAX_HEAD_DIM:
         raise ValueError(f"head_dim {q.shape[3]} > {_MAX_HEAD_DIM} is not supported")
     if window is not None and (isinstance(window, bool) or not isinstance(window, numbers.Integral) or window < 1):

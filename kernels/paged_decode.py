@@ -16,14 +16,13 @@ Parts, as in every kernel file: the @triton.jit kernel, the launcher, the public
 """
 from __future__ import annotations
 
-import numbers
 from typing import Optional, Union
 
 import torch
 import triton
 import triton.language as tl
 
-from .attention_utils import (_DTYPES, _INTERPRET, _LOG2E, _MAX_HEAD_DIM, _bucket, _decode_queries, _device_ctx,
+from .attention_utils import (_LOG2E, _bucket, _check_inputs, _decode_queries, _device_ctx,
                               _online_softmax_tile, _store_split, _visible)
 from .attention_utils import is_available  # noqa: F401  (what llmstack.kernels.available asks)
 from .flash_decode import _DECODE_MAX_ROWS_EXPLICIT, _attn_decode_combine, _decode_configs, _num_splits
@@ -133,26 +132,13 @@ def paged_decode(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, bl
     if k_pool.shape[3] != D or k_pool.shape[1] == 0 or H_Q % k_pool.shape[1] != 0:
         raise ValueError(f"q {tuple(q.shape)} and pools {tuple(k_pool.shape)} disagree on head_dim, or q_heads "
                          "is not a multiple of kv_heads")
-    if not (q.dtype == k_pool.dtype == v_pool.dtype) or q.dtype not in _DTYPES:
-        raise ValueError(f"q and the pools must share one dtype of float16, bfloat16, float32; got {q.dtype}, "
-                         f"{k_pool.dtype}, {v_pool.dtype}")
-    if _INTERPRET and q.dtype == torch.bfloat16:
-        raise ValueError("bfloat16 is computed wrongly by Triton's interpreter (TRITON_INTERPRET=1); use float32 "
-                         "or float16 on the CPU")
-    if not (q.device == k_pool.device == v_pool.device == block_table.device):
-        raise ValueError("q, the pools and the block table must be on one device")
-    if q.device.type == "cpu" and not _INTERPRET:
-        raise RuntimeError("Triton kernels need a GPU; on the CPU set TRITON_INTERPRET=1 before importing triton")
-    if D > _MAX_HEAD_DIM:
-        raise ValueError(f"head_dim {D} > {_MAX_HEAD_DIM} is not supported")
+    _check_inputs(q, k_pool, v_pool, window, names="q and the pools (and the block table)", others=(block_table,))
     if block_table.dim() != 2 or block_table.shape[0] != B or block_table.dtype.is_floating_point:
         raise ValueError(f"block_table must be (batch, blocks) = ({B}, ...) integers, got {tuple(block_table.shape)} "
                          f"{block_table.dtype}")
     if not accepts(q, k_pool):
         raise ValueError(f"paged_decode takes at most {_DECODE_MAX_ROWS_EXPLICIT} query rows per KV head "
                          "(q_heads / kv_heads * q_len)")
-    if window is not None and (isinstance(window, bool) or not isinstance(window, numbers.Integral) or window < 1):
-        raise ValueError(f"window must be an integer >= 1, got {window!r}")
     if torch.is_grad_enabled() and (q.requires_grad or k_pool.requires_grad or v_pool.requires_grad):
         raise RuntimeError("paged_decode is inference-only")
     capacity = block_table.shape[1] * k_pool.shape[2]

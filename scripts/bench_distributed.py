@@ -13,6 +13,7 @@ communication share is the time the profiler records in the backend's collective
 computation, so the share says how busy the links were, not how much of the step waited on
 them (a pipeline's recv also counts the wait for the other stage).
 """
+import argparse
 import json
 import os
 import subprocess
@@ -158,7 +159,7 @@ def main() -> None:
     parser.add_argument("--steps", type=positive_int, default=5, help="timed steps")
     parser.add_argument("--strategies", nargs="+", default=list(STRATEGIES), choices=list(STRATEGIES))
     parser.add_argument("--json", action="store_true", help="print one JSON line per row instead of the table")
-    parser.add_argument("--worker", action="store_true", help=argparse_hidden())
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     add_device_argument(parser)
     args = parser.parse_args()
     if args.threads is None:
@@ -205,12 +206,6 @@ def main() -> None:
         print(f"| {name} | {r['world']} | {r['tokens_per_s']:,.0f} | {r['tokens_per_s'] / base['tokens_per_s']:.2f}x | "
               f"{state(r) / mib:.1f} | {state(r) / state(base):.2f}x | {sum(r['estimate'].values()) / mib:.1f} | "
               f"{comm} |")
-
-
-def argparse_hidden():
-    import argparse
-
-    return argparse.SUPPRESS
 
 
 if __name__ == "__main__":

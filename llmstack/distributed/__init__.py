@@ -7,6 +7,6 @@ See docs/distributed.md for what each strategy splits, what it sends, and what i
 """
 from llmstack.distributed.config import ParallelConfig
 from llmstack.distributed.parallelize import Parallelism, qkv_order
-from llmstack.distributed.process import RankSlice, all_sum, barrier, rank_and_world, setup
+from llmstack.distributed.process import RankSlice, barrier, rank_and_world, setup
 
-__all__ = ["ParallelConfig", "Parallelism", "RankSlice", "all_sum", "barrier", "qkv_order", "rank_and_world", "setup"]
+__all__ = ["ParallelConfig", "Parallelism", "RankSlice", "barrier", "qkv_order", "rank_and_world", "setup"]

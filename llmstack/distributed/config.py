@@ -73,7 +73,7 @@ class ParallelConfig:
                               f"(dp_replicate x dp_shard); make it a multiple of {self.dp_size}")
         if model is None:
             return
-        if getattr(model, "arch", "transformer") != "transformer" and (self.sharded):
+        if getattr(model, "arch", "transformer") != "transformer" and self.sharded:
             raise ConfigError(f"model.arch={model.arch}: dp_shard, tp and pp split a Transformer's blocks; use "
                               "parallel.dp_replicate for a recurrent model")
         if self.tp > 1:

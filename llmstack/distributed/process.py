@@ -73,15 +73,6 @@ class RankSlice:
         return getattr(self.batches, name)
 
 
-def all_sum(value: float, device: torch.device) -> float:
-    """The sum of `value` over all ranks (itself without torch.distributed)."""
-    if rank_and_world()[1] == 1:
-        return value
-    t = torch.tensor([value], dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    return float(t.item())
-
-
 def barrier() -> None:
     if rank_and_world()[1] > 1:
         dist.barrier()

@@ -23,7 +23,7 @@ from typing import Any, Callable, Optional
 import torch
 
 from llmstack.config import ConfigError
-from llmstack.distributed import Parallelism, barrier
+from llmstack.distributed import Parallelism
 from llmstack.eval.perplexity import evaluate, unpack_batch
 from llmstack.train.config import TrainConfig
 from llmstack.train.checkpoint import (FullWeights, checkpoint_step, latest_checkpoint, load_latest_checkpoint,
